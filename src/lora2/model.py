@@ -1,0 +1,323 @@
+"""Model surgery: inject LoRA² layers into a transformers model, save/load the adapter, merge it away.
+
+Follows PEFT's conventions so its users feel at home: ``get_lora2_model(model, config)`` returns a
+wrapper whose ``forward`` is the model's, ``save_pretrained(dir)`` writes ``adapter_config.json``
+plus ``adapter_model.safetensors``, ``Lora2Model.from_pretrained(base, dir)`` restores it, and
+``merge_and_unload()`` hands back the plain model with ΔW folded in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoRA2Config
+from .io import atomic_path, atomic_write_text
+from .layer import Lora2Linear, is_supported_linear
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_ADAPTER_PREFIX = "adapter."
+_SAVED_PREFIX = "saved."
+_SAVED_ADAPTER_TENSORS = ("q_down", "q_up", "singular_values", "p_down", "p_up", "rank_mask")
+DEFAULT_HEADS = ("classifier", "score")
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_supported_linear(m)]
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class Lora2Model(nn.Module):
+    """A transformers model with LoRA² adapters injected; everything else is frozen."""
+
+    def __init__(self, model: nn.Module, config: LoRA2Config) -> None:
+        super().__init__()
+        if isinstance(model, Lora2Model):
+            raise ValueError("model already has LoRA² adapters; pass the plain transformers model.")
+        if any(isinstance(m, Lora2Linear) for m in model.modules()):
+            raise ValueError("model already contains Lora2Linear layers; load a fresh base model.")
+        self.base_model = model
+        self.lora2_config = config
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        self._inject()
+        self.modules_to_save = self._resolve_modules_to_save()
+        self._freeze()
+
+    # --- surgery -------------------------------------------------------------------------------
+
+    @property
+    def model_type(self) -> str | None:
+        return getattr(getattr(self.base_model, "config", None), "model_type", None)
+
+    def _inject(self) -> None:
+        cfg = self.lora2_config
+        targets = cfg.resolved_target_modules(self.model_type)
+        matched = [(n, m) for n, m in self.base_model.named_modules() if n and _matches(n, targets)]
+        unsupported = [(n, type(m).__name__) for n, m in matched if not is_supported_linear(m)]
+        if unsupported:
+            shown = ", ".join(f"{n} ({t})" for n, t in unsupported[:8])
+            raise ValueError(
+                f"target_modules={targets!r} matches modules LoRA² cannot adapt: {shown}. LoRA² adapts "
+                "nn.Linear and transformers' Conv1D only; name linear layers, e.g. "
+                f"{sorted({n.rsplit('.', 1)[-1] for n in _linear_names(self.base_model)})}."
+            )
+        if not matched:
+            linear = _linear_names(self.base_model)
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            raise ValueError(
+                f"target_modules={targets!r} matches no module of this {type(self.base_model).__name__}. "
+                f"Its linear layers are named {suffixes} (e.g. {linear[:4]}); set target_modules to some of them."
+            )
+        for name, module in matched:
+            layer = Lora2Linear(module, r=cfg.r, k=cfg.k, alpha=cfg.alpha, dropout=cfg.dropout,
+                                init_std=cfg.init_std)
+            _set_submodule(self.base_model, name, layer)
+        logger.info("LoRA²: adapted %d modules", len(matched))
+
+    def _resolve_modules_to_save(self) -> list[str]:
+        wanted = self.lora2_config.modules_to_save
+        explicit = wanted is not None
+        wanted = list(wanted) if explicit else list(DEFAULT_HEADS)
+        names: list[str] = []
+        for n, m in self.base_model.named_modules():
+            if not n or not _matches(n, wanted) or any(n.startswith(p + ".") for p in names):
+                continue
+            if any(isinstance(sub, Lora2Linear) for sub in m.modules()):
+                raise ValueError(f"module {n!r} is in both target_modules and modules_to_save; pick one.")
+            names.append(n)
+        if explicit:
+            missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+            if missing:
+                raise ValueError(
+                    f"modules_to_save entries {missing} match no module of the model; top-level modules are "
+                    f"{[n for n, _ in self.base_model.named_children()]}."
+                )
+        return names
+
+    def _freeze(self) -> None:
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for layer in self.lora2_layers().values():
+            for name in ("q_down", "q_up", "singular_values", "p_down", "p_up"):
+                getattr(layer, name).requires_grad_(True)
+        for name in self.modules_to_save:
+            for p in self.base_model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+
+    # --- access --------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def lora2_layers(self) -> dict[str, Lora2Linear]:
+        """Adapted modules by their dotted name in the base model, in model order."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, Lora2Linear)}
+
+    def rank_pattern(self) -> dict[str, list[int]]:
+        """Per adapted module, the indices of the singular values still kept."""
+        return {n: layer.kept_indices() for n, layer in self.lora2_layers().items()}
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; "all" includes the adapters, as in PEFT."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = self.get_nb_trainable_parameters()
+        msg = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        print(msg)  # noqa: T201 -- PEFT users expect this on stdout
+        return trainable, total
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        for layer in self.lora2_layers().values():
+            layer.adapter_enabled = enabled
+
+    # --- merge ---------------------------------------------------------------------------------
+
+    def merge_adapter(self) -> None:
+        for layer in self.lora2_layers().values():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for layer in self.lora2_layers().values():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every ΔW into its weight and return the plain transformers model."""
+        return self._unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapters without merging: the plain base model (plus trained saved modules)."""
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool) -> nn.Module:
+        for name, layer in self.lora2_layers().items():
+            if merge and not layer.merged:
+                layer.merge()
+            elif not merge and layer.merged:
+                layer.unmerge()
+            _set_submodule(self.base_model, name, layer.base_layer)
+        return self.base_model
+
+    # --- save / load ---------------------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that make up the adapter: LoRA² factors, masks and saved modules."""
+        state: dict[str, torch.Tensor] = {}
+        for name, layer in self.lora2_layers().items():
+            for t in _SAVED_ADAPTER_TENSORS:
+                state[f"{_ADAPTER_PREFIX}{name}.{t}"] = getattr(layer, t).detach()
+        for name in self.modules_to_save:
+            for key, value in self.base_model.get_submodule(name).state_dict().items():
+                state[f"{_SAVED_PREFIX}{name}.{key}"] = value.detach()
+        return state
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically."""
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"{directory} exists and is not a directory; choose another output path.")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot create adapter directory {directory}: {e.strerror}; choose a writable path.") from e
+        state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "lora2_format_version": str(self.lora2_config.format_version)})
+        meta = {
+            "lora2": self.lora2_config.to_dict(),
+            "model_type": self.model_type,
+            "adapted_modules": {n: [l.out_features, l.in_features] for n, l in self.lora2_layers().items()},
+            "modules_to_save": self.modules_to_save,
+            "rank_pattern": self.rank_pattern(),
+        }
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter_directory: str | os.PathLike[str],
+                        is_trainable: bool = False) -> Lora2Model:
+        """Inject the adapter saved in ``adapter_directory`` into ``model`` and load its weights.
+
+        Everything is checked before anything is copied: on any error the model is left as it was.
+        """
+        directory = Path(adapter_directory)
+        meta = read_adapter_meta(directory)
+        config = LoRA2Config.from_dict(meta["lora2"])
+        state = _read_weights(directory / WEIGHTS_NAME)
+        wrapped = cls(model, config)
+        try:
+            wrapped._load_adapter_state(state, meta)
+        except BaseException:
+            wrapped.unload()  # undo the surgery: "nothing half-loaded"
+            raise
+        if not is_trainable:
+            for p in wrapped.parameters():
+                p.requires_grad_(False)
+            wrapped.eval()
+        return wrapped
+
+    def _load_adapter_state(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items() if k in state and state[k].shape != v.shape
+        ]
+        if missing or unexpected or mismatched:
+            base = meta.get("lora2", {}).get("base_model_name_or_path")
+            problems = []
+            if mismatched:
+                problems.append(f"{len(mismatched)} shape mismatches (first: {mismatched[0]})")
+            if missing:
+                problems.append(f"{len(missing)} tensors missing from the file (first: {missing[0]})")
+            if unexpected:
+                problems.append(f"{len(unexpected)} tensors the model has no place for (first: {unexpected[0]})")
+            raise ValueError(
+                f"this adapter does not fit this model ({'; '.join(problems)}). It was saved from base model "
+                f"{base!r} (model_type {meta.get('model_type')!r}); load it on that base model."
+            )
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"adapter file holds non-finite values in {bad[:3]}; it is corrupted.")
+        with torch.no_grad():
+            for name, layer in self.lora2_layers().items():
+                for t in _SAVED_ADAPTER_TENSORS:
+                    getattr(layer, t).copy_(state[f"{_ADAPTER_PREFIX}{name}.{t}"])
+                layer.ranknum.fill_(float(layer.rank_mask.sum()))
+            for name in self.modules_to_save:
+                module = self.base_model.get_submodule(name)
+                prefix = f"{_SAVED_PREFIX}{name}."
+                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def read_adapter_meta(directory: Path) -> dict[str, Any]:
+    """Parse ``adapter_config.json`` with errors that say what is wrong and what to do."""
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist; pass the folder save_pretrained wrote.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {directory} is not a LoRA² adapter directory.")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupted ({e}); re-save the adapter.") from e
+    if not isinstance(meta, dict) or "lora2" not in meta or not isinstance(meta["lora2"], dict):
+        raise ValueError(f"{path} is not a LoRA² adapter config (no 'lora2' section).")
+    version = meta["lora2"].get("format_version")
+    if version != LoRA2Config.format_version:
+        raise ValueError(
+            f"{path} has format_version {version!r}, this lora2 reads version {LoRA2Config.format_version}; "
+            "use the lora2 release that wrote it, or re-create the adapter."
+        )
+    return meta
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the adapter directory is incomplete.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is truncated or corrupted ({e}); re-save the adapter.") from e
+
+
+def get_lora2_model(model: nn.Module, config: LoRA2Config | None = None) -> Lora2Model:
+    """Inject LoRA² adapters into ``model`` (in place) and freeze everything else."""
+    return Lora2Model(model, config if config is not None else LoRA2Config())

@@ -1,0 +1,65 @@
+"""Tiny randomly initialised models of the real architectures (no download)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=101)
+
+
+def make_model(family: str, task: str = "cls") -> torch.nn.Module:
+    """A 2-layer model of ``family`` with a classification (``cls``) or causal-LM (``lm``) head."""
+    torch.manual_seed(0)
+    if family == "bert":
+        cfg = transformers.BertConfig(**TINY, num_labels=2)
+    elif family == "roberta":
+        cfg = transformers.RobertaConfig(**TINY, num_labels=2, pad_token_id=1)
+    elif family == "deberta-v2":
+        cfg = transformers.DebertaV2Config(**TINY, num_labels=2, relative_attention=True,
+                                           pos_att_type=["p2c", "c2p"], max_relative_positions=16)
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64,
+                                      num_labels=2, pad_token_id=0)
+    elif family == "llama":
+        cfg = transformers.LlamaConfig(**TINY, num_key_value_heads=2, num_labels=2, pad_token_id=0,
+                                       max_position_embeddings=64)
+    else:
+        raise KeyError(family)
+    auto = (transformers.AutoModelForSequenceClassification if task == "cls"
+            else transformers.AutoModelForCausalLM)
+    model = auto.from_config(cfg)
+    model.eval()
+    return model
+
+
+FAMILIES = ["bert", "roberta", "deberta-v2", "gpt2", "llama"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def batch(seed: int = 0, n: int = 3, length: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def randomize_adapters(model, seed: int = 1, scale: float = 0.5) -> None:
+    """Give λ (zero at init) and the factors non-trivial values so ΔW is not zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.lora2_layers().values():
+            for p in (layer.q_down, layer.q_up, layer.p_down, layer.p_up, layer.singular_values):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -1,0 +1,140 @@
+"""save_pretrained / from_pretrained: bit-identical round trips and every refusal path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import batch, make_model, randomize_adapters
+
+from lora2 import LoRA2Config, Lora2Linear, Lora2Model, get_lora2_model
+from lora2.model import CONFIG_NAME, WEIGHTS_NAME
+
+
+def _trained(family="bert", **cfg):
+    model = get_lora2_model(make_model(family), LoRA2Config(r=4, k=2, target_rank=2, **cfg))
+    randomize_adapters(model, scale=0.3)
+    with torch.no_grad():
+        for h in model.modules_to_save:
+            for p in model.base_model.get_submodule(h).parameters():
+                p.add_(0.5)
+    first = next(iter(model.lora2_layers().values()))
+    first.set_rank_mask(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    return model
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_round_trip_is_bit_identical(tmp_path, family):
+    model = _trained(family)
+    model.eval()
+    expected = model(**batch()).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    loaded = Lora2Model.from_pretrained(make_model(family), tmp_path)
+    got = loaded(**batch()).logits
+    assert torch.equal(got, expected)
+    original = model.adapter_state_dict()
+    for key, value in loaded.adapter_state_dict().items():
+        assert torch.equal(value, original[key]), key
+    assert loaded.rank_pattern() == model.rank_pattern()
+    first = next(iter(loaded.lora2_layers().values()))
+    assert first.ranknum.item() == 3
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["rank_pattern"][next(iter(model.lora2_layers()))] == [0, 2, 3]
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_load_trainable(tmp_path):
+    _trained().save_pretrained(tmp_path)
+    loaded = Lora2Model.from_pretrained(make_model("bert"), tmp_path, is_trainable=True)
+    assert any(p.requires_grad for p in loaded.parameters())
+
+
+def test_adapter_from_another_base_is_refused_and_model_untouched(tmp_path):
+    _trained("bert").save_pretrained(tmp_path)
+    import transformers
+    other = transformers.AutoModelForSequenceClassification.from_config(
+        transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, vocab_size=101))
+    names_before = [n for n, _ in other.named_modules()]
+    with pytest.raises(ValueError, match="does not fit this model.*shape mismatch"):
+        Lora2Model.from_pretrained(other, tmp_path)
+    assert [n for n, _ in other.named_modules()] == names_before
+    assert not any(isinstance(m, Lora2Linear) for m in other.modules())
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Lora2Model.from_pretrained(make_model("bert"), tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+    _trained().save_pretrained(tmp_path)
+    (tmp_path / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+
+
+def test_truncated_weights_refused(tmp_path):
+    _trained().save_pretrained(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    base = make_model("bert")
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        Lora2Model.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, Lora2Linear) for m in base.modules())
+
+
+def test_garbage_weights_refused(tmp_path):
+    _trained().save_pretrained(tmp_path)
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+
+
+def test_corrupted_config_refused(tmp_path):
+    _trained().save_pretrained(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="corrupted"):
+        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+
+
+def test_newer_config_version_refused(tmp_path):
+    _trained().save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta["lora2"]["format_version"] = 99
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format_version 99"):
+        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+
+
+def test_unknown_config_field_refused(tmp_path):
+    _trained().save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta["lora2"]["shiny_new_option"] = 1
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="shiny_new_option.*upgrade lora2"):
+        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+
+
+def test_failed_save_leaves_previous_files_intact(tmp_path, monkeypatch):
+    model = _trained()
+    model.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    randomize_adapters(model, seed=7)
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("lora2.model.save_file", boom)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before  # no temp files left behind, nothing half-written
+
+
+def test_save_into_a_file_path_is_refused(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        _trained().save_pretrained(target)

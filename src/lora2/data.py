@@ -122,16 +122,19 @@ def build_dataset(
         rows = rows[:max_samples]
     texts = [str(t) for t in _column(rows, text_column, path, "text")]
     pairs = [str(t) for t in _column(rows, text_pair_column, path, "text pair")] or None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    full = tokenizer(texts, pairs, truncation=False)["input_ids"]
-    truncated = sum(len(ids) > max_length for ids in full)
-    if truncated:
+    # One pass without truncation counts the long rows; only those are encoded a second time.
+    encoded = {k: list(v) for k, v in tokenizer(texts, pairs, truncation=False, verbose=False).items()}
+    long_rows = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
+    if long_rows:
+        fixed = tokenizer([texts[i] for i in long_rows], [pairs[i] for i in long_rows] if pairs else None,
+                          truncation=True, max_length=max_length)
+        for key, values in encoded.items():
+            for j, i in enumerate(long_rows):
+                values[i] = fixed[key][j]
         logger.warning("%s: %d of %d rows were longer than max_length=%d tokens and were truncated.",
-                       path, truncated, len(rows), max_length)
-    examples: list[dict[str, Any]] = [
-        {k: encoded[k][i] for k in encoded.keys() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        for i in range(len(rows))
-    ]
+                       path, len(long_rows), len(rows), max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+    examples: list[dict[str, Any]] = [{k: encoded[k][i] for k in keys} for i in range(len(rows))]
     names: list[str] = []
     if task == "classification":
         raw = [str(v).strip() for v in _column(rows, label_column, path, "label")]
@@ -155,7 +158,7 @@ def build_dataset(
             if not math.isfinite(target):
                 raise DataError(f"{path} line {i + 2}: label {value!r} is not finite.")
             ex["labels"] = target
-    return TextDataset(examples=examples, task=task, label_names=names, truncated=truncated)
+    return TextDataset(examples=examples, task=task, label_names=names, truncated=len(long_rows))
 
 
 def _sorted_labels(values: set[str]) -> list[str]:

@@ -255,13 +255,10 @@ class Lora2Model(nn.Module):
 
         Everything is checked before anything is copied: on any error the model is left as it was.
         """
-        directory = Path(adapter_directory)
-        meta = read_adapter_meta(directory)
-        config = LoRA2Config.from_dict(meta["lora2"])
-        state = _read_weights(directory / WEIGHTS_NAME)
-        wrapped = cls(model, config)
+        meta = read_adapter_meta(Path(adapter_directory))
+        wrapped = cls(model, LoRA2Config.from_dict(meta["lora2"]))
         try:
-            wrapped._load_adapter_state(state, meta)
+            wrapped.load_adapter(adapter_directory)
         except BaseException:
             wrapped.unload()  # undo the surgery: "nothing half-loaded"
             raise
@@ -270,6 +267,12 @@ class Lora2Model(nn.Module):
                 p.requires_grad_(False)
             wrapped.eval()
         return wrapped
+
+    def load_adapter(self, adapter_directory: str | os.PathLike[str]) -> None:
+        """Load saved adapter weights into this (already injected) model; all-or-nothing."""
+        directory = Path(adapter_directory)
+        meta = read_adapter_meta(directory)
+        self._load_adapter_state(_read_weights(directory / WEIGHTS_NAME), meta)
 
     def _load_adapter_state(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         expected = self.adapter_state_dict()

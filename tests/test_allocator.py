@@ -196,4 +196,4 @@ def test_regulariser_is_added_to_training_loss_only():
     model.base_model.eval()  # no dropout, so the only difference is the regulariser
     model.training = True
     regularised = model(**batch(), labels=labels).loss
-    assert float(regularised - plain) == pytest.approx(0.5 * float(model.orthogonal_regularizer()()), rel=1e-4)
+    assert float((regularised - plain).detach()) == pytest.approx(0.5 * float(model.orthogonal_regularizer()().detach()), rel=1e-4)

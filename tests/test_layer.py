@@ -24,7 +24,7 @@ def _layer(base: nn.Module, r: int = 4, k: int = 3, alpha: float = 8.0, seed: in
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
 @settings(max_examples=30, deadline=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -53,47 +54,100 @@ def test_training_reduces_loss_and_writes_outputs(small_files, tmp_path):
     assert budgets[0] == 4 * len(meta["rank_pattern"]) and budgets[-1] == 2 * len(meta["rank_pattern"])
 
 
-def test_resume_after_sigint_is_bit_identical(small_files, tmp_path):
-    full = tmp_path / "full"
-    train(_cfg(small_files, full), progress=False)
+@pytest.fixture(scope="module")
+def reference_adapter(small_files, tmp_path_factory):
+    """The final adapter of an uninterrupted run: what every interrupted-and-resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    train(_cfg(small_files, out), progress=False)
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
-    cut = tmp_path / "cut"
 
+def _assert_same_adapter(out, reference):
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == reference.keys()
+    for key in final:
+        assert torch.equal(final[key], reference[key]), key
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_resume_after_signal_is_bit_identical(small_files, tmp_path, reference_adapter, signum):
+    def kill_at_step_6(record):
+        if record["step"] == 6:
+            os.kill(os.getpid(), signum)
+
+    with pytest.raises(TrainingInterrupted, match=f"signal {int(signum)} at step 6"):
+        train(_cfg(small_files, tmp_path), callbacks=[kill_at_step_6], progress=False)
+    assert not (tmp_path / "adapter").exists()
+    train(_cfg(small_files, tmp_path), resume=True, progress=False)
+    _assert_same_adapter(tmp_path, reference_adapter)
+
+
+def test_disk_full_mid_checkpoint_keeps_previous_checkpoint(small_files, tmp_path, reference_adapter, monkeypatch):
+    import lora2.train as train_module
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def fail_second_checkpoint(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the step-8 checkpoint: write part of the file, then run out of space
+            open(f, "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.torch, "save", fail_second_checkpoint)
+    with pytest.raises(OSError, match=r"could not write the step-8 checkpoint.*No space left.*previous checkpoint"):
+        train(_cfg(small_files, tmp_path), progress=False)
+    monkeypatch.setattr(train_module.torch, "save", real_save)
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["state"]["step"] == 4
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "staging folder left behind"
+    train(_cfg(small_files, tmp_path), resume=True, progress=False)
+    _assert_same_adapter(tmp_path, reference_adapter)
+
+
+def test_resume_recovers_a_checkpoint_caught_between_renames(small_files, tmp_path, reference_adapter):
     def kill_at_step_6(record):
         if record["step"] == 6:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(TrainingInterrupted, match="step 6"):
-        train(_cfg(small_files, cut), callbacks=[kill_at_step_6], progress=False)
-    assert not (cut / "adapter").exists()
-    train(_cfg(small_files, cut), resume=True, progress=False)
-    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(small_files, tmp_path), callbacks=[kill_at_step_6], progress=False)
+    # a kill between atomic_write_dir's two renames leaves only the previous version, as .checkpoint.old
+    os.replace(tmp_path / "checkpoint", tmp_path / ".checkpoint.old")
+    train(_cfg(small_files, tmp_path), resume=True, progress=False)
+    _assert_same_adapter(tmp_path, reference_adapter)
 
 
-def test_nan_loss_stops_with_step_and_checkpoint(small_files, tmp_path, monkeypatch):
-    import lora2.train as train_module
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_non_finite_loss_stops_with_step_and_checkpoint(small_files, tmp_path, monkeypatch, poison):
+    from lora2.model import Lora2Model
 
-    real = train_module.Lora2Model.forward if hasattr(train_module, "Lora2Model") else None
+    real = Lora2Model.forward
     calls = {"n": 0}
 
     def poisoned(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] > 5 and self.training:
-            out.loss = out.loss * float("nan")
+            out.loss = out.loss.abs() * poison
         return out
 
-    monkeypatch.setattr(train_module.Lora2Model, "forward", poisoned)
-    with pytest.raises(TrainingError, match=r"loss became nan at step \d+.*Last good checkpoint"):
+    monkeypatch.setattr(Lora2Model, "forward", poisoned)
+    with pytest.raises(TrainingError, match=rf"loss became {poison} at step \d+.*Last good checkpoint: .*checkpoint"):
         train(_cfg(small_files, tmp_path), progress=False)
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
     weights = load_file(str(tmp_path / "checkpoint" / "adapter" / "adapter_model.safetensors"))
     assert state["state"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_unwritable_output_dir_is_refused_before_training(small_files, tmp_path, caplog):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "run"
+    with pytest.raises(PermissionError, match="is not writable.*choose another --output-dir"):
+        train(_cfg(small_files, out), progress=False)
+    assert main(["train", "--output-dir", str(out)]) == 2
+    assert "is not writable" in caplog.text
 
 
 def test_regression_task_with_pearson(small_files, tmp_path):

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a model with LoRA²",
                        description="Fine-tune with LoRA². Defaults: all-MiniLM-L6-v2 on the shipped SST-2 subset.")
     t.add_argument("--model", default="minilm", help="local model folder, or 'minilm' (the offline default)")
+    t.add_argument("--method", default="lora2", choices=["lora2", "lora", "adalora", "full"],
+                   help="lora2, or a baseline with PEFT's defaults (for comparisons; see `lora2 compare`)")
     t.add_argument("--output-dir", default="runs/lora2-sst2")
     t.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the killed run in OUTPUT_DIR from its checkpoint")
     _add_data_args(t)
@@ -53,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=32)
     g.add_argument("--eval-batch-size", type=_positive_int, default=64)
     g.add_argument("--grad-accum", type=_positive_int, default=1)
-    g.add_argument("--learning-rate", type=float, default=2e-2, help="AdamW lr (λ moves ~lr per step, so LoRA² wants a high one)")
+    g.add_argument("--learning-rate", type=float,
+                   help="AdamW lr; default per method: lora2 2e-2 (λ moves ~lr per step), lora 5e-4, adalora 8e-4, "
+                        "full 5e-5")
     g.add_argument("--head-learning-rate", type=float)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup-ratio", type=float, default=0.06)
@@ -63,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     m = t.add_argument_group("LoRA²")
-    m.add_argument("--r", type=int, default=8, help="initial singular values per module")
-    m.add_argument("--k", type=int, default=8, help="inner width of the two small LoRAs")
+    # long names too: torchrun's own parser takes a bare --r for an abbreviation of its --rdzv-* options
+    m.add_argument("--r", "--initial-rank", dest="r", type=int, default=8, help="initial singular values per module")
+    m.add_argument("--k", "--inner-width", dest="k", type=int, default=8, help="inner width of the two small LoRAs")
     m.add_argument("--target-rank", type=int, default=6, help="average kept singular values after pruning")
     m.add_argument("--alpha", type=float, default=16.0)
     m.add_argument("--dropout", type=float, default=0.0)
@@ -89,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--adapter", required=True)
     mg.add_argument("--output", required=True, help="folder for the merged model (save_pretrained format)")
     mg.add_argument("--task", default="classification", choices=["classification", "regression", "causal-lm"])
+
+    c = sub.add_parser("compare", help="LoRA² vs full fine-tuning, PEFT LoRA and AdaLoRA on three real tasks",
+                       description="Train every method on every task and seed with the same loop, steps and "
+                                   "evaluation; write results.md / results.json and plots to --output-dir. The "
+                                   "default (small sets, 40 steps) takes ~25 min on 2 CPU cores.")
+    c.add_argument("--model", default="minilm")
+    c.add_argument("--output-dir", default="runs/compare")
+    c.add_argument("--tasks", nargs="+", default=["sst2", "qa-match", "adjective-polarity"])
+    c.add_argument("--methods", nargs="+", default=["full", "lora", "adalora", "lora2", "lora2-tiny"])
+    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    c.add_argument("--max-steps", type=_positive_int, help="optimiser steps per run (default 40; --full: 3 epochs)")
+    c.add_argument("--batch-size", type=_positive_int)
+    c.add_argument("--full", action="store_true", help="whole training/validation sets, 3 epochs (a GPU's job)")
+    c.add_argument("--no-progress", action="store_true")
 
     rp = sub.add_parser("report", help="parameter table and rank-allocation heatmap of a saved adapter")
     rp.add_argument("--model", default="minilm")
@@ -120,16 +139,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{path} not found: --resume needs the output folder of an earlier run.")
         cfg = TrainConfig(**json.loads(path.read_text(encoding="utf-8")))
     else:
+        from .compare import METHODS
+
         dataset = None if args.train_file or args.dataset == "none" else args.dataset
+        preset = next(m for m in METHODS if m.method == args.method)  # the method's published defaults
         cfg = TrainConfig(
-            model=args.model, output_dir=args.output_dir, dataset=dataset, train_file=args.train_file,
+            model=args.model, method=args.method, output_dir=args.output_dir, dataset=dataset, train_file=args.train_file,
             validation_file=args.validation_file, task=args.task, text_column=args.text_column,
             text_pair_column=args.text_pair_column, label_column=args.label_column, max_length=args.max_length,
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-            grad_accum=args.grad_accum, learning_rate=args.learning_rate, head_learning_rate=args.head_learning_rate,
+            grad_accum=args.grad_accum, learning_rate=args.learning_rate or preset.learning_rate, head_learning_rate=args.head_learning_rate,
             weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, precision=args.precision,
-            eval_every=args.eval_every, log_every=args.log_every, seed=args.seed, lora2=_lora2_fields(args))
+            eval_every=args.eval_every, log_every=args.log_every, seed=args.seed, lora2=_lora2_fields(args),
+            method_settings={} if args.method == "lora2" else dict(preset.settings))
     try:
         result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
     except TrainingInterrupted as e:
@@ -207,19 +230,41 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "report": _cmd_report}
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, compare
+
+    overrides = {"model": args.model, "output_dir": args.output_dir, "tasks": args.tasks, "methods": args.methods,
+                 "seeds": args.seeds}
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    if args.max_steps:
+        overrides["max_steps"] = args.max_steps
+    cfg = CompareConfig.full(**overrides) if args.full else CompareConfig(**overrides)
+    compare(cfg, command="lora2 " + " ".join(sys.argv[1:]), progress=not args.no_progress)
+    results = Path(cfg.output_dir) / "results.md"
+    print(results.read_text(encoding="utf-8"))  # noqa: T201
+    logger.info("tables, JSON and plots written to %s", cfg.output_dir)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval, "merge": _cmd_merge, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train import TrainingError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # bad input or files: the message says what to do
         logger.error("%s", e)
         return 2
+    except TrainingError as e:  # diverged: the message names the step and the last good checkpoint
+        logger.error("%s", e)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,11 @@ class LoRA2Config:
         )
         if isinstance(tm, tuple):
             self.target_modules = list(tm)
+        if isinstance(tm, str):
+            try:
+                re.compile(tm)
+            except re.error as e:
+                _check(False, "target_modules", f"a valid regular expression ({e})", tm)
         mts = self.modules_to_save
         _check(
             mts is None or (isinstance(mts, (list, tuple)) and all(isinstance(t, str) and t for t in mts)),
@@ -145,6 +151,9 @@ class LoRA2Config:
         )
         if isinstance(mts, tuple):
             self.modules_to_save = list(mts)
+        _check(self.base_model_name_or_path is None or isinstance(self.base_model_name_or_path, str),
+               "base_model_name_or_path", "None or a string", self.base_model_name_or_path)
+        _check(isinstance(self.extra, dict), "extra", "a dict", self.extra)
         _check(self.format_version == CONFIG_FORMAT_VERSION, "format_version",
                f"{CONFIG_FORMAT_VERSION} (this file was written by another lora2 version; "
                "upgrade lora2 or re-create the adapter)", self.format_version)

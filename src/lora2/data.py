@@ -26,8 +26,15 @@ logger = logging.getLogger(__name__)
 TASKS = ("classification", "regression", "causal-lm")
 
 # Datasets that ship inside the package (no hub, no shared folder needed).
-BUILTIN_DATASETS = {
-    "sst2": {"task": "classification", "text_column": "sentence", "label_column": "label"},
+BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
+    # GLUE SST-2 subset: single-sentence sentiment classification
+    "sst2": {"task": "classification", "text_column": "sentence", "text_pair_column": None, "label_column": "label"},
+    # ChatterBot question/answer pairs: does the answer belong to the question (sentence-pair)
+    "qa-match": {"task": "classification", "text_column": "question", "text_pair_column": "answer",
+                 "label_column": "label"},
+    # Pattern's hand-tagged lexicon: (word, WordNet gloss) → polarity in [-1, 1] (sentence-pair regression)
+    "adjective-polarity": {"task": "regression", "text_column": "word", "text_pair_column": "gloss",
+                           "label_column": "polarity"},
 }
 
 
@@ -193,9 +200,16 @@ class Collator:
 
 
 def batches(dataset: TextDataset, batch_size: int, collate: Collator, generator: torch.Generator | None = None,
-            skip: int = 0):
-    """Yield batches; shuffled by ``generator`` when given. ``skip`` drops the first batches (resume)."""
+            skip: int = 0, shard: tuple[int, int] = (0, 1)):
+    """Yield batches; shuffled by ``generator`` when given. ``skip`` drops the first batches (resume).
+
+    ``shard=(rank, world_size)``: every process draws the same global batch and keeps every
+    world_size-th example of it, so N processes together see exactly the 1-process batches.
+    """
+    rank, world_size = shard
     order = (torch.randperm(len(dataset), generator=generator).tolist() if generator is not None
              else list(range(len(dataset))))
     for start in range(skip * batch_size, len(order), batch_size):
-        yield collate([dataset.examples[i] for i in order[start:start + batch_size]])
+        part = order[start:start + batch_size][rank::world_size]
+        if part:
+            yield collate([dataset.examples[i] for i in part])

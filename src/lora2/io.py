@@ -74,3 +74,16 @@ def atomic_write_dir(target: str | os.PathLike[str], fill: Callable[[Path], None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def recover_dir(target: str | os.PathLike[str]) -> Path:
+    """Finish a swap that ``atomic_write_dir`` was killed in the middle of.
+
+    Between its two renames only ``.NAME.old`` exists; that is the previous complete version, so
+    it is renamed back. Returns ``target``.
+    """
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+    return target

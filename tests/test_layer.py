@@ -67,9 +67,37 @@ def test_forward_never_materialises_delta_weight(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "linear", spy)
     monkeypatch.setattr(Lora2Linear, "delta_weight", lambda self: pytest.fail("forward built ΔW"))
+    monkeypatch.setattr(torch, "addmm", lambda m, a, b: shapes.append(tuple(b.t().shape)) or m + a @ b)
     layer(torch.randn(2, 64)).sum().backward()
     adapter_shapes = shapes[1:]  # shapes[0] is the frozen base weight
-    assert adapter_shapes == [(4, 64), (48, 4)]
+    assert adapter_shapes == [(4, 64), (48, 4)]  # k × in down, out × k up: never out × in
+
+
+@settings(max_examples=30, deadline=None)
+@given(in_f=st.integers(1, 40), out_f=st.integers(1, 40), r=st.integers(1, 8), k=st.integers(1, 8),
+       conv=st.booleans(), lead=st.sampled_from([(5,), (2, 3), (1, 1, 4)]), seed=st.integers(0, 2**16))
+def test_fused_path_equals_plain_path_forward_and_gradients(in_f, out_f, r, k, conv, lead, seed):
+    """The fused addmm forward is a fast path; the plain two-F.linear path is the reference."""
+    torch.manual_seed(seed)
+    base = Conv1D(out_f, in_f) if conv else nn.Linear(in_f, out_f)
+    layer = _layer(base, r=r, k=k, seed=seed)
+    x = torch.randn(*lead, in_f, requires_grad=True)
+    results = {}
+    for fused in (True, False):
+        layer.fused = fused
+        layer.zero_grad()
+        x.grad = None
+        out = layer(x)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        results[fused] = (out.detach(), x.grad.clone(),
+                          [p.grad.clone() for p in (layer.q_down, layer.q_up, layer.singular_values,
+                                                    layer.p_down, layer.p_up)])
+    (out_f_, x_f, g_f), (out_p, x_p, g_p) = results[True], results[False]
+    assert out_f_.shape == out_p.shape
+    torch.testing.assert_close(out_f_, out_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_f, x_p, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_f, g_p):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_reach_exactly_the_adapter_factors():

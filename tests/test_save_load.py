@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -138,3 +140,18 @@ def test_save_into_a_file_path_is_refused(tmp_path):
     target.write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
         _trained().save_pretrained(target)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through private temp files; the results must be as readable as a plain write."""
+    from lora2.io import atomic_write_dir
+
+    old = os.umask(0o022)
+    try:
+        model = get_lora2_model(make_model("bert"), LoRA2Config(r=4, k=2, target_rank=2))
+        atomic_write_dir(tmp_path / "adapter", model.save_pretrained)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
+    for f in (tmp_path / "adapter").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name

@@ -19,6 +19,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_default(path: Path, directory: bool) -> None:
+    """mkstemp / mkdtemp make private (0600 / 0700) files; give results the usual permissions."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it replaces ``target`` in one rename.
@@ -34,6 +46,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _chmod_default(tmp, directory=False)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -61,6 +74,7 @@ def atomic_write_dir(target: str | os.PathLike[str], fill: Callable[[Path], None
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        _chmod_default(staging, directory=True)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")

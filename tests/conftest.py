@@ -82,3 +82,15 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     transformers.BertForSequenceClassification(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_files(tmp_path_factory):
+    """64 training and 32 evaluation rows of the shipped SST-2 subset, as TSV files."""
+    from lora2.data import builtin_dataset_files
+
+    root = tmp_path_factory.mktemp("data")
+    train_src, val_src = builtin_dataset_files("sst2")
+    (root / "train.tsv").write_text("\n".join(train_src.read_text(encoding="utf-8").splitlines()[:65]) + "\n")
+    (root / "val.tsv").write_text("\n".join(val_src.read_text(encoding="utf-8").splitlines()[:33]) + "\n")
+    return root

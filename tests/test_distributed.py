@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 
 from lora2 import LoRA2Config, get_lora2_model
 from lora2.allocator import RankAllocator
-from lora2.data import builtin_dataset_files
 from lora2.train import TrainConfig, train
 
 STEPS = 8
@@ -77,15 +76,6 @@ def test_user_ddp_loop_ranks_agree_and_match_one_process(tmp_path):
             torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.fixture(scope="module")
-def pair_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp-data")
-    train_src, val_src = builtin_dataset_files("sst2")
-    (root / "train.tsv").write_text("\n".join(train_src.read_text(encoding="utf-8").splitlines()[:49]) + "\n")
-    (root / "val.tsv").write_text("\n".join(val_src.read_text(encoding="utf-8").splitlines()[:17]) + "\n")
-    return root
-
-
 def _train_args(model_dir: str, files: Path, out: Path) -> list[str]:
     return ["train", "--model", model_dir, "--dataset", "none", "--train-file", str(files / "train.tsv"),
             "--validation-file", str(files / "val.tsv"), "--output-dir", str(out), "--max-steps", "6",
@@ -94,26 +84,42 @@ def _train_args(model_dir: str, files: Path, out: Path) -> list[str]:
             "--no-progress"]
 
 
-def test_cli_under_torchrun_matches_one_process(tiny_bert_dir, pair_files, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "lora2", *_train_args(tiny_bert_dir, pair_files, one)],
-                   check=True, env=env, capture_output=True, timeout=300)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), "-m", "lora2",
-                           *_train_args(tiny_bert_dir, pair_files, two)],
-                          env=env, capture_output=True, text=True, timeout=300)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_bert_dir, small_files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one-process")
+    subprocess.run([sys.executable, "-m", "lora2", *_train_args(tiny_bert_dir, small_files, out)],
+                   check=True, env=ENV, capture_output=True, timeout=300)
+    return out
+
+
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                   "{port}"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_cli_under_launcher_matches_one_process(launcher, tiny_bert_dir, small_files, one_process_run, tmp_path):
+    out = tmp_path / "two"
+    command = [part.format(port=_free_port()) for part in LAUNCHERS[launcher]]
+    done = subprocess.run([*command, "-m", "lora2", *_train_args(tiny_bert_dir, small_files, out)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(one_process_run / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
     # only rank 0 writes: one log line per step, one result
-    steps = [json.loads(line)["step"] for line in (two / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "train"]
     assert steps == list(range(1, 7))
-    assert json.loads((two / "result.json").read_text())["steps"] == 6
+    assert json.loads((out / "result.json").read_text())["steps"] == 6
 
 
 def test_fsdp_is_refused_with_what_to_use(monkeypatch, tmp_path):

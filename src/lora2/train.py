@@ -1,8 +1,9 @@
 """The LoRA² training loop, top to bottom.
 
-    load model + tokenizer + data → inject LoRA² → AdamW + linear warm-up → for each step:
-    forward (loss + orthogonality regulariser) → backward → clip → optimiser step →
-    rank allocator (score λ, B₁, A₂; prune to the cubic budget) → log / eval / checkpoint.
+    load model + tokenizer + data → inject LoRA² (or a baseline, see methods.py) → AdamW + linear
+    warm-up → for each step: forward (loss + orthogonality regulariser) → backward → clip →
+    optimiser step → rank allocator (score λ, B₁, A₂; prune to the cubic budget) → log / eval /
+    checkpoint. Under torchrun the same loop runs in every process (see distributed.py).
 
 A checkpoint (``OUTPUT/checkpoint``) holds everything a killed run needs to continue to the very
 same result: adapter, allocator EMAs and masks, optimiser, scheduler, RNG state, step. It is
@@ -133,7 +134,8 @@ def load_base_model(model_path: str, task: str, num_labels: int = 2) -> torch.nn
 
     if task == "causal-lm":
         return transformers.AutoModelForCausalLM.from_pretrained(model_path)
-    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    # a checkpoint whose head has another number of labels gets a fresh head (transformers logs it)
+    kwargs: dict[str, Any] = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     if task == "regression":
         kwargs["problem_type"] = "regression"
     return transformers.AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
@@ -271,10 +273,11 @@ class TrainResult:
     trainable_parameters: int
     total_parameters: int
     history: list[dict[str, Any]]
+    steps_timed: int | None = None  # steps this process ran (fewer than ``steps`` after a resume)
 
     @property
     def seconds_per_epoch(self) -> float:
-        return self.train_seconds / max(self.steps, 1) * self.steps_per_epoch
+        return self.train_seconds / max(self.steps_timed or self.steps, 1) * self.steps_per_epoch
 
 
 def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | None = None,
@@ -349,7 +352,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     final_metrics = None  # the evaluation at the last step, reused as the final one
     try:
         peak.__enter__()
-        step = state["step"]
+        step = first_step = state["step"]
         epoch = step // steps_per_epoch
         while step < total_steps:
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -438,7 +441,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
             output_dir=str(out), method=cfg.method, metric_name=metric_name, metric_before=state["metric_before"],
             metric_after=final, best_metric=max(state["best"], final), steps=total_steps,
             steps_per_epoch=steps_per_epoch, seconds=time.perf_counter() - start,
-            train_seconds=seconds - eval_seconds, peak_memory_mb=peak.mebibytes,
+            train_seconds=seconds - eval_seconds, steps_timed=total_steps - first_step, peak_memory_mb=peak.mebibytes,
             trainable_parameters=trainable_parameter_count(model), total_parameters=total_parameter_count(model),
             history=state["history"])
         atomic_write_text(out / "result.json", json.dumps(dataclasses.asdict(result), indent=2))

@@ -80,7 +80,8 @@ def _train_args(model_dir: str, files: Path, out: Path) -> list[str]:
     return ["train", "--model", model_dir, "--dataset", "none", "--train-file", str(files / "train.tsv"),
             "--validation-file", str(files / "val.tsv"), "--output-dir", str(out), "--max-steps", "6",
             "--batch-size", "8", "--max-length", "24", "--eval-every", "3", "--log-every", "1", "--initial-rank", "4",
-            "--inner-width", "4", "--target-rank", "2", "--init-warmup", "1", "--final-warmup", "1", "--mask-interval", "1",
+            "--inner-width", "4", "--target-rank", "2", "--init-warmup", "1", "--final-warmup", "1",
+            "--mask-interval", "1",
             "--no-progress"]
 
 

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, OSError, TypeError) as e:  # bad input or files: the message says what to do
+    except (ValueError, OSError, TypeError, ImportError) as e:  # bad input, files or set-up: the message says the fix
         logger.error("%s", e)
         return 2
     except TrainingError as e:  # diverged: the message names the step and the last good checkpoint

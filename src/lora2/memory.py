@@ -3,8 +3,9 @@
 On CUDA this is the allocator's peak (``torch.cuda.max_memory_allocated``), reset at the start.
 On the CPU PyTorch keeps no such counter, so a daemon thread samples the process's resident set
 size every few milliseconds and reports the peak above the level at the start (after returning
-freed heap pages to the OS): what the run added to the process, the number a user sizing a machine needs. Sampling can miss spikes shorter than
-the interval; at a 5 ms interval that is well under one training step.
+freed heap pages to the OS): what the run added to the process, the number a user sizing a
+machine needs. Sampling can miss spikes shorter than the interval; at a 5 ms interval that is
+well under one training step.
 """
 
 from __future__ import annotations

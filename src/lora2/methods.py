@@ -97,7 +97,11 @@ class PeftMethod(Method):
     """PEFT's LoRA or AdaLoRA on the same target modules LoRA² uses, as the baselines."""
 
     def __init__(self, model: nn.Module, settings: dict[str, Any], total_steps: int, adaptive: bool) -> None:
-        import peft
+        try:
+            import peft
+        except ImportError as e:
+            raise ImportError("the LoRA / AdaLoRA baselines run on PEFT: pip install 'lora2[compare]' "
+                              "(or pip install peft).") from e
 
         self.name = "adalora" if adaptive else "lora"
         model_type = getattr(model.config, "model_type", None)

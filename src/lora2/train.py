@@ -351,83 +351,83 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     peak = PeakMemory(device)
     final_metrics = None  # the evaluation at the last step, reused as the final one
     try:
-        peak.__enter__()
-        step = first_step = state["step"]
-        epoch = step // steps_per_epoch
-        while step < total_steps:
-            generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            skip = (step - epoch * steps_per_epoch) * cfg.grad_accum
-            micro = 0
-            running = torch.zeros(2, device=device)  # [loss, stop flag]: one all-reduce per step
-            for batch in batches(train_set, cfg.batch_size, collate, generator, skip=skip, shard=ctx.shard):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                micro += 1
-                sync = micro == cfg.grad_accum or not ctx.enabled
-                with nullcontext() if sync else trained.no_sync():  # all-reduce once per optimiser step
-                    with autocast_context(device, precision):
-                        loss = trained(**batch).loss / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                running[0] += loss.detach()
-                if micro < cfg.grad_accum:
-                    continue
+        with peak:
+            step = first_step = state["step"]
+            epoch = step // steps_per_epoch
+            while step < total_steps:
+                generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+                skip = (step - epoch * steps_per_epoch) * cfg.grad_accum
                 micro = 0
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               cfg.max_grad_norm)
-                running[1] = float(stop["signal"] is not None)
-                loss_value, stopping = (float(v) for v in ctx.all_reduce_sum(running))
-                loss_value /= ctx.world_size
-                running.zero_()
-                if not math.isfinite(loss_value):
-                    last = out / CHECKPOINT_DIR
-                    raise TrainingError(
-                        f"loss became {loss_value} at step {step + 1}; stopped without saving. Last good checkpoint: "
-                        f"{last if last.exists() else 'none yet'} (resume with --resume and a lower learning rate).")
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                budget = method.after_optimizer_step(step)
-                optimizer.zero_grad(set_to_none=True)
-                bar.update(1)
-                record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "budget": budget}
-                regularizer = method.regularizer_loss()
-                if regularizer is not None:
-                    record["orth_reg"] = regularizer
-                if ctx.is_main and (step % cfg.log_every == 0 or step == total_steps):
-                    _log(out, {"event": "train", **record})
-                if ctx.is_main and (step % cfg.eval_every == 0 or step == total_steps):
-                    tick = time.perf_counter()
-                    metrics = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
-                    final_metrics = metrics if step == total_steps else None
-                    record.update({f"eval_{k}": v for k, v in metrics.items()})
-                    _log(out, {"step": step, "event": "eval", **metrics})
-                    state["history"].append({"step": step, metric_name: metrics[metric_name], "budget": budget})
-                    improved = metrics[metric_name] > state["best"]
-                    state["best"] = max(state["best"], metrics[metric_name])
-                    state["step"] = step
-                    if cfg.save_checkpoints:
-                        if improved:
-                            atomic_write_dir(out / "best", method.save)
-                        _save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state)
-                    eval_seconds += time.perf_counter() - tick
-                bar.set_postfix(loss=f"{loss_value:.4f}", **({"budget": budget} if budget is not None else {}),
-                                **({metric_name: f"{state['best']:.4f}"} if state["history"] else {}))
-                for callback in callbacks or []:
-                    callback(record)
-                if stopping or (not ctx.enabled and stop["signal"] is not None):
-                    state["step"] = step
-                    if ctx.is_main:
-                        _save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state)
-                    ctx.barrier()  # no rank exits (and gets its peers killed) before the checkpoint is on disk
-                    raise TrainingInterrupted(
-                        f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; resume with "
-                        f"`lora2 train --resume {out}`.")
-                if step >= total_steps:
-                    break
-            epoch += 1
+                running = torch.zeros(2, device=device)  # [loss, stop flag]: one all-reduce per step
+                for batch in batches(train_set, cfg.batch_size, collate, generator, skip=skip, shard=ctx.shard):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    micro += 1
+                    sync = micro == cfg.grad_accum or not ctx.enabled
+                    with nullcontext() if sync else trained.no_sync():  # all-reduce once per optimiser step
+                        with autocast_context(device, precision):
+                            loss = trained(**batch).loss / cfg.grad_accum
+                        scaler.scale(loss).backward()
+                    running[0] += loss.detach()
+                    if micro < cfg.grad_accum:
+                        continue
+                    micro = 0
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   cfg.max_grad_norm)
+                    running[1] = float(stop["signal"] is not None)
+                    loss_value, stopping = (float(v) for v in ctx.all_reduce_sum(running))
+                    loss_value /= ctx.world_size
+                    running.zero_()
+                    if not math.isfinite(loss_value):
+                        last = out / CHECKPOINT_DIR
+                        raise TrainingError(
+                            f"loss became {loss_value} at step {step + 1}; stopped without saving. Last good "
+                            f"checkpoint: {last if last.exists() else 'none yet'} (resume with --resume and a lower "
+                            "learning rate).")
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    step += 1
+                    budget = method.after_optimizer_step(step)
+                    optimizer.zero_grad(set_to_none=True)
+                    bar.update(1)
+                    record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "budget": budget}
+                    regularizer = method.regularizer_loss()
+                    if regularizer is not None:
+                        record["orth_reg"] = regularizer
+                    if ctx.is_main and (step % cfg.log_every == 0 or step == total_steps):
+                        _log(out, {"event": "train", **record})
+                    if ctx.is_main and (step % cfg.eval_every == 0 or step == total_steps):
+                        tick = time.perf_counter()
+                        metrics = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
+                        final_metrics = metrics if step == total_steps else None
+                        record.update({f"eval_{k}": v for k, v in metrics.items()})
+                        _log(out, {"step": step, "event": "eval", **metrics})
+                        state["history"].append({"step": step, metric_name: metrics[metric_name], "budget": budget})
+                        improved = metrics[metric_name] > state["best"]
+                        state["best"] = max(state["best"], metrics[metric_name])
+                        state["step"] = step
+                        if cfg.save_checkpoints:
+                            if improved:
+                                atomic_write_dir(out / "best", method.save)
+                            _save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state)
+                        eval_seconds += time.perf_counter() - tick
+                    bar.set_postfix(loss=f"{loss_value:.4f}", **({"budget": budget} if budget is not None else {}),
+                                    **({metric_name: f"{state['best']:.4f}"} if state["history"] else {}))
+                    for callback in callbacks or []:
+                        callback(record)
+                    if stopping or (not ctx.enabled and stop["signal"] is not None):
+                        state["step"] = step
+                        if ctx.is_main:
+                            _save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state)
+                        ctx.barrier()  # no rank exits (and gets its peers killed) before the checkpoint is on disk
+                        raise TrainingInterrupted(
+                            f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; resume with "
+                            f"`lora2 train --resume {out}`.")
+                    if step >= total_steps:
+                        break
+                epoch += 1
     finally:
-        peak.__exit__(None, None, None)
         bar.close()
         _restore_signal_handlers(handlers)
 
@@ -458,7 +458,8 @@ def _check_writable(out: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"output directory {out} is not writable ({e.strerror}); choose another --output-dir.") from e
+        raise PermissionError(
+            f"output directory {out} is not writable ({e.strerror}); choose another --output-dir.") from e
 
 
 def _save_checkpoint(path: Path, method: Method, optimizer, scheduler, scaler, state: dict[str, Any]) -> None:

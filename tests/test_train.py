@@ -228,3 +228,28 @@ def test_cli_train_report_merge_eval(small_files, tmp_path, capsys):
     data = build_dataset(small_files / "val.tsv", tok, "classification", "sentence", "label", max_length=32)
     metrics = evaluate(merged, data, Collator(tok.pad_token_id, "classification"), 32, torch.device("cpu"))
     assert metrics["accuracy"] == pytest.approx(adapted["accuracy"])
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "full"])
+def test_baselines_checkpoint_and_resume_through_the_same_loop(method, tiny_bert_dir, small_files, tmp_path):
+    """Baselines run in the same loop as LoRA², so they checkpoint and resume the same way."""
+    from lora2.compare import METHODS
+
+    preset = next(m for m in METHODS if m.method == method)
+
+    def cfg(out):
+        return _cfg(small_files, out, model=tiny_bert_dir, method=method, learning_rate=preset.learning_rate,
+                    method_settings=dict(preset.settings))
+
+    reference = train(cfg(tmp_path / "full-run"), progress=False)
+
+    def kill_at_step_6(record):
+        if record["step"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(cfg(tmp_path / "cut"), callbacks=[kill_at_step_6], progress=False)
+    resumed = train(cfg(tmp_path / "cut"), resume=True, progress=False)
+    assert resumed.method == method and resumed.steps == reference.steps == 16
+    assert resumed.metric_after == pytest.approx(reference.metric_after, abs=1e-6)
+    assert resumed.trainable_parameters == reference.trainable_parameters

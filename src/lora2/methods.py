@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .allocator import RankAllocator
@@ -20,6 +21,7 @@ from .model import DEFAULT_HEADS, Lora2Model, get_lora2_model
 logger = logging.getLogger(__name__)
 
 METHODS = ("lora2", "lora", "adalora", "full")
+TRAINABLE_STATE = "trainable_state.safetensors"  # a PEFT baseline's resumable tensors
 
 
 class Method:
@@ -129,19 +131,38 @@ class PeftMethod(Method):
         self.model.base_model.update_and_allocate(step)  # reads the gradients: before zero_grad
         return None
 
+    def save(self, directory: Path) -> None:
+        """PEFT's own folder for users, plus every trainable tensor at full size for resuming:
+        AdaLoRA's ``save_pretrained`` trims pruned ranks, which a model still training cannot load."""
+        from safetensors.torch import save_file
+
+        self.model.save_pretrained(directory)
+        state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(state, str(directory / TRAINABLE_STATE))
+
     def load(self, directory: Path) -> None:
-        import peft
         from safetensors.torch import load_file
 
-        peft.set_peft_model_state_dict(self.model, load_file(str(directory / "adapter_model.safetensors")))
+        state = load_file(str(directory / TRAINABLE_STATE))
+        parameters = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if state.keys() != parameters.keys():
+            raise ValueError(f"{directory} was saved from another {self.name} set-up "
+                             f"({len(state)} tensors, this model trains {len(parameters)}); start without --resume.")
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(state[name])
 
     def state_dict(self) -> dict[str, Any]:
         if not self.adaptive:
             return {}
         allocator = self.model.base_model.rankallocator
-        return {k: getattr(allocator, k) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+        state = {k: getattr(allocator, k) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+        return {**state, "rank_pattern": self.model.peft_config["default"].rank_pattern}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "rank_pattern" in state:
+            self.model.peft_config["default"].rank_pattern = state.pop("rank_pattern")
         for key, value in state.items():
             setattr(self.model.base_model.rankallocator, key, value)
 

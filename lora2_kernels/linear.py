@@ -1,0 +1,310 @@
+"""``LoRA2Linear``: an ``nn.Linear`` with a LoRA² adapter, computed by the fused kernels.
+
+A drop-in for ``nn.Linear`` (it is one: ``weight`` and ``bias`` keep their state-dict keys, so a
+pretrained nn.Linear state dict loads into it, and at init its output is the nn.Linear's):
+
+    layer = LoRA2Linear(768, 768, r=8, k=8)              # a new layer, as nn.Linear(768, 768)
+    layer = LoRA2Linear.from_linear(model.fc)            # adapt an existing nn.Linear / GPT-2 Conv1D
+    layer.merge(); layer.unmerge()                       # fold ΔW into W and back
+
+The frozen weight W (out × in) gets ΔW = s · P · diag(λ ⊙ m) · Q with P = B₂·A₂ and Q = B₁·A₁:
+
+    q_down  = A₁   k × in        q_up   = B₁  r × k       singular_values = λ   r
+    p_down  = A₂   k × r         p_up   = B₂  out × k     rank_mask       = m   r   (a buffer)
+
+The forward folds the three middle factors into the k × k core C = s·A₂·diag(λ⊙m)·B₁ (a tiny
+torch op), then runs ``ops.lora_linear(x, W, b, down=A₁, up=B₂·C)``: one fused kernel for the
+base GEMM plus the rank-k LoRA. Autograd carries d(up) back to λ, B₁, A₂ and B₂.
+
+Backends: "auto" (Triton on CUDA tensors when it applies, the PyTorch reference otherwise — on a
+GPU a layer the kernels cannot take logs why, once), "triton" (always; an error if it cannot
+run), "reference" (always the reference). Scale: s = α / r, constant for the whole run as in the
+paper and AdaLoRA; ``scale_by_kept=True`` gives lora2 0.1's α / (kept values) instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops, reference
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_PARAMETER_NAMES = ("q_down", "q_up", "singular_values", "p_down", "p_up")
+INITS = ("orthogonal", "normal")
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is only needed to adapt GPT-2 style Conv1D layers
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_supported_linear(module: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D (a LoRA2Linear is an nn.Linear too)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+_warned: set[str] = set()
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    """Where "auto" wants the kernels (and explains when it cannot use them)."""
+    return x.device.type == "cuda"
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned and not torch.compiler.is_compiling():
+        _warned.add(message)
+        logger.warning(message)
+
+
+class LoRA2Linear(nn.Linear):
+    """``nn.Linear`` plus a LoRA² adapter (see the module docstring for the factors and backends)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8, k: int = 8,
+                 alpha: float = 16.0, dropout: float = 0.0, init: str = "orthogonal", init_std: float = 0.02,
+                 backend: str = "auto", scale_by_kept: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        _check_adapter_arguments(r, k, alpha, dropout, init, init_std, backend)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.fan_in_fan_out = False
+        self._init_adapter(r, k, alpha, dropout, init, init_std, backend, scale_by_kept)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, *, r: int = 8, k: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                    init: str = "orthogonal", init_std: float = 0.02, backend: str = "auto",
+                    scale_by_kept: bool = False) -> LoRA2Linear:
+        """Adapt an existing ``nn.Linear`` or GPT-2 ``Conv1D``: the new layer shares its weight and
+        bias Parameters (no copy) and freezes them. A Conv1D keeps its transposed (in × out)
+        storage and state-dict layout, flagged by ``fan_in_fan_out``."""
+        if isinstance(module, LoRA2Linear):
+            raise ValueError("this module is already a LoRA2Linear; adapt the plain nn.Linear.")
+        if not is_supported_linear(module):
+            raise TypeError(f"LoRA2Linear adapts nn.Linear and transformers' Conv1D layers, not "
+                            f"{type(module).__name__}; remove this module from target_modules.")
+        _check_adapter_arguments(r, k, alpha, dropout, init, init_std, backend)
+        conv = is_conv1d(module)
+        in_features, out_features = module.weight.shape if conv else module.weight.shape[::-1]
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)  # not nn.Linear.__init__: that would allocate a weight we do not want
+        layer.in_features, layer.out_features = int(in_features), int(out_features)
+        layer.weight = module.weight
+        layer.register_parameter("bias", module.bias)
+        layer.fan_in_fan_out = conv
+        layer._init_adapter(r, k, alpha, dropout, init, init_std, backend, scale_by_kept)
+        layer.train(module.training)
+        return layer
+
+    def _init_adapter(self, r: int, k: int, alpha: float, dropout: float, init: str, init_std: float, backend: str,
+                      scale_by_kept: bool) -> None:
+        self.r, self.k, self.alpha = int(r), int(k), float(alpha)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.init, self.init_std, self.backend, self.scale_by_kept = init, init_std, backend, scale_by_kept
+        self.merged = False
+        self._adapter_enabled = True
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        # Adapter weights are fp32 whatever the base dtype, as PEFT does by default: bf16 factors
+        # lose most of their mantissa in the small products.
+        factory = {"device": self.weight.device, "dtype": torch.float32}
+        self.q_down = nn.Parameter(torch.empty(k, self.in_features, **factory))
+        self.q_up = nn.Parameter(torch.empty(r, k, **factory))
+        self.singular_values = nn.Parameter(torch.zeros(r, **factory))
+        self.p_down = nn.Parameter(torch.empty(k, r, **factory))
+        self.p_up = nn.Parameter(torch.empty(self.out_features, k, **factory))
+        self.register_buffer("rank_mask", torch.ones(r, **factory))  # the allocator's enforced mask
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        """Orthonormal (or N(0, init_std²)) factors and λ = 0: ΔW = 0, the layer starts as the base."""
+        with torch.no_grad():
+            for p in (self.q_down, self.q_up, self.p_down, self.p_up):
+                if p.is_meta:
+                    continue
+                if self.init == "orthogonal":  # orthonormal rows or columns, whichever is shorter
+                    nn.init.orthogonal_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=self.init_std)
+            self.singular_values.zero_()
+            self.rank_mask.fill_(1.0)
+
+    # --- the method ---------------------------------------------------------------------------------
+
+    @property
+    def scale(self) -> float | torch.Tensor:
+        """α / r (constant, the paper's); with ``scale_by_kept``, α / kept values, on the device."""
+        if self.scale_by_kept:
+            return self.alpha / self.rank_mask.sum().clamp_min(1.0)
+        return self.alpha / self.r
+
+    def _factor(self, name: str) -> torch.Tensor:
+        """A factor in at least fp32 (a model cast to bf16 still folds its core in fp32; fp64 stays)."""
+        tensor = getattr(self, name)
+        return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+    def core(self) -> torch.Tensor:
+        """C = s · A₂ · diag(λ ⊙ m) · B₁, k × k, in at least fp32."""
+        return reference.core(self._factor("singular_values"), self._factor("rank_mask"), self._factor("q_up"),
+                              self._factor("p_down"), self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = B₂·C·A₁ (out × in, at least fp32), for merging only: the forward never builds it."""
+        return (self._factor("p_up") @ self.core()) @ self._factor("q_down")
+
+    def resolve_backend(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[str, str | None]:
+        """(backend this call uses, why the Triton kernels do not apply or None)."""
+        if self.backend == "reference":
+            return "reference", "backend='reference' was asked for"
+        if self.backend == "auto" and not _on_gpu(x):
+            return "reference", f"{x.device.type} tensors take the reference path (the kernels are for CUDA)"
+        weight = self.weight if weight is None else weight
+        reason = ops.triton_unsupported(x, weight, self.q_down)
+        if reason is None and self.training and isinstance(self.dropout, nn.Dropout):
+            reason = ("adapter dropout > 0 is not implemented in the fused kernels (they read x once for the base "
+                      "and the adapter); set dropout=0 to use them")
+        if reason is None:
+            return "triton", None
+        if self.backend == "triton":
+            raise RuntimeError(f"LoRA2Linear(backend='triton') cannot run this call: {reason}.")
+        return "reference", reason
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if self.merged or not self._adapter_enabled:
+            return F.linear(x, reference.base_weight(weight, self.fan_in_fan_out), bias)
+        device_type = x.device.type
+        # Under autocast, do what F.linear does (compute in the autocast dtype) and then compute with
+        # autocast off, so the fp32 rank-k parts stay fp32.
+        if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return self._adapted_forward(x, weight, bias)
+
+    def _adapted_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        backend, reason = self.resolve_backend(x, weight)  # raises if backend='triton' cannot run
+        if reason is not None and _on_gpu(x) and self.backend == "auto":
+            _warn_once(f"LoRA2Linear: {reason}; this layer runs the PyTorch reference path.")
+        up = self._factor("p_up") @ self.core()  # B₂·C, out × k: the masked singular values live here
+        down = self._factor("q_down")
+        if self.training and isinstance(self.dropout, nn.Dropout):  # the adapter sees dropout(x), the base x
+            return reference.lora_linear_forward(x, weight, bias, down, up, self.fan_in_fan_out,
+                                                 adapter_x=self.dropout(x))[0]
+        return ops.lora_linear(x, weight, bias, down, up, self.fan_in_fan_out, backend)
+
+    # --- allocator interface -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_rank_mask(self, mask: torch.Tensor) -> None:
+        """Enforce ``mask`` in the forward and zero the masked singular values."""
+        if mask.shape != (self.r,):
+            raise ValueError(f"rank mask must have shape ({self.r},), got {tuple(mask.shape)}")
+        self.rank_mask.copy_(mask)
+        self.singular_values.mul_(self.rank_mask.to(self.singular_values.dtype))
+
+    def kept_indices(self) -> list[int]:
+        return torch.nonzero(self.rank_mask > 0).flatten().tolist()
+
+    # --- enable / merge ----------------------------------------------------------------------------
+
+    @property
+    def adapter_enabled(self) -> bool:
+        return self._adapter_enabled
+
+    @adapter_enabled.setter
+    def adapter_enabled(self, enabled: bool) -> None:
+        """Disabling a merged adapter unmerges it first (as PEFT does): disabled means the base output."""
+        if not enabled and self.merged:
+            self.unmerge()
+        self._adapter_enabled = bool(enabled)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the weight; a second call is a no-op (ΔW is never added twice)."""
+        if self.merged:
+            logger.warning("LoRA2Linear.merge(): already merged, nothing done.")
+            return
+        self._add_to_weight(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ΔW back out of the weight; a no-op when not merged."""
+        if not self.merged:
+            logger.warning("LoRA2Linear.unmerge(): not merged, nothing done.")
+            return
+        self._add_to_weight(-self.delta_weight())
+        self.merged = False
+
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        if self.fan_in_fan_out:
+            delta = delta.T
+        # Accumulate in fp32 so bf16 / fp16 weights are rounded once, not twice.
+        self.weight.copy_((self.weight.float() + delta.to(self.weight.device)).to(self.weight.dtype))
+
+    def to_base_layer(self) -> nn.Module:
+        """The plain nn.Linear (or Conv1D) holding this layer's weight and bias Parameters (merged or
+        not, as they are now): what unloading the adapter puts back."""
+        with torch.device("meta"):
+            if self.fan_in_fan_out:
+                base = _conv1d_class()(self.out_features, self.in_features)
+            else:
+                base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        base.weight = self.weight
+        if self.bias is not None:
+            base.bias = self.bias
+        base.train(self.training)
+        return base
+
+    # --- accounting --------------------------------------------------------------------------------
+
+    def adapter_parameter_count(self, kept: int | None = None) -> int:
+        """Trainable adapter parameters; with ``kept`` singular values, the count after pruning
+        (a pruned λ_i leaves row i of B₁ and column i of A₂ dead)."""
+        kept = self.r if kept is None else kept
+        return self.k * (self.in_features + self.out_features) + kept * (2 * self.k + 1)
+
+    def extra_repr(self) -> str:
+        kept = "?" if self.rank_mask.is_meta else int(self.rank_mask.sum().item())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, k={self.k}, alpha={self.alpha:g}, kept={kept}/{self.r}, backend={self.backend}"
+                f"{', fan_in_fan_out' if self.fan_in_fan_out else ''}{', merged' if self.merged else ''}")
+
+
+def _check_adapter_arguments(r: int, k: int, alpha: float, dropout: float, init: str, init_std: float,
+                             backend: str) -> None:
+    def ok_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def ok_float(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not ok_int(r):
+        raise ValueError(f"LoRA2Linear: r={r!r} must be an integer >= 1 (the number of singular values).")
+    if not ok_int(k):
+        raise ValueError(f"LoRA2Linear: k={k!r} must be an integer >= 1 (the inner width of the two small LoRAs).")
+    if not (ok_float(alpha) and alpha > 0):
+        raise ValueError(f"LoRA2Linear: alpha={alpha!r} must be a finite number > 0.")
+    if not (ok_float(dropout) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"LoRA2Linear: dropout={dropout!r} must be in [0, 1).")
+    if init not in INITS:
+        raise ValueError(f"LoRA2Linear: init={init!r} must be one of {INITS}.")
+    if not (ok_float(init_std) and init_std > 0):
+        raise ValueError(f"LoRA2Linear: init_std={init_std!r} must be a finite number > 0.")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"LoRA2Linear: backend={backend!r} must be one of {ops.BACKENDS}.")

@@ -16,7 +16,7 @@ from torch import nn
 
 from .allocator import RankAllocator
 from .config import LoRA2Config
-from .model import DEFAULT_HEADS, Lora2Model, get_lora2_model
+from .model import DEFAULT_HEADS, LoRA2Model, get_lora2_model
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +62,14 @@ class Method:
         pass
 
 
-class Lora2Method(Method):
+class LoRA2Method(Method):
     """LoRA²: the adapters of ``model.py`` plus the rank allocator of ``allocator.py``."""
 
     name = "lora2"
 
     def __init__(self, model: nn.Module, settings: dict[str, Any], total_steps: int) -> None:
         self.config = lora2_config(settings, total_steps)
-        self.model: Lora2Model = get_lora2_model(model, self.config)
+        self.model: LoRA2Model = get_lora2_model(model, self.config)
         self.allocator = RankAllocator(self.model.lora2_layers(), self.config, total_steps)
 
     def is_head(self, parameter_name: str) -> bool:
@@ -182,7 +182,7 @@ def lora2_config(settings: dict[str, Any], total_steps: int) -> LoRA2Config:
 
 def build_method(name: str, model: nn.Module, settings: dict[str, Any], total_steps: int) -> Method:
     if name == "lora2":
-        return Lora2Method(model, settings, total_steps)
+        return LoRA2Method(model, settings, total_steps)
     if name in ("lora", "adalora"):
         return PeftMethod(model, settings, total_steps, adaptive=name == "adalora")
     if name == "full":
@@ -200,5 +200,5 @@ def total_parameter_count(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-__all__ = ["METHODS", "Method", "Lora2Method", "PeftMethod", "build_method", "lora2_config",
+__all__ = ["METHODS", "Method", "LoRA2Method", "PeftMethod", "build_method", "lora2_config",
            "trainable_parameter_count", "total_parameter_count"]

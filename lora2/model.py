@@ -2,7 +2,7 @@
 
 Follows PEFT's conventions so its users feel at home: ``get_lora2_model(model, config)`` returns a
 wrapper whose ``forward`` is the model's, ``save_pretrained(dir)`` writes ``adapter_config.json``
-plus ``adapter_model.safetensors``, ``Lora2Model.from_pretrained(base, dir)`` restores it, and
+plus ``adapter_model.safetensors``, ``LoRA2Model.from_pretrained(base, dir)`` restores it, and
 ``merge_and_unload()`` hands back the plain model with ΔW folded in.
 """
 
@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LoRA2Config
+from .config import READABLE_FORMAT_VERSIONS, LoRA2Config
 from .io import atomic_path, atomic_write_text
-from .layer import Lora2Linear, is_supported_linear
+from lora2_kernels import LoRA2Linear, is_supported_linear
 from .regularizer import OrthogonalRegularizer
 
 logger = logging.getLogger(__name__)
@@ -52,15 +52,15 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-class Lora2Model(nn.Module):
+class LoRA2Model(nn.Module):
     """A transformers model with LoRA² adapters injected; everything else is frozen."""
 
     def __init__(self, model: nn.Module, config: LoRA2Config) -> None:
         super().__init__()
-        if isinstance(model, Lora2Model):
+        if isinstance(model, LoRA2Model):
             raise ValueError("model already has LoRA² adapters; pass the plain transformers model.")
-        if any(isinstance(m, Lora2Linear) for m in model.modules()):
-            raise ValueError("model already contains Lora2Linear layers; load a fresh base model.")
+        if any(isinstance(m, LoRA2Linear) for m in model.modules()):
+            raise ValueError("model already contains LoRA2Linear layers; load a fresh base model.")
         self.base_model = model
         self.lora2_config = config
         self._regularizer: OrthogonalRegularizer | None = None
@@ -97,8 +97,9 @@ class Lora2Model(nn.Module):
                 f"Its linear layers are named {suffixes} (e.g. {linear[:4]}); set target_modules to some of them."
             )
         for name, module in matched:
-            layer = Lora2Linear(module, r=cfg.r, k=cfg.k, alpha=cfg.alpha, dropout=cfg.dropout,
-                                init=cfg.init, init_std=cfg.init_std)
+            layer = LoRA2Linear.from_linear(module, r=cfg.r, k=cfg.k, alpha=cfg.alpha, dropout=cfg.dropout,
+                                            init=cfg.init, init_std=cfg.init_std, backend=cfg.backend,
+                                            scale_by_kept=cfg.pruning == "monotone")
             _set_submodule(self.base_model, name, layer)
         logger.info("LoRA²: adapted %d modules", len(matched))
 
@@ -110,7 +111,7 @@ class Lora2Model(nn.Module):
         for n, m in self.base_model.named_modules():
             if not n or not _matches(n, wanted) or any(n.startswith(p + ".") for p in names):
                 continue
-            if any(isinstance(sub, Lora2Linear) for sub in m.modules()):
+            if any(isinstance(sub, LoRA2Linear) for sub in m.modules()):
                 raise ValueError(f"module {n!r} is in both target_modules and modules_to_save; pick one.")
             names.append(n)
         if explicit:
@@ -159,9 +160,9 @@ class Lora2Model(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def lora2_layers(self) -> dict[str, Lora2Linear]:
+    def lora2_layers(self) -> dict[str, LoRA2Linear]:
         """Adapted modules by their dotted name in the base model, in model order."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, Lora2Linear)}
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, LoRA2Linear)}
 
     def rank_pattern(self) -> dict[str, list[int]]:
         """Per adapted module, the indices of the singular values still kept."""
@@ -209,7 +210,7 @@ class Lora2Model(nn.Module):
                 layer.merge()
             elif not merge and layer.merged:
                 layer.unmerge()
-            _set_submodule(self.base_model, name, layer.base_layer)
+            _set_submodule(self.base_model, name, layer.to_base_layer())
         self._regularizer = None
         return self.base_model
 
@@ -250,7 +251,7 @@ class Lora2Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_directory: str | os.PathLike[str],
-                        is_trainable: bool = False) -> Lora2Model:
+                        is_trainable: bool = False) -> LoRA2Model:
         """Inject the adapter saved in ``adapter_directory`` into ``model`` and load its weights.
 
         Everything is checked before anything is copied: on any error the model is left as it was.
@@ -302,7 +303,6 @@ class Lora2Model(nn.Module):
             for name, layer in self.lora2_layers().items():
                 for t in _SAVED_ADAPTER_TENSORS:
                     getattr(layer, t).copy_(state[f"{_ADAPTER_PREFIX}{name}.{t}"])
-                layer.ranknum.fill_(float(layer.rank_mask.sum()))
             for name in self.modules_to_save:
                 module = self.base_model.get_submodule(name)
                 prefix = f"{_SAVED_PREFIX}{name}."
@@ -323,9 +323,9 @@ def read_adapter_meta(directory: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or "lora2" not in meta or not isinstance(meta["lora2"], dict):
         raise ValueError(f"{path} is not a LoRA² adapter config (no 'lora2' section).")
     version = meta["lora2"].get("format_version")
-    if version != LoRA2Config.format_version:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise ValueError(
-            f"{path} has format_version {version!r}, this lora2 reads version {LoRA2Config.format_version}; "
+            f"{path} has format_version {version!r}, this lora2 reads versions {list(READABLE_FORMAT_VERSIONS)}; "
             "use the lora2 release that wrote it, or re-create the adapter."
         )
     return meta
@@ -340,6 +340,6 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is truncated or corrupted ({e}); re-save the adapter.") from e
 
 
-def get_lora2_model(model: nn.Module, config: LoRA2Config | None = None) -> Lora2Model:
+def get_lora2_model(model: nn.Module, config: LoRA2Config | None = None) -> LoRA2Model:
     """Inject LoRA² adapters into ``model`` (in place) and freeze everything else."""
-    return Lora2Model(model, config if config is not None else LoRA2Config())
+    return LoRA2Model(model, config if config is not None else LoRA2Config())

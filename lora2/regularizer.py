@@ -31,7 +31,7 @@ from collections import defaultdict
 
 import torch
 
-from .layer import Lora2Linear
+from lora2_kernels import LoRA2Linear
 
 
 def _gram_distance(gram: torch.Tensor) -> torch.Tensor:
@@ -42,9 +42,9 @@ def _gram_distance(gram: torch.Tensor) -> torch.Tensor:
 class OrthogonalRegularizer:
     """Callable returning the (unweighted) mean regulariser over ``layers``."""
 
-    def __init__(self, layers: list[Lora2Linear]) -> None:
+    def __init__(self, layers: list[LoRA2Linear]) -> None:
         if not layers:
-            raise ValueError("OrthogonalRegularizer needs at least one Lora2Linear layer.")
+            raise ValueError("OrthogonalRegularizer needs at least one LoRA2Linear layer.")
         self.layers = layers
         by_in: dict[int, list[int]] = defaultdict(list)
         by_out: dict[int, list[int]] = defaultdict(list)
@@ -88,5 +88,5 @@ def _row_gram(x: torch.Tensor) -> torch.Tensor:
     return x @ x.transpose(1, 2)
 
 
-def _stack(layers: list[Lora2Linear], group: list[int], name: str) -> torch.Tensor:
+def _stack(layers: list[LoRA2Linear], group: list[int], name: str) -> torch.Tensor:
     return torch.stack([getattr(layers[i], name) for i in group])

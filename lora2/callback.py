@@ -1,9 +1,9 @@
 """LoRA² for users of the Hugging Face ``Trainer``: one callback runs the rank allocator.
 
     model = get_lora2_model(base, LoRA2Config(...))
-    trainer = Trainer(model=model, args=args, ..., callbacks=[Lora2Callback(model)])
+    trainer = Trainer(model=model, args=args, ..., callbacks=[LoRA2Callback(model)])
 
-The orthogonality regulariser needs no callback: ``Lora2Model.forward`` adds it to the loss in
+The orthogonality regulariser needs no callback: ``LoRA2Model.forward`` adds it to the loss in
 training mode. The allocator runs in ``on_optimizer_step``, where the Trainer has stepped the
 optimiser but not yet zeroed the gradients the importance score reads.
 """
@@ -15,11 +15,11 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .allocator import RankAllocator
-from .model import Lora2Model
+from .model import LoRA2Model
 
 
-class Lora2Callback(TrainerCallback):
-    def __init__(self, model: Lora2Model) -> None:
+class LoRA2Callback(TrainerCallback):
+    def __init__(self, model: LoRA2Model) -> None:
         self.model = model
         self.allocator: RankAllocator | None = None
         self.budget: int | None = None

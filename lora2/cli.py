@@ -166,14 +166,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_adapted(model: str, adapter: str, task: str):
-    from .model import Lora2Model, read_adapter_meta
+    from .model import LoRA2Model, read_adapter_meta
     from .train import load_base_model, resolve_model_path
 
     meta = read_adapter_meta(Path(adapter))
     path = resolve_model_path(model)
     num_labels = int(meta.get("num_labels") or 2)  # the head the adapter was trained with
     base = load_base_model(path, task, num_labels)
-    return path, Lora2Model.from_pretrained(base, adapter)
+    return path, LoRA2Model.from_pretrained(base, adapter)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

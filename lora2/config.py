@@ -1,7 +1,7 @@
 """`LoRA2Config`: every knob of the method in one validated dataclass.
 
 The config is the contract between the layer, the allocator, the trainer and the files on disk:
-it is written into ``adapter_config.json`` and read back by ``Lora2Model.from_pretrained``.
+it is written into ``adapter_config.json`` and read back by ``LoRA2Model.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Bumped whenever the on-disk layout changes; a loader refuses versions it does not know.
-CONFIG_FORMAT_VERSION = 1
+# 2: `pruning` and `backend` fields; version-1 adapters were trained with lora2 0.1's monotone
+#    pruning and alpha / kept scaling, so they load as pruning="monotone" (same function).
+CONFIG_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+
+PRUNING = ("adalora", "monotone")
+BACKENDS = ("auto", "triton", "reference")
 
 # Linear layers worth adapting per architecture (PEFT/AdaLoRA practice: all attention + MLP
 # projections). Names are suffixes of dotted module names, so "output.dense" also matches
@@ -45,13 +51,14 @@ def _check(condition: bool, name: str, allowed: str, value: Any) -> None:
 class LoRA2Config:
     """Configuration of a LoRA² adapter.
 
-    ΔW = (alpha / ranknum) · P · diag(λ) · Q with P = B₂·A₂ (out×k · k×r) and Q = B₁·A₁ (r×k · k×in).
+    ΔW = (alpha / r) · P · diag(λ ⊙ mask) · Q with P = B₂·A₂ (out×k · k×r) and Q = B₁·A₁ (r×k · k×in).
 
     Shape of the adapter:
         r: initial number of singular values λ per adapted module (the rank of ΔW before pruning).
         k: inner width of the two small LoRAs (A₁: k×in, B₁: r×k, A₂: k×r, B₂: out×k).
         target_rank: average number of singular values kept per module after pruning.
-        alpha: scale numerator; ΔW is multiplied by alpha / ranknum, ranknum = kept singular values.
+        alpha: scale numerator; ΔW is multiplied by alpha / r, constant for the whole run (the paper's
+            and AdaLoRA's choice: pruning never rescales the values that stay).
         dropout: dropout on the adapter's input.
         init: how the four factors start. "orthogonal" (default): orthonormal rows/columns, the
             regulariser's own minimum, so P and Q start with unit singular values and λ's gradient
@@ -66,6 +73,12 @@ class LoRA2Config:
             the adapter; ``None`` means the usual heads ("classifier", "score") when present.
 
     Rank allocator (AdaLoRA-style pruning of λ with the cheap LoRA² importance score):
+        pruning: "adalora" (default, the paper's semantics, which are AdaLoRA's): at each masking
+            step the globally lowest-scored singular values are zeroed, but they stay trainable and
+            re-compete at the next masking (the top-k is over all values); the pattern chosen at the
+            end of the budget decay is then enforced for the final warm-up. "monotone": lora2 0.1's
+            behaviour, a pruned value is masked for good (no gradient, never revived) and ΔW is
+            scaled by alpha / (kept values) instead of alpha / r.
         total_steps: optimiser steps of the whole run (the trainer fills it in).
         init_warmup / final_warmup: steps before pruning starts / after the pattern freezes.
         mask_interval: prune every this many steps (Δ_T).
@@ -73,6 +86,10 @@ class LoRA2Config:
 
     Regulariser:
         orth_reg_weight: weight of the orthogonality regulariser added to the loss.
+
+    Kernels:
+        backend: "auto" (the fused Triton kernels on CUDA where they apply, the PyTorch reference
+            elsewhere), "triton" (always; an error where they cannot run) or "reference".
     """
 
     r: int = 8
@@ -91,6 +108,8 @@ class LoRA2Config:
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.1
+    pruning: str = "adalora"
+    backend: str = "auto"
     base_model_name_or_path: str | None = None
     format_version: int = CONFIG_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +135,8 @@ class LoRA2Config:
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             _check(_finite(value) and 0.0 <= value < 1.0, name, "in [0, 1)", value)
+        _check(self.pruning in PRUNING, "pruning", f"one of {PRUNING}", self.pruning)
+        _check(self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend)
         _check(
             _finite(self.orth_reg_weight) and self.orth_reg_weight >= 0,
             "orth_reg_weight", "a finite number >= 0", self.orth_reg_weight,
@@ -163,6 +184,10 @@ class LoRA2Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoRA2Config:
+        data = dict(data)
+        if data.get("format_version") == 1:  # lora2 0.1: pruned for good, ΔW scaled by alpha / kept
+            data.setdefault("pruning", "monotone")
+            data["format_version"] = CONFIG_FORMAT_VERSION
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

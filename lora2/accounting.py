@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .model import Lora2Model
+from .model import LoRA2Model
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class ParameterReport:
         return "\n".join(lines)
 
 
-def parameter_report(model: Lora2Model) -> ParameterReport:
+def parameter_report(model: LoRA2Model) -> ParameterReport:
     modules = []
     for name, layer in model.lora2_layers().items():
         kept = int(layer.rank_mask.sum().item())

@@ -1,12 +1,23 @@
-"""Tiny randomly initialised models of the real architectures (no download)."""
+"""Shared test set-up: where the kernels run, and tiny randomly initialised models of the real
+architectures (no download).
+
+Kernel tests run on CUDA tensors when a GPU is there, and otherwise on CPU tensors under the
+Triton interpreter: TRITON_INTERPRET must be set before Triton compiles (jit-decorates) anything,
+so it is set here, before any test module imports the kernels.
+"""
 
 from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-import transformers
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if KERNEL_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

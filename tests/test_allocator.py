@@ -1,6 +1,9 @@
-"""Rank allocator and orthogonality regulariser."""
+"""Rank allocator (both pruning semantics) and orthogonality regulariser."""
 
 from __future__ import annotations
+
+import copy
+import dataclasses
 
 import pytest
 import torch
@@ -9,12 +12,13 @@ from torch import nn
 
 from lora2 import LoRA2Config, get_lora2_model
 from lora2.allocator import RankAllocator
-from lora2.layer import Lora2Linear
 from lora2.regularizer import OrthogonalRegularizer
+from lora2_kernels import LoRA2Linear
 
 
-def _setup(total=40, init=5, final=10, interval=3, r=4, target=2, family="bert"):
-    cfg = LoRA2Config(r=r, k=2, target_rank=target, init_warmup=init, final_warmup=final, mask_interval=interval)
+def _setup(total=40, init=5, final=10, interval=3, r=4, target=2, family="bert", pruning="adalora"):
+    cfg = LoRA2Config(r=r, k=2, target_rank=target, init_warmup=init, final_warmup=final, mask_interval=interval,
+                      pruning=pruning)
     model = get_lora2_model(make_model(family), cfg)
     randomize_adapters(model, scale=0.3)
     return model, RankAllocator(model.lora2_layers(), cfg, total_steps=total)
@@ -43,35 +47,66 @@ def test_budget_follows_cubic_schedule_exactly():
     assert alloc.budget_at(30)[0] == end
 
 
-def test_training_applies_budget_and_freezes_pattern():
-    model, alloc = _setup()
+@pytest.mark.parametrize("pruning", ["adalora", "monotone"])
+def test_real_training_ends_at_exactly_the_target_budget(pruning):
+    """After real gradients and AdamW steps: every masking keeps exactly the scheduled budget, and the
+    run ends with target_rank × modules values enforced and a frozen pattern."""
+    model, alloc = _setup(pruning=pruning)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     patterns = {}
     for step in range(1, 41):
         _backward(model, step)
+        optimizer.step()
         budget = alloc.step(step)
-        kept = alloc.current_budget()
         scheduled, remask = alloc.budget_at(step)
+        assert budget == scheduled
         if remask:
-            assert kept == scheduled == budget
+            assert alloc.current_budget() == scheduled
         patterns[step] = model.rank_pattern()
-    assert alloc.current_budget() == alloc.target_budget
-    assert all(patterns[s] == patterns[30] for s in range(30, 41))  # frozen in the final warm-up
+    m = len(model.lora2_layers())
+    assert alloc.current_budget() == alloc.target_budget == 2 * m
+    assert int(alloc.masks().sum()) == 2 * m  # enforced in the forward for the final warm-up
+    assert all(patterns[s] == patterns[30] for s in range(30, 41))
+    for layer in model.lora2_layers().values():  # pruned values stayed exactly zero while enforced
+        assert torch.all(layer.singular_values[layer.rank_mask == 0] == 0)
 
 
 def test_lowest_scores_are_masked():
     model, alloc = _setup()
     _backward(model, 0)
     alloc.update_importance()
-    scores = alloc.scores().clone()
+    scores = alloc.ranked_scores().clone()
     budget = alloc.initial_budget - 7
-    masks = alloc.mask_to_budget(budget)
-    kept_scores, dropped_scores = scores[masks == 1], scores[masks == 0]
-    assert masks.sum() == budget
+    pattern = alloc.mask_to_budget(budget)
+    kept_scores, dropped_scores = scores[pattern == 1], scores[pattern == 0]
+    assert pattern.sum() == budget
     assert kept_scores.min() >= dropped_scores.max()
+    for layer, row in zip(alloc.layers, pattern):
+        assert torch.all(layer.singular_values[row == 0] == 0)
 
 
-def test_masked_values_stay_zero_and_masked():
+def test_adalora_pruned_values_stay_trainable_and_recompete():
+    """The paper's (AdaLoRA's) semantics: zeroed, but still trained, and back if they score higher."""
     model, alloc = _setup(init=0, final=0, interval=1, total=20)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _backward(model, 0)
+    alloc.update_importance()
+    pattern = alloc.mask_to_budget(alloc.initial_budget - 5)
+    m, i = (pattern == 0).nonzero()[0].tolist()
+    layer = alloc.layers[m]
+    assert layer.singular_values[i] == 0 and layer.rank_mask[i] == 1  # zeroed, not masked in the forward
+    _backward(model, 1)
+    assert layer.singular_values.grad[i] != 0  # still gets a gradient ...
+    optimizer.step()
+    assert layer.singular_values[i] != 0  # ... and moves again
+    alloc.state["ema_lambda"][m, i] = alloc.state["unc_lambda"][m, i] = 1e3  # make it the most important value
+    alloc.scores = alloc.state["ema_lambda"] * 0 + torch.arange(alloc.scores.numel()).view_as(alloc.scores) * 1e-9
+    alloc.scores[m, i] = 1.0
+    assert alloc.mask_to_budget(alloc.initial_budget - 5)[m, i] == 1  # it competed and came back
+
+
+def test_monotone_pruned_values_never_come_back():
+    model, alloc = _setup(init=0, final=0, interval=1, total=20, pruning="monotone")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ever_masked: dict[str, set[int]] = {}
     for step in range(1, 21):
@@ -83,6 +118,15 @@ def test_masked_values_stay_zero_and_masked():
             assert ever_masked.get(name, set()) <= masked, "a pruned singular value came back"
             ever_masked[name] = masked
             assert torch.all(layer.singular_values[list(masked)] == 0)
+    assert alloc.current_budget() == alloc.target_budget
+
+
+def test_scale_is_constant_alpha_over_r_by_default_and_alpha_over_kept_for_monotone():
+    for pruning, expected in (("adalora", 16.0 / 4), ("monotone", 16.0 / 2)):
+        model, alloc = _setup(pruning=pruning)
+        layer = next(iter(model.lora2_layers().values()))
+        layer.set_rank_mask(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+        assert float(layer.scale) == expected, pruning
 
 
 def test_scores_use_only_the_small_factors():
@@ -93,12 +137,12 @@ def test_scores_use_only_the_small_factors():
         layer.p_up.grad.fill_(float("nan"))
         layer.q_down.data.fill_(float("nan"))
         layer.p_up.data.fill_(float("nan"))
-    alloc.update_importance()
-    assert torch.isfinite(alloc.scores()).all()
+    scores = alloc.update_importance()
+    assert torch.isfinite(scores).all() and scores.abs().sum() > 0
     m, r, k = len(model.lora2_layers()), 4, 2
     assert {k_: tuple(v.shape) for k_, v in alloc.state.items()} == {
-        "ema_lambda": (m, r), "unc_lambda": (m, r), "ema_b1": (m, r, k), "unc_b1": (m, r, k),
-        "ema_a2": (m, k, r), "unc_a2": (m, k, r)}
+        "ema_lambda": (m, r), "unc_lambda": (m, r), "ema_q_up": (m, r, k), "unc_q_up": (m, r, k),
+        "ema_p_down": (m, k, r), "unc_p_down": (m, k, r)}
 
 
 def test_score_formula_matches_adalora_definition():
@@ -109,7 +153,7 @@ def test_score_formula_matches_adalora_definition():
     unc = {k: torch.zeros_like(v) for k, v in ema.items()}
     for step in range(3):
         _backward(model, step)
-        alloc.update_importance()
+        scores = alloc.update_importance()
         for l in layers:
             for p in (l.singular_values, l.q_up, l.p_down):
                 i = (p * p.grad).abs()
@@ -117,18 +161,56 @@ def test_score_formula_matches_adalora_definition():
                 unc[id(p)] = cfg.beta2 * unc[id(p)] + (1 - cfg.beta2) * (i - ema[id(p)]).abs()
     s = lambda p: ema[id(p)] * unc[id(p)]  # noqa: E731
     expected = torch.stack([s(l.singular_values) + s(l.q_up).mean(1) + s(l.p_down).mean(0) for l in layers])
-    torch.testing.assert_close(alloc.scores(), expected, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-12)
+
+
+def test_non_finite_gradients_leave_the_importance_untouched():
+    """An fp16 step the GradScaler skipped has inf gradients: they must not poison the EMAs."""
+    model, alloc = _setup()
+    _backward(model, 0)
+    alloc.update_importance()
+    before = {k: v.clone() for k, v in alloc.state.items()}
+    _backward(model, 1)
+    next(iter(model.lora2_layers().values())).q_up.grad[0, 0] = float("inf")
+    scores = alloc.update_importance()
+    assert all(torch.equal(before[k], alloc.state[k]) for k in before)
+    assert torch.isfinite(scores).all() and int(alloc.skipped_updates) == 1
+    _backward(model, 2)
+    alloc.update_importance()
+    assert not torch.equal(before["ema_lambda"], alloc.state["ema_lambda"]) and int(alloc.skipped_updates) == 1
+
+
+def test_state_follows_the_model_to_another_device():
+    """Built on the CPU, then the model moves (as lora2 train does: method first, .to(device) after)."""
+    model, alloc = _setup(init=0, interval=1)
+    _backward(model, 0)
+    model.to("meta")  # a stand-in for a GPU: tensors there cannot mix with CPU ones
+    for layer in model.lora2_layers().values():
+        for name in ("singular_values", "q_up", "p_down"):
+            getattr(layer, name).grad = torch.empty_like(getattr(layer, name))
+    alloc.step(3)
+    assert all(v.device.type == "meta" for v in alloc.state.values())
+    assert alloc.scores.device.type == "meta" and alloc.pattern.device.type == "meta"
+
+
+def test_allocator_does_not_write_into_the_callers_config():
+    cfg = LoRA2Config(r=4, k=2, target_rank=2, init_warmup=1, final_warmup=1)
+    frozen = dataclasses.asdict(cfg)
+    model = get_lora2_model(make_model("bert"), cfg)
+    RankAllocator(model.lora2_layers(), cfg, total_steps=10)
+    assert dataclasses.asdict(cfg) == frozen
 
 
 def test_allocator_state_round_trip():
     model, alloc = _setup()
     _backward(model, 0)
     alloc.update_importance()
+    alloc.mask_to_budget(alloc.initial_budget - 3)
     other = RankAllocator(model.lora2_layers(), model.lora2_config, total_steps=40)
-    other.load_state_dict(alloc.state_dict())
-    assert torch.equal(other.scores(), alloc.scores())
+    other.load_state_dict(copy.deepcopy(alloc.state_dict()))
+    assert torch.equal(other.ranked_scores(), alloc.ranked_scores()) and torch.equal(other.pattern, alloc.pattern)
     with pytest.raises(ValueError, match="wrong shape"):
-        other.load_state_dict({k: v[:1] for k, v in alloc.state_dict().items()})
+        other.load_state_dict({k: v[:1] for k, v in alloc.state_dict().items() if v.dim()})
 
 
 def test_allocator_needs_total_steps_that_fit_warmups():
@@ -142,8 +224,8 @@ def test_allocator_needs_total_steps_that_fit_warmups():
 # --- regulariser --------------------------------------------------------------------------------
 
 
-def _orthonormal_layer(n: int, r: int, k: int, cross_orthogonal: bool) -> Lora2Linear:
-    layer = Lora2Linear(nn.Linear(n, n), r=r, k=k, alpha=1.0)
+def _orthonormal_layer(n: int, r: int, k: int, cross_orthogonal: bool) -> LoRA2Linear:
+    layer = LoRA2Linear.from_linear(nn.Linear(n, n), r=r, k=k, alpha=1.0)
     eye = torch.eye(max(n, r))
     with torch.no_grad():
         layer.q_down.copy_(eye[:k, :n])              # A₁ rows e_0..e_{k-1}
@@ -166,9 +248,9 @@ def test_regulariser_zero_for_orthonormal_and_orthogonal_planes():
 
 def test_regulariser_matches_dense_definition_and_has_gradients():
     torch.manual_seed(0)
-    layers = [Lora2Linear(nn.Linear(6, 6), 4, 3, 1.0, init="normal", init_std=0.5),
-              Lora2Linear(nn.Linear(6, 10), 4, 3, 1.0, init="normal", init_std=0.5),
-              Lora2Linear(nn.Linear(10, 6), 4, 3, 1.0, init="normal", init_std=0.5)]
+    layers = [LoRA2Linear(6, 6, r=4, k=3, alpha=1.0, init="normal", init_std=0.5),
+              LoRA2Linear(6, 10, r=4, k=3, alpha=1.0, init="normal", init_std=0.5),
+              LoRA2Linear(10, 6, r=4, k=3, alpha=1.0, init="normal", init_std=0.5)]
     value = OrthogonalRegularizer(layers)()
     eye = torch.eye(3)
     expected = 0.0

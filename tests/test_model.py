@@ -7,7 +7,7 @@ import torch
 from conftest import batch, make_model, randomize_adapters
 from torch import nn
 
-from lora2 import LoRA2Config, Lora2Linear, get_lora2_model, parameter_report
+from lora2 import LoRA2Config, LoRA2Linear, get_lora2_model, parameter_report
 
 EXPECTED_TARGETS = {  # adapted linears per transformer layer with the default targets
     "bert": 6, "roberta": 6, "deberta-v2": 6, "gpt2": 4, "llama": 7,
@@ -55,7 +55,7 @@ def test_merged_model_equals_adapted_model(family):
     randomize_adapters(model, scale=0.3)
     adapted = _logits(model)
     plain = model.merge_and_unload()
-    assert not any(isinstance(m, Lora2Linear) for m in plain.modules())
+    assert not any(isinstance(m, LoRA2Linear) for m in plain.modules())
     torch.testing.assert_close(_logits(plain), adapted, rtol=1e-4, atol=1e-5)
 
 
@@ -72,13 +72,13 @@ def test_merged_model_round_trips_through_plain_save_pretrained(tmp_path):
 def test_merge_unmerge_restores_weights(family):
     model = get_lora2_model(make_model(family), LoRA2Config(r=4, k=2, target_rank=2))
     randomize_adapters(model, scale=0.3)
-    before = {n: l.base_layer.weight.detach().clone() for n, l in model.lora2_layers().items()}
+    before = {n: l.weight.detach().clone() for n, l in model.lora2_layers().items()}
     adapted = _logits(model)
     model.merge_adapter()
     torch.testing.assert_close(_logits(model), adapted, rtol=1e-4, atol=1e-5)
     model.unmerge_adapter()
     for n, layer in model.lora2_layers().items():
-        assert (layer.base_layer.weight - before[n]).abs().max() < 1e-6, n
+        assert (layer.weight - before[n]).abs().max() < 1e-6, n
 
 
 def test_print_trainable_parameters(capsys):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora2 import LoRA2Config, Lora2Model, get_lora2_model
+from lora2 import LoRA2Config, LoRA2Model, get_lora2_model
 from lora2.allocator import RankAllocator
 
 
@@ -46,7 +46,7 @@ def _valid(r, k, target_rank, alpha, dropout, init) -> bool:
             and init in ("orthogonal", "normal"))
 
 
-def _randomize(model: Lora2Model, seed: int) -> None:
+def _randomize(model: LoRA2Model, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.lora2_layers().values():
@@ -92,7 +92,7 @@ def test_valid_configs_work_end_to_end_and_invalid_ones_raise_value_error(
 
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
-        loaded = Lora2Model.from_pretrained(TwoLayerNet(d_in, d_hidden, d_out, conv, seed), directory)
+        loaded = LoRA2Model.from_pretrained(TwoLayerNet(d_in, d_hidden, d_out, conv, seed), directory)
         loaded.eval()
         with torch.no_grad():
             assert torch.equal(loaded(x), adapted)

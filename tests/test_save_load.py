@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import batch, make_model, randomize_adapters
 
-from lora2 import LoRA2Config, Lora2Linear, Lora2Model, get_lora2_model
+from lora2 import LoRA2Config, LoRA2Linear, LoRA2Model, get_lora2_model
 from lora2.model import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -33,7 +33,7 @@ def test_round_trip_is_bit_identical(tmp_path, family):
     expected = model(**batch()).logits
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
-    loaded = Lora2Model.from_pretrained(make_model(family), tmp_path)
+    loaded = LoRA2Model.from_pretrained(make_model(family), tmp_path)
     got = loaded(**batch()).logits
     assert torch.equal(got, expected)
     original = model.adapter_state_dict()
@@ -41,7 +41,7 @@ def test_round_trip_is_bit_identical(tmp_path, family):
         assert torch.equal(value, original[key]), key
     assert loaded.rank_pattern() == model.rank_pattern()
     first = next(iter(loaded.lora2_layers().values()))
-    assert first.ranknum.item() == 3
+    assert int(first.rank_mask.sum()) == 3
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["rank_pattern"][next(iter(model.lora2_layers()))] == [0, 2, 3]
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -49,7 +49,7 @@ def test_round_trip_is_bit_identical(tmp_path, family):
 
 def test_load_trainable(tmp_path):
     _trained().save_pretrained(tmp_path)
-    loaded = Lora2Model.from_pretrained(make_model("bert"), tmp_path, is_trainable=True)
+    loaded = LoRA2Model.from_pretrained(make_model("bert"), tmp_path, is_trainable=True)
     assert any(p.requires_grad for p in loaded.parameters())
 
 
@@ -61,20 +61,20 @@ def test_adapter_from_another_base_is_refused_and_model_untouched(tmp_path):
                                 intermediate_size=64, vocab_size=101))
     names_before = [n for n, _ in other.named_modules()]
     with pytest.raises(ValueError, match="does not fit this model.*shape mismatch"):
-        Lora2Model.from_pretrained(other, tmp_path)
+        LoRA2Model.from_pretrained(other, tmp_path)
     assert [n for n, _ in other.named_modules()] == names_before
-    assert not any(isinstance(m, Lora2Linear) for m in other.modules())
+    assert not any(isinstance(m, LoRA2Linear) for m in other.modules())
 
 
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Lora2Model.from_pretrained(make_model("bert"), tmp_path / "nope")
+        LoRA2Model.from_pretrained(make_model("bert"), tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
-        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+        LoRA2Model.from_pretrained(make_model("bert"), tmp_path)
     _trained().save_pretrained(tmp_path)
     (tmp_path / WEIGHTS_NAME).unlink()
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
-        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+        LoRA2Model.from_pretrained(make_model("bert"), tmp_path)
 
 
 def test_truncated_weights_refused(tmp_path):
@@ -83,22 +83,22 @@ def test_truncated_weights_refused(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     base = make_model("bert")
     with pytest.raises(ValueError, match="truncated or corrupted"):
-        Lora2Model.from_pretrained(base, tmp_path)
-    assert not any(isinstance(m, Lora2Linear) for m in base.modules())
+        LoRA2Model.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, LoRA2Linear) for m in base.modules())
 
 
 def test_garbage_weights_refused(tmp_path):
     _trained().save_pretrained(tmp_path)
     (tmp_path / WEIGHTS_NAME).write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="truncated or corrupted"):
-        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+        LoRA2Model.from_pretrained(make_model("bert"), tmp_path)
 
 
 def test_corrupted_config_refused(tmp_path):
     _trained().save_pretrained(tmp_path)
     (tmp_path / CONFIG_NAME).write_text("{not json")
     with pytest.raises(ValueError, match="corrupted"):
-        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+        LoRA2Model.from_pretrained(make_model("bert"), tmp_path)
 
 
 def test_newer_config_version_refused(tmp_path):
@@ -107,7 +107,24 @@ def test_newer_config_version_refused(tmp_path):
     meta["lora2"]["format_version"] = 99
     (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format_version 99"):
-        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+        LoRA2Model.from_pretrained(make_model("bert"), tmp_path)
+
+
+def test_version_1_adapters_load_with_the_semantics_they_were_trained_with(tmp_path):
+    """lora2 0.1 scaled ΔW by α / kept values and pruned for good: such a file loads as
+    pruning="monotone", so it computes the same function it was trained as."""
+    model = _trained(pruning="monotone")
+    model.eval()
+    expected = model(**batch()).logits
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for key in ("pruning", "backend"):
+        del meta["lora2"][key]
+    meta["lora2"]["format_version"] = 1
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    loaded = LoRA2Model.from_pretrained(make_model("bert"), tmp_path)
+    assert loaded.lora2_config.pruning == "monotone" and loaded.lora2_config.format_version == 2
+    assert torch.equal(loaded(**batch()).logits, expected)
 
 
 def test_unknown_config_field_refused(tmp_path):
@@ -116,7 +133,7 @@ def test_unknown_config_field_refused(tmp_path):
     meta["lora2"]["shiny_new_option"] = 1
     (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="shiny_new_option.*upgrade lora2"):
-        Lora2Model.from_pretrained(make_model("bert"), tmp_path)
+        LoRA2Model.from_pretrained(make_model("bert"), tmp_path)
 
 
 def test_failed_save_leaves_previous_files_intact(tmp_path, monkeypatch):

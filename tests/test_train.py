@@ -109,9 +109,9 @@ def test_resume_recovers_a_checkpoint_caught_between_renames(small_files, tmp_pa
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_non_finite_loss_stops_with_step_and_checkpoint(small_files, tmp_path, monkeypatch, poison):
-    from lora2.model import Lora2Model
+    from lora2.model import LoRA2Model
 
-    real = Lora2Model.forward
+    real = LoRA2Model.forward
     calls = {"n": 0}
 
     def poisoned(self, *args, **kwargs):
@@ -121,7 +121,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(small_files, tmp_path, m
             out.loss = out.loss.abs() * poison
         return out
 
-    monkeypatch.setattr(Lora2Model, "forward", poisoned)
+    monkeypatch.setattr(LoRA2Model, "forward", poisoned)
     with pytest.raises(TrainingError, match=rf"loss became {poison} at step \d+.*Last good checkpoint: .*checkpoint"):
         train(_cfg(small_files, tmp_path), progress=False)
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
@@ -153,7 +153,7 @@ def test_hf_trainer_callback(small_files, tmp_path):
     import transformers
 
     from lora2 import LoRA2Config, get_lora2_model
-    from lora2.callback import Lora2Callback
+    from lora2.callback import LoRA2Callback
     from lora2.data import build_dataset
     from lora2.train import load_base_model, load_tokenizer, resolve_model_path
 
@@ -165,7 +165,7 @@ def test_hf_trainer_callback(small_files, tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
                                           report_to=[], save_strategy="no", logging_steps=4, use_cpu=True,
                                           remove_unused_columns=False)
-    callback = Lora2Callback(model)
+    callback = LoRA2Callback(model)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data.examples,
                                    data_collator=transformers.DataCollatorWithPadding(tok), callbacks=[callback])
     trainer.train()

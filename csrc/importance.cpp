@@ -11,7 +11,6 @@
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -91,16 +90,6 @@ const void* grad_ptr(const OptionalTensorList& grads, int64_t m) {
 
 // --- CPU ----------------------------------------------------------------------------------------
 
-template <typename scalar_t>
-float element(const at::Tensor& t, int64_t i) {
-  return static_cast<float>(t.const_data_ptr<scalar_t>()[i]);
-}
-
-template <typename scalar_t>
-float grad_element(const std::optional<at::Tensor>& g, int64_t i) {
-  return (g.has_value() && g->defined()) ? static_cast<float>(g->const_data_ptr<scalar_t>()[i]) : 0.0f;
-}
-
 inline float update_element(float value, float grad, float* ema, float* unc, float beta1, float beta2, bool update) {
   if (update) {
     const float sensitivity = std::fabs(value * grad);
@@ -109,6 +98,21 @@ inline float update_element(float value, float grad, float* ema, float* unc, flo
     *unc = beta2 * *unc + (1.0f - beta2) * std::fabs(sensitivity - e);
   }
   return *ema * *unc;
+}
+
+// One module's inputs as raw pointers (a missing gradient is nullptr and reads as zero).
+template <typename scalar_t>
+struct ModuleView {
+  const scalar_t *lambda, *q_up, *p_down, *lambda_grad, *q_up_grad, *p_down_grad;
+
+  static float at(const scalar_t* p, int64_t i) { return static_cast<float>(p[i]); }
+  static float grad_at(const scalar_t* p, int64_t i) { return p == nullptr ? 0.0f : static_cast<float>(p[i]); }
+};
+
+template <typename scalar_t>
+const scalar_t* optional_ptr(const OptionalTensorList& grads, int64_t m) {
+  const std::optional<at::Tensor> g = grads.get(m);
+  return (g.has_value() && g->defined()) ? g->const_data_ptr<scalar_t>() : nullptr;
 }
 
 std::tuple<at::Tensor, at::Tensor> importance_update_cpu(
@@ -129,39 +133,43 @@ std::tuple<at::Tensor, at::Tensor> importance_update_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, singular_values[0].scalar_type(), "importance_update_cpu",
                                   [&] {
+    using View = ModuleView<scalar_t>;
+    std::vector<View> views(s.modules);
+    for (int64_t m = 0; m < s.modules; ++m) {
+      views[m] = {singular_values[m].const_data_ptr<scalar_t>(), q_up[m].const_data_ptr<scalar_t>(),
+                  p_down[m].const_data_ptr<scalar_t>(), optional_ptr<scalar_t>(singular_values_grad, m),
+                  optional_ptr<scalar_t>(q_up_grad, m), optional_ptr<scalar_t>(p_down_grad, m)};
+    }
     bool finite = true;  // phase 1, as on the GPU: any non-finite input skips the whole update
     for (int64_t m = 0; m < s.modules && finite; ++m) {
-      const std::optional<at::Tensor> gl = singular_values_grad.get(m), gb = q_up_grad.get(m), ga = p_down_grad.get(m);
+      const View& v = views[m];
       for (int64_t i = 0; i < r; ++i) {
-        finite = finite && std::isfinite(element<scalar_t>(singular_values[m], i)) &&
-                 std::isfinite(grad_element<scalar_t>(gl, i));
+        finite = finite && std::isfinite(View::at(v.lambda, i)) && std::isfinite(View::grad_at(v.lambda_grad, i));
       }
       for (int64_t i = 0; i < r * k; ++i) {
-        finite = finite && std::isfinite(element<scalar_t>(q_up[m], i)) && std::isfinite(grad_element<scalar_t>(gb, i)) &&
-                 std::isfinite(element<scalar_t>(p_down[m], i)) && std::isfinite(grad_element<scalar_t>(ga, i));
+        finite = finite && std::isfinite(View::at(v.q_up, i)) && std::isfinite(View::grad_at(v.q_up_grad, i)) &&
+                 std::isfinite(View::at(v.p_down, i)) && std::isfinite(View::grad_at(v.p_down_grad, i));
       }
     }
     skipped.fill_(finite ? 0 : 1);
-    at::parallel_for(0, s.modules, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const std::optional<at::Tensor> gl = singular_values_grad.get(m), gb = q_up_grad.get(m),
-                                        ga = p_down_grad.get(m);
-        for (int64_t i = 0; i < r; ++i) {
-          const int64_t li = m * r + i;
-          float score = update_element(element<scalar_t>(singular_values[m], i), grad_element<scalar_t>(gl, i),
-                                       &el[li], &ul[li], beta1, beta2, finite);
-          float b1_sum = 0.0f, a2_sum = 0.0f;
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t b = i * k + j, a = j * r + i;
-            b1_sum += update_element(element<scalar_t>(q_up[m], b), grad_element<scalar_t>(gb, b), &eb[m * r * k + b],
-                                     &ub[m * r * k + b], beta1, beta2, finite);
-            a2_sum += update_element(element<scalar_t>(p_down[m], a), grad_element<scalar_t>(ga, a),
-                                     &ea[m * k * r + a], &ua[m * k * r + a], beta1, beta2, finite);
-          }
-          out[li] = score + b1_sum / static_cast<float>(k) + a2_sum / static_cast<float>(k);
+    // Phase 2: a few hundred modules of r·(2k+1) elements: one thread's work, no parallel_for overhead.
+    for (int64_t m = 0; m < s.modules; ++m) {
+      const View& v = views[m];
+      for (int64_t i = 0; i < r; ++i) {
+        const int64_t li = m * r + i;
+        const float score = update_element(View::at(v.lambda, i), View::grad_at(v.lambda_grad, i), &el[li], &ul[li],
+                                           beta1, beta2, finite);
+        float b1_sum = 0.0f, a2_sum = 0.0f;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t b = i * k + j, a = j * r + i;
+          b1_sum += update_element(View::at(v.q_up, b), View::grad_at(v.q_up_grad, b), &eb[m * r * k + b],
+                                   &ub[m * r * k + b], beta1, beta2, finite);
+          a2_sum += update_element(View::at(v.p_down, a), View::grad_at(v.p_down_grad, a), &ea[m * k * r + a],
+                                   &ua[m * k * r + a], beta1, beta2, finite);
         }
+        out[li] = score + b1_sum / static_cast<float>(k) + a2_sum / static_cast<float>(k);
       }
-    });
+    }
   });
   return {scores, skipped};
 }

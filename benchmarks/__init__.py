@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.throughput`` (speed and memory against peers, one process)."""

@@ -1,0 +1,58 @@
+"""`python -m benchmarks.throughput` stays runnable: every section and every peer measures on tiny
+shapes and the tables render with their ratios. No timing is asserted: speed is shown by running
+the benchmark, not by unit tests."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import throughput
+
+
+def test_every_layer_peer_measures_and_the_table_has_ratios():
+    device = torch.device("cpu")
+    results = [throughput.measure_layer("tiny", 16, 24, 20, peer, "eager", device) for peer in throughput.LAYER_PEERS]
+    by_peer = {r.peer: r for r in results}
+    assert by_peer["lora2-triton"].note == "needs a GPU" and by_peer["lora2-triton"].forward_ms is None
+    for peer in ("floor", "peft-lora", "lora2-reference"):
+        assert by_peer[peer].note is None and by_peer[peer].forward_ms > 0 and by_peer[peer].forward_backward_ms > 0
+    rows = {line.split("|")[4].strip(): line.split("|") for line in throughput.layer_table(results).splitlines()[2:]}
+    assert rows["floor"][7].strip() == "1.00" and rows["peft-lora"][8].strip() == "1.00"
+
+
+def test_every_step_method_measures_and_the_table_has_ratios():
+    shape = throughput.ModelShape("cpu-small", batch=2, length=16, causal_lm=False)
+    device = torch.device("cpu")
+    results = [throughput.measure_step(shape, m, "eager", device, steps=2, warmup_steps=1)
+               for m in throughput.STEP_METHODS]
+    by_method = {r.method: r for r in results}
+    assert by_method["lora2"].note.startswith("needs a GPU")
+    for method in ("floor", "full", "peft-lora", "peft-adalora", "lora2-reference"):
+        assert by_method[method].note is None and by_method[method].ms_per_step > 0, method
+    assert by_method["floor"].trainable_parameters == 0
+    assert by_method["full"].trainable_parameters > by_method["peft-lora"].trainable_parameters > 0
+    assert by_method["lora2-reference"].allocator_ms is not None and by_method["peft-adalora"].allocator_ms is not None
+    assert by_method["lora2-reference"].regularizer_ms is not None and by_method["peft-lora"].allocator_ms is None
+    table = throughput.step_table(results)
+    assert "| cpu-small | eager | floor | " in table and "| 1.00 |" in table
+
+
+def test_allocator_section_compares_the_compiled_op_with_the_reference():
+    result = throughput.measure_allocator(torch.device("cpu"), modules=12, r=4, k=2)
+    assert result.compiled_ms > 0 and result.reference_ms > 0 and result.allocator_step_ms > 0
+    assert result.speedup == result.reference_ms / result.compiled_ms
+    assert "12 × 4 × 2" in throughput.allocator_table(result, [])
+
+
+def test_main_writes_markdown_and_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(throughput, "CPU_LAYER_SHAPES", [("tiny", 8, 16, 12)])
+    monkeypatch.setitem(throughput.MODEL_SHAPES, "cpu-small", throughput.ModelShape("cpu-small", 2, 8, False))
+    assert throughput.main(["--sections", "layers", "steps", "--modes", "eager", "--steps", "1", "--warmup", "0",
+                            "--methods", "floor", "lora2-reference", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert {r["peer"] for r in report["layers"]} == set(throughput.LAYER_PEERS)
+    assert [r["method"] for r in report["steps"]] == ["floor", "lora2-reference"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## Layers" in markdown and "## Training steps" in markdown and "need a GPU" in markdown

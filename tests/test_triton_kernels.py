@@ -254,3 +254,10 @@ def test_every_kernel_and_config_compiles_for_hopper_and_ampere():
                 assert compiled, f"no config of {case} fits sm_{arch}"
                 if arch == 90 and "float32" not in case:  # half inputs: every config fits a Hopper
                     assert len(compiled) == len(configs), case
+
+
+def test_autotuning_is_keyed_by_token_buckets_not_token_counts():
+    """Dynamic padding gives nearly every batch another token count: the tuning key is its bucket."""
+    assert [kernels.token_bucket(t) for t in (0, 1, 16, 17, 1000, 1024, 1025, 8192)] == \
+        [16, 16, 16, 32, 1024, 1024, 2048, 8192]
+    assert "M_BUCKET" in kernels.lora_matmul_kernel.arg_names and "T_BUCKET" in kernels.rank_reduce_kernel.arg_names

@@ -109,7 +109,8 @@ def specialise(fn, launch: kernels.Launch, config: triton.Config) -> tuple[dict,
             signature[name] = "constexpr"
             constexprs[name] = values[name]
             continue
-        kind, attr = native_specialize_impl(CUDABackend, values[name], False, True, True)
+        kind, attr = native_specialize_impl(CUDABackend, values[name], False, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
         signature[name] = kind
         if kind == "constexpr":  # an int equal to 1 (a unit stride) is baked into the kernel
             constexprs[name] = attr

@@ -57,10 +57,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DOT_OPERANDS_IN_FP32 = tl.constexpr(INTERPRET)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def lora_matmul_kernel(
     x_ptr, b_ptr, d_ptr, u_ptr, bias_ptr, out_ptr, h_ptr,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_bk, stride_bn, stride_dk, stride_dr, stride_ur, stride_un,
     stride_om, stride_on, stride_hm, stride_hr,
     HAS_BIAS: tl.constexpr, COMPUTE_OUT: tl.constexpr, STORE_H: tl.constexpr,
@@ -120,10 +120,10 @@ def lora_matmul_kernel(
                      mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T_BUCKET"])
 def rank_reduce_kernel(
     a_ptr, b_ptr, partial_ptr,
-    T, N, R, ROWS_PER_SPLIT,
+    T, N, R, ROWS_PER_SPLIT, T_BUCKET,
     stride_at, stride_ar, stride_bt, stride_bn, stride_ps, stride_pr, stride_pn,
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -199,10 +199,13 @@ def _prune_reduce(configs, named_args, **kwargs):
     return fitting or configs[-1:]
 
 
+# The token count is keyed by its power-of-two bucket (M_BUCKET / T_BUCKET, arguments the kernels
+# never read): with dynamic padding nearly every batch has another M, and keying on M itself would
+# re-run the tuning for each of them.
 if not INTERPRET:
-    _matmul = triton.autotune(MATMUL_CONFIGS, key=["M", "N", "K", "R", "COMPUTE_OUT"], cache_results=True,
+    _matmul = triton.autotune(MATMUL_CONFIGS, key=["M_BUCKET", "N", "K", "R", "COMPUTE_OUT"], cache_results=True,
                               prune_configs_by={"early_config_prune": _prune_matmul})(lora_matmul_kernel)
-    _reduce = triton.autotune(REDUCE_CONFIGS, key=["T", "N", "R"], cache_results=True,
+    _reduce = triton.autotune(REDUCE_CONFIGS, key=["T_BUCKET", "N", "R"], cache_results=True,
                               prune_configs_by={"early_config_prune": _prune_reduce})(rank_reduce_kernel)
 
 
@@ -237,6 +240,11 @@ def rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
+def token_bucket(tokens: int) -> int:
+    """The autotuning key of a token count: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(max(tokens, 1)))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot precision for fp32 operands: IEEE unless torch allows TF32 for fp32 matmuls.
 
@@ -258,7 +266,7 @@ def matmul_launch(x: torch.Tensor, b: torch.Tensor | None, b_strides: tuple[int,
     placeholder = h  # pointer arguments this launch never reads still need a tensor
     args = (x, b if b is not None else placeholder, d, u if u is not None else placeholder,
             bias if bias is not None else placeholder, out if out is not None else placeholder, h,
-            m, n if compute_out else 1, k, rank,
+            m, n if compute_out else 1, k, rank, token_bucket(m),
             x.stride(0), x.stride(1), *b_strides, *d_strides, *u_strides,
             out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0, h.stride(0), h.stride(1))
     flags = {"HAS_BIAS": bias is not None, "COMPUTE_OUT": compute_out, "STORE_H": True,
@@ -288,8 +296,8 @@ def reduce_launch(a: torch.Tensor, b: torch.Tensor, programs: int | None = None)
     rows_per_split = triton.cdiv(triton.cdiv(max(t, 1), splits), REDUCE_ROW_GRANULE) * REDUCE_ROW_GRANULE
     splits = max(1, triton.cdiv(t, rows_per_split))
     partial = torch.zeros((splits, rank, n), device=a.device, dtype=torch.float32)
-    args = (a, b, partial, t, n, rank, rows_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            partial.stride(0), partial.stride(1), partial.stride(2))
+    args = (a, b, partial, t, n, rank, rows_per_split, token_bucket(t), a.stride(0), a.stride(1), b.stride(0),
+            b.stride(1), partial.stride(0), partial.stride(1), partial.stride(2))
     flags = {"PRECISION": dot_precision(b.dtype), "BLOCK_R": rank_block(rank)}
     return Launch("reduce", args, flags, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)), partial
 
@@ -364,25 +372,29 @@ def lora_linear_backward(
     return grad_x, grad_weight, grad_bias, grad_down, grad_up
 
 
-def warmup(shapes, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
-           bias: bool = True) -> int:
+def warmup(shapes, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda", bias: bool = True,
+           buckets: int = 4) -> int:
     """Compile and autotune the kernels now for every ``(tokens, in_features, out_features, rank)``.
 
-    Autotuning times each configuration once per shape (and Triton caches the choice on disk), so
-    calling this before training keeps the tuning out of the first steps. Returns the number of
-    distinct shapes tuned.
+    The tuning is keyed by the power-of-two bucket of the token count; this tunes the bucket of
+    ``tokens`` and the ``buckets - 1`` below it (short last batches, shorter padded sequences).
+    Triton caches the choices on disk, so a later run starts tuned. Calling this before training
+    keeps the tuning out of the training steps. Returns the number of (shape, bucket) pairs tuned.
     """
     done = set()
     for tokens, in_features, out_features, rank in shapes:
-        key = (int(tokens), int(in_features), int(out_features), int(rank))
-        if key in done:
-            continue
-        done.add(key)
-        x = torch.randn(key[0], key[1], device=device, dtype=dtype)
-        weight = torch.randn(key[2], key[1], device=device, dtype=dtype)
-        b = torch.randn(key[2], device=device, dtype=dtype) if bias else None
-        down = torch.randn(key[3], key[1], device=device)
-        up = torch.randn(key[2], key[3], device=device)
-        y, h = lora_linear_forward(x, weight, b, down, up)
-        lora_linear_backward(torch.randn_like(y), x, weight, down, up, h)
+        top = token_bucket(int(tokens))
+        for i in range(buckets):
+            rows = max(16, top >> i)
+            key = (rows, int(in_features), int(out_features), int(rank))
+            if key in done:
+                continue
+            done.add(key)
+            x = torch.randn(rows, key[1], device=device, dtype=dtype)
+            weight = torch.randn(key[2], key[1], device=device, dtype=dtype)
+            b = torch.randn(key[2], device=device, dtype=dtype) if bias else None
+            down = torch.randn(key[3], key[1], device=device)
+            up = torch.randn(key[2], key[3], device=device)
+            y, h = lora_linear_forward(x, weight, b, down, up)
+            lora_linear_backward(torch.randn_like(y), x, weight, down, up, h)
     return len(done)

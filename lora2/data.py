@@ -199,17 +199,25 @@ class Collator:
         return batch
 
 
+def batches_per_epoch(examples: int, batch_size: int, world_size: int = 1) -> int:
+    """Global batches of an epoch. A last batch with fewer examples than processes is dropped on every
+    rank (some ranks would get none, and ranks that run different numbers of steps hang in DDP)."""
+    full, rest = divmod(examples, batch_size)
+    return full + (1 if rest >= world_size else 0)
+
+
 def batches(dataset: TextDataset, batch_size: int, collate: Collator, generator: torch.Generator | None = None,
             skip: int = 0, shard: tuple[int, int] = (0, 1)):
     """Yield batches; shuffled by ``generator`` when given. ``skip`` drops the first batches (resume).
 
     ``shard=(rank, world_size)``: every process draws the same global batch and keeps every
-    world_size-th example of it, so N processes together see exactly the 1-process batches.
+    world_size-th example of it, so N processes together see exactly the 1-process batches. Every
+    rank yields `batches_per_epoch` batches: a last global batch too small to give each rank an
+    example is dropped on all of them.
     """
     rank, world_size = shard
     order = (torch.randperm(len(dataset), generator=generator).tolist() if generator is not None
              else list(range(len(dataset))))
-    for start in range(skip * batch_size, len(order), batch_size):
-        part = order[start:start + batch_size][rank::world_size]
-        if part:
-            yield collate([dataset.examples[i] for i in part])
+    for index in range(skip, batches_per_epoch(len(order), batch_size, world_size)):
+        part = order[index * batch_size:(index + 1) * batch_size][rank::world_size]
+        yield collate([dataset.examples[i] for i in part])

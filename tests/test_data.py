@@ -52,3 +52,18 @@ def test_bad_inputs_are_named(tmp_path, tokenizer):
     with pytest.raises(DataError, match="unsupported extension"):
         (tmp_path / "x.parquet").write_text("x")
         read_rows(tmp_path / "x.parquet")
+
+
+def test_every_rank_yields_the_same_number_of_batches():
+    """7 examples in global batches of 3 over 3 processes: the last batch has 1 example, which would
+    give two ranks nothing; ranks that take different numbers of steps hang in DDP's collectives."""
+    from lora2.data import Collator, TextDataset, batches, batches_per_epoch
+
+    data = TextDataset(examples=[{"input_ids": [i + 1], "attention_mask": [1], "labels": i % 2} for i in range(7)],
+                       task="classification", label_names=["0", "1"])
+    collate = Collator(0, "classification")
+    per_rank = [list(batches(data, 3, collate, shard=(rank, 3))) for rank in range(3)]
+    assert [len(b) for b in per_rank] == [2, 2, 2] == [batches_per_epoch(7, 3, 3)] * 3
+    seen = sorted(int(i) for b in per_rank for batch in b for i in batch["input_ids"].flatten())
+    assert seen == [1, 2, 3, 4, 5, 6]  # the short last batch (example 7) is dropped on every rank
+    assert len(list(batches(data, 3, collate))) == 3 == batches_per_epoch(7, 3, 1)  # one process keeps it

@@ -160,10 +160,15 @@ class PeftMethod(Method):
         return {**state, "rank_pattern": self.model.peft_config["default"].rank_pattern}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore AdaLoRA's importance EMAs onto the model's device: checkpoints are read to the CPU,
+        and CPU EMAs would meet CUDA gradients at the first allocator step."""
         state = dict(state)
         if "rank_pattern" in state:
             self.model.peft_config["default"].rank_pattern = state.pop("rank_pattern")
+        device = next(p for p in self.model.parameters() if p.requires_grad).device
         for key, value in state.items():
+            if isinstance(value, dict):
+                value = {name: t.to(device) if torch.is_tensor(t) else t for name, t in value.items()}
             setattr(self.model.base_model.rankallocator, key, value)
 
 

@@ -13,11 +13,14 @@ written to a staging folder and swapped in by rename, so a crash mid-write keeps
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -30,7 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import BUILTIN_DATASETS, Collator, TextDataset, batches, build_dataset, builtin_dataset_files
+from .data import (BUILTIN_DATASETS, Collator, TextDataset, batches, batches_per_epoch, build_dataset,
+                   builtin_dataset_files)
 from .distributed import init_from_env, wrap
 from .io import atomic_write_dir, atomic_write_text, recover_dir
 from .memory import PeakMemory
@@ -50,6 +54,10 @@ class TrainingError(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT / SIGTERM arrived; a resumable checkpoint was written first."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message says why and what to do."""
 
 
 @dataclass
@@ -212,7 +220,11 @@ def evaluate(model: torch.nn.Module, dataset: TextDataset, collate: Collator, ba
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain Python values, so a checkpoint loads with weights_only=True."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                       "has_gauss": has_gauss, "cached_gaussian": cached_gaussian}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -220,7 +232,9 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["bit_generator"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -310,8 +324,15 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
         base.config.pad_token_id = tokenizer.pad_token_id
     collate = Collator(tokenizer.pad_token_id, cfg.task)
 
-    batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    epoch_batches = batches_per_epoch(len(train_set), cfg.batch_size, ctx.world_size)
+    if epoch_batches < cfg.grad_accum:
+        raise ValueError(f"an epoch has {epoch_batches} batches of {cfg.batch_size}, fewer than --grad-accum "
+                         f"{cfg.grad_accum}: no optimiser step could be taken. Lower --grad-accum or --batch-size.")
+    steps_per_epoch = epoch_batches // cfg.grad_accum
+    if epoch_batches % cfg.grad_accum:
+        logger.info("each epoch has %d batches: the last %d, short of a full --grad-accum of %d, are skipped "
+                    "(their gradients would otherwise leak into the next epoch's first step)",
+                    epoch_batches, epoch_batches % cfg.grad_accum, cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     settings = cfg.lora2 if cfg.method == "lora2" else cfg.method_settings
     method = build_method(cfg.method, base, settings, total_steps)
@@ -350,16 +371,23 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                desc=f"{cfg.method} train", dynamic_ncols=True)
     peak = PeakMemory(device)
     final_metrics = None  # the evaluation at the last step, reused as the final one
+    # The host reads device values only on "check" steps (logging, evaluation, the last step): every
+    # float() of a CUDA tensor stalls the launch queue. Losses accumulate on the device in between.
+    # Without DDP a signal is seen at the end of any step; under DDP the ranks agree on it (an
+    # all-reduce that the host must read) on check steps only.
+    window = torch.zeros(2, device=device)  # [loss sum since the last check, stop flag]
+    window_start = state["step"]
     try:
         with peak:
             step = first_step = state["step"]
             epoch = step // steps_per_epoch
             while step < total_steps:
                 generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-                skip = (step - epoch * steps_per_epoch) * cfg.grad_accum
+                done = (step - epoch * steps_per_epoch) * cfg.grad_accum
                 micro = 0
-                running = torch.zeros(2, device=device)  # [loss, stop flag]: one all-reduce per step
-                for batch in batches(train_set, cfg.batch_size, collate, generator, skip=skip, shard=ctx.shard):
+                epoch_micro_batches = steps_per_epoch * cfg.grad_accum  # leftovers short of a step: not run
+                for batch in itertools.islice(batches(train_set, cfg.batch_size, collate, generator, skip=done,
+                                                      shard=ctx.shard), epoch_micro_batches - done):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     micro += 1
                     sync = micro == cfg.grad_accum or not ctx.enabled
@@ -367,23 +395,13 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                         with autocast_context(device, precision):
                             loss = trained(**batch).loss / cfg.grad_accum
                         scaler.scale(loss).backward()
-                    running[0] += loss.detach()
+                    window[0] += loss.detach()
                     if micro < cfg.grad_accum:
                         continue
                     micro = 0
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                    cfg.max_grad_norm)
-                    running[1] = float(stop["signal"] is not None)
-                    loss_value, stopping = (float(v) for v in ctx.all_reduce_sum(running))
-                    loss_value /= ctx.world_size
-                    running.zero_()
-                    if not math.isfinite(loss_value):
-                        last = out / CHECKPOINT_DIR
-                        raise TrainingError(
-                            f"loss became {loss_value} at step {step + 1}; stopped without saving. Last good "
-                            f"checkpoint: {last if last.exists() else 'none yet'} (resume with --resume and a lower "
-                            "learning rate).")
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
@@ -391,13 +409,33 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                     budget = method.after_optimizer_step(step)
                     optimizer.zero_grad(set_to_none=True)
                     bar.update(1)
-                    record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "budget": budget}
-                    regularizer = method.regularizer_loss()
-                    if regularizer is not None:
-                        record["orth_reg"] = regularizer
-                    if ctx.is_main and (step % cfg.log_every == 0 or step == total_steps):
-                        _log(out, {"event": "train", **record})
-                    if ctx.is_main and (step % cfg.eval_every == 0 or step == total_steps):
+                    record: dict[str, Any] = {"step": step, "lr": scheduler.get_last_lr()[0], "budget": budget}
+                    evaluating = step % cfg.eval_every == 0 or step == total_steps
+                    stopping = stop["signal"] is not None and not ctx.enabled
+                    if step % cfg.log_every == 0 or evaluating or stopping:
+                        window[1] = float(stop["signal"] is not None)
+                        loss_sum, stop_votes = (float(v) for v in ctx.all_reduce_sum(window))
+                        loss_value = loss_sum / ctx.world_size / (step - window_start)
+                        stopping = stopping or stop_votes > 0
+                        if not math.isfinite(loss_value):  # checked before anything below is saved
+                            last = out / CHECKPOINT_DIR
+                            when = f"at step {step}" if step - window_start == 1 else \
+                                f"at step {step} (in steps {window_start + 1}–{step})"
+                            raise TrainingError(
+                                f"loss became {loss_value} {when}; stopped without saving. Last good checkpoint: "
+                                f"{last if last.exists() else 'none yet'} (resume with --resume and a lower "
+                                "learning rate).")
+                        window.zero_()
+                        window_start = step
+                        record["loss"] = loss_value
+                        regularizer = method.regularizer_loss()
+                        if regularizer is not None:
+                            record["orth_reg"] = regularizer
+                        if ctx.is_main:
+                            _log(out, {"event": "train", **record})
+                        bar.set_postfix(loss=f"{loss_value:.4f}", **({"budget": budget} if budget is not None else {}),
+                                        **({metric_name: f"{state['best']:.4f}"} if state["history"] else {}))
+                    if ctx.is_main and evaluating:
                         tick = time.perf_counter()
                         metrics = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
                         final_metrics = metrics if step == total_steps else None
@@ -412,11 +450,9 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                                 atomic_write_dir(out / "best", method.save)
                             _save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state)
                         eval_seconds += time.perf_counter() - tick
-                    bar.set_postfix(loss=f"{loss_value:.4f}", **({"budget": budget} if budget is not None else {}),
-                                    **({metric_name: f"{state['best']:.4f}"} if state["history"] else {}))
                     for callback in callbacks or []:
                         callback(record)
-                    if stopping or (not ctx.enabled and stop["signal"] is not None):
+                    if stopping or (stop["signal"] is not None and not ctx.enabled):
                         state["step"] = step
                         if ctx.is_main:
                             _save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state)
@@ -484,8 +520,19 @@ def _load_checkpoint(path: Path, method: Method, optimizer, scheduler, scaler) -
     recover_dir(path)  # a kill between the two renames of the last save leaves only .checkpoint.old
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"no checkpoint to resume from in {path}; start without --resume.")
+    # weights_only: unpickling arbitrary objects runs whatever code a crafted checkpoint carries.
+    # Everything lora2 writes is tensors and plain Python values.
+    try:
+        payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        reason = f"it refers to {found.group(1)}" if found else str(e).splitlines()[0]
+        raise CheckpointError(
+            f"{path / STATE_FILE} holds objects other than tensors and plain data ({reason}). lora2 loads "
+            "checkpoints with torch.load(weights_only=True) because unpickling other objects can run arbitrary "
+            "code; it writes nothing else itself, so this file was not written by this lora2 version (or was "
+            "tampered with). Start the run again without --resume.") from None
     method.load(path / "adapter")
-    payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     scaler.load_state_dict(payload["scaler"])

@@ -156,3 +156,27 @@ def test_causal_lm_has_no_head_by_default():
     out = model(**batch(), labels=batch()["input_ids"])
     out.loss.backward()
     assert model.base_model.lm_head.weight.grad is None
+
+
+def test_disabling_a_merged_adapter_gives_the_base_model(family):
+    base = make_model(family)
+    expected = _logits(base)
+    model = get_lora2_model(base, LoRA2Config(r=4, k=2, target_rank=2))
+    randomize_adapters(model, scale=0.3)
+    adapted = _logits(model)
+    model.merge_adapter()
+    model.set_adapter_enabled(False)  # disabled means the base model, merged or not (unmerges, as PEFT does)
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-4, atol=1e-5)
+    model.set_adapter_enabled(True)
+    torch.testing.assert_close(_logits(model), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_unload_gives_back_the_plain_base_model(family):
+    base = make_model(family)
+    types = {n: type(m) for n, m in base.named_modules()}
+    expected = _logits(base)
+    model = get_lora2_model(base, LoRA2Config(r=4, k=2, target_rank=2))
+    randomize_adapters(model, scale=0.3)
+    plain = model.unload()
+    assert {n: type(m) for n, m in plain.named_modules()} == types  # nn.Linear / Conv1D again, no adapter
+    assert torch.equal(_logits(plain), expected)

@@ -38,22 +38,23 @@ import torch
 from lora2_kernels import LoRA2Linear, importance_update, reference
 
 from .config import LoRA2Config
+from .errors import InputError
 
 
 class RankAllocator:
     def __init__(self, layers: dict[str, LoRA2Linear], config: LoRA2Config, total_steps: int | None = None,
                  backend: str = "auto") -> None:
         if not layers:
-            raise ValueError("RankAllocator needs at least one LoRA2Linear layer.")
+            raise InputError("RankAllocator needs at least one LoRA2Linear layer.")
         self.names = list(layers)
         self.layers = list(layers.values())
         shapes = {(l.r, l.k) for l in self.layers}
         if len(shapes) != 1:
-            raise ValueError(f"all adapted modules must share r and k to be allocated jointly, got {sorted(shapes)}")
+            raise InputError(f"all adapted modules must share r and k to be allocated jointly, got {sorted(shapes)}")
         (self.r, self.k), = shapes
         total = total_steps if total_steps is not None else config.total_steps
         if total is None:
-            raise ValueError("RankAllocator needs total_steps (the number of optimiser steps of the run); "
+            raise InputError("RankAllocator needs total_steps (the number of optimiser steps of the run); "
                              "set LoRA2Config.total_steps or pass total_steps=.")
         self.config = dataclasses.replace(config, total_steps=total)  # a copy: the caller's config is not written
         self.total_steps = total
@@ -169,7 +170,7 @@ class RankAllocator:
         device = self._follow_parameters()
         for key, value in self.state.items():
             if key not in state or state[key].shape != value.shape:
-                raise ValueError(f"allocator state {key!r} is missing or has the wrong shape; "
+                raise InputError(f"allocator state {key!r} is missing or has the wrong shape; "
                                  "the checkpoint belongs to another model or config.")
         for key, value in self.state.items():
             value.copy_(state[key].to(device))

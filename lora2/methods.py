@@ -3,11 +3,18 @@
 The loop in ``train.py`` is the same for every method, so a comparison differs only in the method.
 A ``Method`` tells the loop the module to call, what to do after each optimiser step (the rank
 allocators), and how to save and restore what it trained.
+
+Every saved folder also gets ``lora2_method.json`` (method, task, labels), so `read_trained` /
+`load_trained` can open any output of ``lora2 train`` — a LoRA² adapter, a PEFT LoRA or AdaLoRA
+adapter, or a fully fine-tuned model — for ``lora2 eval`` and the comparison's test split.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +23,26 @@ from torch import nn
 
 from .allocator import RankAllocator
 from .config import LoRA2Config
-from .model import DEFAULT_HEADS, LoRA2Model, get_lora2_model
+from .errors import InputError
+from .io import atomic_write_text
+from .model import CONFIG_NAME, DEFAULT_HEADS, LoRA2Model, get_lora2_model
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("lora2", "lora", "adalora", "full")
+METHOD_FILE = "lora2_method.json"  # what was trained, for whoever loads the folder later
 TRAINABLE_STATE = "trainable_state.safetensors"  # a PEFT baseline's resumable tensors
+DESCRIPTIONS = {"lora2": "LoRA² adapter", "lora": "PEFT LoRA adapter", "adalora": "PEFT AdaLoRA adapter",
+                "full": "fully fine-tuned model"}
+
+
+def _task_of(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if getattr(config, "problem_type", None) == "regression":
+        return "regression"
+    if any(isinstance(getattr(model, head, None), nn.Module) for head in ("lm_head",)):
+        return "causal-lm"
+    return "classification"
 
 
 class Method:
@@ -31,8 +52,9 @@ class Method:
 
     def __init__(self, model: nn.Module, settings: dict[str, Any], total_steps: int) -> None:
         if settings:
-            raise ValueError(f"full fine-tuning takes no method settings, got {sorted(settings)}.")
+            raise InputError(f"full fine-tuning takes no method settings, got {sorted(settings)}.")
         self.model = model
+        self.info_model = model  # the transformers model whose config describes the task
         for p in model.parameters():
             p.requires_grad_(True)
 
@@ -49,6 +71,17 @@ class Method:
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
+        self.write_info(directory)
+
+    def write_info(self, directory: Path) -> None:
+        config = getattr(self.info_model, "config", None)
+        id2label = getattr(config, "id2label", None) or {}
+        labels = [id2label[i] for i in sorted(id2label)] if _task_of(self.info_model) == "classification" else None
+        data = getattr(self, "data_info", {})  # set by the trainer: the dataset and columns of the run
+        info = TrainedInfo(method=self.name, task=_task_of(self.info_model),
+                           num_labels=getattr(config, "num_labels", None), label_names=labels,
+                           dataset=data.get("dataset"), columns=data.get("columns"))
+        atomic_write_text(Path(directory) / METHOD_FILE, json.dumps(asdict(info), indent=2))
 
     def load(self, directory: Path) -> None:
         from safetensors.torch import load_model
@@ -70,6 +103,7 @@ class LoRA2Method(Method):
     def __init__(self, model: nn.Module, settings: dict[str, Any], total_steps: int) -> None:
         self.config = lora2_config(settings, total_steps)
         self.model: LoRA2Model = get_lora2_model(model, self.config)
+        self.info_model = model
         self.allocator = RankAllocator(self.model.lora2_layers(), self.config, total_steps)
 
     def is_head(self, parameter_name: str) -> bool:
@@ -84,6 +118,7 @@ class LoRA2Method(Method):
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
+        self.write_info(directory)
 
     def load(self, directory: Path) -> None:
         self.model.load_adapter(directory)
@@ -99,13 +134,9 @@ class PeftMethod(Method):
     """PEFT's LoRA or AdaLoRA on the same target modules LoRA² uses, as the baselines."""
 
     def __init__(self, model: nn.Module, settings: dict[str, Any], total_steps: int, adaptive: bool) -> None:
-        try:
-            import peft
-        except ImportError as e:
-            raise ImportError("the LoRA / AdaLoRA baselines run on PEFT: pip install 'lora2[compare]' "
-                              "(or pip install peft).") from e
-
+        peft = _import_peft()
         self.name = "adalora" if adaptive else "lora"
+        self.info_model = model
         model_type = getattr(model.config, "model_type", None)
         fields = dict(settings)
         fields.setdefault("target_modules", LoRA2Config().resolved_target_modules(model_type))
@@ -119,7 +150,10 @@ class PeftMethod(Method):
             config = peft.AdaLoraConfig(**fields)
         else:
             config = peft.LoraConfig(**fields)
-        self.model = peft.get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # transformers 5 deprecates an attribute peft reads while wrapping; nothing lora2 can change
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            self.model = peft.get_peft_model(model, config)
         self.adaptive = adaptive
 
     def is_head(self, parameter_name: str) -> bool:
@@ -136,9 +170,20 @@ class PeftMethod(Method):
         AdaLoRA's ``save_pretrained`` trims pruned ranks, which a model still training cannot load."""
         from safetensors.torch import save_file
 
-        self.model.save_pretrained(directory)
+        with warnings.catch_warnings(record=True) as caught:
+            # AdaLoRA prunes whole modules to rank 0; PEFT then warns that their (0, d) tensors look like
+            # DeepSpeed ZeRO-3 / FSDP shards. They are not: say what they are instead, once.
+            warnings.filterwarnings("always", message="Adapter 'default'.*LoRA tensor\\(s\\) have invalid shape")
+            self.model.save_pretrained(directory)
+        for w in caught:
+            if "have invalid shape" in str(w.message):
+                _log_once("adalora-rank-0", "AdaLoRA pruned some modules to rank 0; PEFT saves them as empty "
+                                            "(0, d) tensors (its warning about DeepSpeed/FSDP does not apply).")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
         save_file(state, str(directory / TRAINABLE_STATE))
+        self.write_info(directory)
 
     def load(self, directory: Path) -> None:
         from safetensors.torch import load_file
@@ -146,7 +191,7 @@ class PeftMethod(Method):
         state = load_file(str(directory / TRAINABLE_STATE))
         parameters = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if state.keys() != parameters.keys():
-            raise ValueError(f"{directory} was saved from another {self.name} set-up "
+            raise InputError(f"{directory} was saved from another {self.name} set-up "
                              f"({len(state)} tensors, this model trains {len(parameters)}); start without --resume.")
         with torch.no_grad():
             for name, parameter in parameters.items():
@@ -172,6 +217,24 @@ class PeftMethod(Method):
             setattr(self.model.base_model.rankallocator, key, value)
 
 
+def _import_peft():
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError("the LoRA / AdaLoRA baselines run on PEFT: pip install 'lora2[compare]' "
+                          "(or pip install peft).") from e
+    return peft
+
+
+_logged: set[str] = set()
+
+
+def _log_once(key: str, message: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(message)
+
+
 def lora2_config(settings: dict[str, Any], total_steps: int) -> LoRA2Config:
     """LoRA² settings; warm-ups default to AdaLoRA-like fractions of the run when not given."""
     fields = dict(settings)
@@ -179,7 +242,7 @@ def lora2_config(settings: dict[str, Any], total_steps: int) -> LoRA2Config:
     fields.setdefault("final_warmup", int(0.3 * total_steps))
     fields.setdefault("mask_interval", max(1, total_steps // 50))
     if fields["init_warmup"] + fields["final_warmup"] >= total_steps:
-        raise ValueError(
+        raise InputError(
             f"init_warmup ({fields['init_warmup']}) + final_warmup ({fields['final_warmup']}) must be smaller than "
             f"the run's {total_steps} optimiser steps; lower them or train longer.")
     return LoRA2Config(total_steps=total_steps, **fields)
@@ -192,7 +255,7 @@ def build_method(name: str, model: nn.Module, settings: dict[str, Any], total_st
         return PeftMethod(model, settings, total_steps, adaptive=name == "adalora")
     if name == "full":
         return Method(model, settings, total_steps)
-    raise ValueError(f"unknown method {name!r}; choose one of {METHODS}.")
+    raise InputError(f"unknown method {name!r}; choose one of {METHODS}.")
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
@@ -205,5 +268,93 @@ def total_parameter_count(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-__all__ = ["METHODS", "Method", "LoRA2Method", "PeftMethod", "build_method", "lora2_config",
-           "trainable_parameter_count", "total_parameter_count"]
+# --- reading what a run saved --------------------------------------------------------------------------
+
+
+@dataclass
+class TrainedInfo:
+    """What a folder written by ``lora2 train`` holds."""
+
+    method: str  # lora2, lora, adalora or full
+    task: str | None = None  # None: not recorded (a folder from lora2 0.1); the caller's --task applies
+    num_labels: int | None = None
+    label_names: list[str] | None = None
+    dataset: str | None = None  # the built-in dataset it was trained on, if any
+    columns: dict[str, str | None] | None = None  # text_column, text_pair_column, label_column of the run
+
+    @property
+    def description(self) -> str:
+        return DESCRIPTIONS[self.method]
+
+
+def read_trained(directory: str | Path) -> TrainedInfo:
+    """Which method wrote ``directory`` (the ``adapter/`` or ``best/`` folder of a run), and its task."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist; pass the adapter/ or best/ folder of a lora2 train run.")
+    if (directory / METHOD_FILE).is_file():
+        return TrainedInfo(**json.loads((directory / METHOD_FILE).read_text(encoding="utf-8")))
+    # folders written before lora2_method.json existed
+    if (directory / CONFIG_NAME).is_file():
+        try:
+            meta = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise InputError(f"{directory / CONFIG_NAME} is corrupted ({e}); re-save the adapter.") from e
+        if isinstance(meta, dict) and "lora2" in meta:
+            return TrainedInfo("lora2", num_labels=meta.get("num_labels"))
+        peft_type = meta.get("peft_type") if isinstance(meta, dict) else None
+        if peft_type in ("LORA", "ADALORA"):
+            return TrainedInfo("adalora" if peft_type == "ADALORA" else "lora",
+                               num_labels=_saved_head_labels(directory))
+        raise InputError(f"{directory / CONFIG_NAME} is neither a LoRA² nor a PEFT LoRA/AdaLoRA adapter config "
+                         f"(peft_type {peft_type!r}); lora2 reads the folders lora2 train writes.")
+    if (directory / "config.json").is_file():
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        return TrainedInfo("full", num_labels=len(config.get("id2label") or {}) or None)
+    raise InputError(f"{directory} holds neither an adapter ({CONFIG_NAME}) nor a model (config.json); pass the "
+                     "adapter/ or best/ folder of a lora2 train run.")
+
+
+def _saved_head_labels(directory: Path) -> int | None:
+    """Rows of the classification head PEFT saved with the adapter (its modules_to_save)."""
+    from safetensors import safe_open
+
+    path = directory / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 -- safe_open has keys(), no iteration
+            if key.endswith(tuple(f"{h}.weight" for h in DEFAULT_HEADS)) or key.endswith("out_proj.weight"):
+                return int(f.get_slice(key).get_shape()[0])
+    return None
+
+
+def load_trained(directory: str | Path, model_path: str, info: TrainedInfo, task: str) -> tuple[nn.Module, list[str]]:
+    """The model ``directory`` describes, in eval mode, and the parameter names that are freshly
+    initialised in it (neither in the base model nor in the folder: a problem worth a warning)."""
+    from .train import load_base_model_and_report
+
+    directory = Path(directory)
+    num_labels = int(info.num_labels or 2)
+    if info.method == "full":
+        model, fresh = load_base_model_and_report(str(directory), task, num_labels)
+        return model.eval(), fresh
+    base, fresh = load_base_model_and_report(model_path, task, num_labels)
+    if info.method == "lora2":
+        model = LoRA2Model.from_pretrained(base, directory)
+        restored = {f"{name}." for name in model.modules_to_save}
+    else:
+        peft = _import_peft()
+        with warnings.catch_warnings():
+            # AdaLoRA's saved rank_pattern names modules with the adapter prefix PEFT strips on load; the
+            # weights still load in full (tests/test_cli.py checks the accuracy reproduces)
+            warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match any targeted module")
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            model = peft.PeftModel.from_pretrained(base, str(directory))
+        restored = {f"{name}." for name in (model.peft_config["default"].modules_to_save or [])}
+    still_fresh = [k for k in fresh if not k.startswith(tuple(restored))]
+    return model.eval(), still_fresh
+
+
+__all__ = ["METHODS", "Method", "LoRA2Method", "PeftMethod", "TrainedInfo", "build_method", "load_trained",
+           "lora2_config", "read_trained", "total_parameter_count", "trainable_parameter_count"]

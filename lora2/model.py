@@ -21,9 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import READABLE_FORMAT_VERSIONS, LoRA2Config
-from .io import atomic_path, atomic_write_text
 from lora2_kernels import LoRA2Linear, is_supported_linear
+
+from .config import READABLE_FORMAT_VERSIONS, LoRA2Config
+from .errors import InputError
+from .io import atomic_path, atomic_write_text
 from .regularizer import OrthogonalRegularizer
 
 logger = logging.getLogger(__name__)
@@ -58,9 +60,9 @@ class LoRA2Model(nn.Module):
     def __init__(self, model: nn.Module, config: LoRA2Config) -> None:
         super().__init__()
         if isinstance(model, LoRA2Model):
-            raise ValueError("model already has LoRA² adapters; pass the plain transformers model.")
+            raise InputError("model already has LoRA² adapters; pass the plain transformers model.")
         if any(isinstance(m, LoRA2Linear) for m in model.modules()):
-            raise ValueError("model already contains LoRA2Linear layers; load a fresh base model.")
+            raise InputError("model already contains LoRA2Linear layers; load a fresh base model.")
         self.base_model = model
         self.lora2_config = config
         self._regularizer: OrthogonalRegularizer | None = None
@@ -84,7 +86,7 @@ class LoRA2Model(nn.Module):
         unsupported = [(n, type(m).__name__) for n, m in matched if not is_supported_linear(m)]
         if unsupported:
             shown = ", ".join(f"{n} ({t})" for n, t in unsupported[:8])
-            raise ValueError(
+            raise InputError(
                 f"target_modules={targets!r} matches modules LoRA² cannot adapt: {shown}. LoRA² adapts "
                 "nn.Linear and transformers' Conv1D only; name linear layers, e.g. "
                 f"{sorted({n.rsplit('.', 1)[-1] for n in _linear_names(self.base_model)})}."
@@ -92,7 +94,7 @@ class LoRA2Model(nn.Module):
         if not matched:
             linear = _linear_names(self.base_model)
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
-            raise ValueError(
+            raise InputError(
                 f"target_modules={targets!r} matches no module of this {type(self.base_model).__name__}. "
                 f"Its linear layers are named {suffixes} (e.g. {linear[:4]}); set target_modules to some of them."
             )
@@ -112,12 +114,12 @@ class LoRA2Model(nn.Module):
             if not n or not _matches(n, wanted) or any(n.startswith(p + ".") for p in names):
                 continue
             if any(isinstance(sub, LoRA2Linear) for sub in m.modules()):
-                raise ValueError(f"module {n!r} is in both target_modules and modules_to_save; pick one.")
+                raise InputError(f"module {n!r} is in both target_modules and modules_to_save; pick one.")
             names.append(n)
         if explicit:
             missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
             if missing:
-                raise ValueError(
+                raise InputError(
                     f"modules_to_save entries {missing} match no module of the model; top-level modules are "
                     f"{[n for n, _ in self.base_model.named_children()]}."
                 )
@@ -292,13 +294,13 @@ class LoRA2Model(nn.Module):
                 problems.append(f"{len(missing)} tensors missing from the file (first: {missing[0]})")
             if unexpected:
                 problems.append(f"{len(unexpected)} tensors the model has no place for (first: {unexpected[0]})")
-            raise ValueError(
+            raise InputError(
                 f"this adapter does not fit this model ({'; '.join(problems)}). It was saved from base model "
                 f"{base!r} (model_type {meta.get('model_type')!r}); load it on that base model."
             )
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
-            raise ValueError(f"adapter file holds non-finite values in {bad[:3]}; it is corrupted.")
+            raise InputError(f"adapter file holds non-finite values in {bad[:3]}; it is corrupted.")
         with torch.no_grad():
             for name, layer in self.lora2_layers().items():
                 for t in _SAVED_ADAPTER_TENSORS:
@@ -319,12 +321,12 @@ def read_adapter_meta(directory: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is corrupted ({e}); re-save the adapter.") from e
+        raise InputError(f"{path} is corrupted ({e}); re-save the adapter.") from e
     if not isinstance(meta, dict) or "lora2" not in meta or not isinstance(meta["lora2"], dict):
-        raise ValueError(f"{path} is not a LoRA² adapter config (no 'lora2' section).")
+        raise InputError(f"{path} is not a LoRA² adapter config (no 'lora2' section).")
     version = meta["lora2"].get("format_version")
     if version not in READABLE_FORMAT_VERSIONS:
-        raise ValueError(
+        raise InputError(
             f"{path} has format_version {version!r}, this lora2 reads versions {list(READABLE_FORMAT_VERSIONS)}; "
             "use the lora2 release that wrote it, or re-create the adapter."
         )
@@ -337,7 +339,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} is truncated or corrupted ({e}); re-save the adapter.") from e
+        raise InputError(f"{path} is truncated or corrupted ({e}); re-save the adapter.") from e
 
 
 def get_lora2_model(model: nn.Module, config: LoRA2Config | None = None) -> LoRA2Model:

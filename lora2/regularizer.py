@@ -33,6 +33,8 @@ import torch
 
 from lora2_kernels import LoRA2Linear
 
+from .errors import InputError
+
 
 def _gram_distance(gram: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
@@ -44,7 +46,7 @@ class OrthogonalRegularizer:
 
     def __init__(self, layers: list[LoRA2Linear]) -> None:
         if not layers:
-            raise ValueError("OrthogonalRegularizer needs at least one LoRA2Linear layer.")
+            raise InputError("OrthogonalRegularizer needs at least one LoRA2Linear layer.")
         self.layers = layers
         by_in: dict[int, list[int]] = defaultdict(list)
         by_out: dict[int, list[int]] = defaultdict(list)

@@ -22,6 +22,7 @@ import pickle
 import random
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -33,9 +34,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import (BUILTIN_DATASETS, Collator, TextDataset, batches, batches_per_epoch, build_dataset,
-                   builtin_dataset_files)
+from .data import (
+    BUILTIN_DATASETS,
+    Collator,
+    TextDataset,
+    batches,
+    batches_per_epoch,
+    build_dataset,
+    builtin_dataset_files,
+)
 from .distributed import init_from_env, wrap
+from .errors import InputError
 from .io import atomic_write_dir, atomic_write_text, recover_dir
 from .memory import PeakMemory
 from .methods import METHODS, Method, build_method, total_parameter_count, trainable_parameter_count
@@ -56,7 +65,7 @@ class TrainingInterrupted(RuntimeError):
     """SIGINT / SIGTERM arrived; a resumable checkpoint was written first."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be resumed from; the message says why and what to do."""
 
 
@@ -98,20 +107,20 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"TrainConfig.method must be one of {METHODS}, got {self.method!r}.")
+            raise InputError(f"TrainConfig.method must be one of {METHODS}, got {self.method!r}.")
         for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_every", "log_every", "max_length"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
+                raise InputError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
         if self.epochs <= 0 and not self.max_steps:
-            raise ValueError("TrainConfig.epochs must be > 0 (or set max_steps).")
+            raise InputError("TrainConfig.epochs must be > 0 (or set max_steps).")
         if self.learning_rate <= 0:
-            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.")
+            raise InputError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"TrainConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
+            raise InputError(f"TrainConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
         if self.dataset is None and self.train_file is None:
-            raise ValueError("give a dataset name (e.g. sst2) or --train-file.")
+            raise InputError("give a dataset name (e.g. sst2) or --train-file.")
         if self.dataset is not None and self.dataset not in BUILTIN_DATASETS:
-            raise ValueError(f"unknown built-in dataset {self.dataset!r}; built-in: {sorted(BUILTIN_DATASETS)}, "
+            raise InputError(f"unknown built-in dataset {self.dataset!r}; built-in: {sorted(BUILTIN_DATASETS)}, "
                              "or pass --train-file / --validation-file.")
         if self.dataset is not None:  # a built-in dataset knows its task and columns
             for key, value in BUILTIN_DATASETS[self.dataset].items():
@@ -138,15 +147,41 @@ def resolve_model_path(model: str) -> str:
 
 
 def load_base_model(model_path: str, task: str, num_labels: int = 2) -> torch.nn.Module:
+    """The transformers model for ``task`` from a local folder (quietly; see load_base_model_and_report)."""
+    return load_base_model_and_report(model_path, task, num_labels)[0]
+
+
+def load_base_model_and_report(model_path: str, task: str, num_labels: int = 2) -> tuple[torch.nn.Module, list[str]]:
+    """(model, names of the parameters the checkpoint did not hold, freshly initialised).
+
+    transformers prints a coloured LOAD REPORT for such parameters ("classifier MISSING ... consider
+    training on your downstream task") even when the next line of lora2 loads them from an adapter;
+    it is silenced here, and callers say in one line what is really missing once the adapter is in.
+    A checkpoint whose head has another number of labels gets a fresh head.
+    """
     import transformers
 
+    kwargs: dict[str, Any] = {"output_loading_info": True}
     if task == "causal-lm":
-        return transformers.AutoModelForCausalLM.from_pretrained(model_path)
-    # a checkpoint whose head has another number of labels gets a fresh head (transformers logs it)
-    kwargs: dict[str, Any] = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
-    if task == "regression":
-        kwargs["problem_type"] = "regression"
-    return transformers.AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+        auto = transformers.AutoModelForCausalLM
+    else:
+        auto = transformers.AutoModelForSequenceClassification
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+        if task == "regression":
+            kwargs["problem_type"] = "regression"
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model, info = auto.from_pretrained(model_path, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    fresh = sorted({*info.get("missing_keys", ()), *(k[0] if isinstance(k, tuple) else k
+                                                     for k in info.get("mismatched_keys", ()))})
+    return model, fresh
 
 
 def load_tokenizer(model_path: str) -> Any:
@@ -163,7 +198,7 @@ def load_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[TextDataset, TextDa
     if cfg.dataset is not None:
         train_file, validation_file = (str(p) for p in builtin_dataset_files(cfg.dataset))
     if validation_file is None:
-        raise ValueError("give --validation-file (or a built-in dataset): lora2 evaluates before and after training.")
+        raise InputError("give --validation-file (or a built-in dataset): lora2 evaluates before and after training.")
     label = None if cfg.task == "causal-lm" else cfg.label_column
     train = build_dataset(train_file, tokenizer, cfg.task, cfg.text_column, label, cfg.text_pair_column,
                           cfg.max_length, max_samples=cfg.max_train_samples)
@@ -306,7 +341,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     ctx = init_from_env(device_type)
     device = torch.device(device or (f"cuda:{ctx.local_rank}" if device_type == "cuda" else "cpu"))
     if cfg.batch_size % ctx.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {ctx.world_size} processes "
+        raise InputError(f"batch_size {cfg.batch_size} must be a multiple of the {ctx.world_size} processes "
                          "(it is the global batch, split evenly across them).")
     if ctx.is_main:
         _check_writable(out)
@@ -316,7 +351,12 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_datasets(cfg, tokenizer)
-    base = load_base_model(model_path, cfg.task, max(train_set.num_labels, 1))
+    base, fresh = load_base_model_and_report(model_path, cfg.task, max(train_set.num_labels, 1))
+    if fresh and ctx.is_main:
+        heads = sorted({k.rsplit(".", 1)[0] for k in fresh})
+        logger.info("%s has no trained %s for this task: %s initialised fresh and trained with the %s",
+                    cfg.model, "head" if len(heads) == 1 else "layers", ", ".join(heads),
+                    "model" if cfg.method == "full" else "adapter")
     if train_set.label_names:  # so merged models and reports show the dataset's label names
         base.config.id2label = dict(enumerate(train_set.label_names))
         base.config.label2id = {n: i for i, n in enumerate(train_set.label_names)}
@@ -326,7 +366,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
 
     epoch_batches = batches_per_epoch(len(train_set), cfg.batch_size, ctx.world_size)
     if epoch_batches < cfg.grad_accum:
-        raise ValueError(f"an epoch has {epoch_batches} batches of {cfg.batch_size}, fewer than --grad-accum "
+        raise InputError(f"an epoch has {epoch_batches} batches of {cfg.batch_size}, fewer than --grad-accum "
                          f"{cfg.grad_accum}: no optimiser step could be taken. Lower --grad-accum or --batch-size.")
     steps_per_epoch = epoch_batches // cfg.grad_accum
     if epoch_batches % cfg.grad_accum:
@@ -336,7 +376,17 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     settings = cfg.lora2 if cfg.method == "lora2" else cfg.method_settings
     method = build_method(cfg.method, base, settings, total_steps)
+    method.data_info = {"dataset": cfg.dataset, "columns": {"text_column": cfg.text_column,
+                                                            "text_pair_column": cfg.text_pair_column,
+                                                            "label_column": cfg.label_column}}
     model = method.model.to(device)
+    if cfg.method == "lora2" and ctx.is_main:
+        _log_kernel_plan(model, device, precision)
+    if cfg.method == "lora2" and device.type == "cuda":  # autotune now, not inside the first training steps
+        import lora2_kernels
+
+        lora2_kernels.warmup(model, tokens=cfg.batch_size // ctx.world_size * cfg.max_length,
+                             dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision))
     optimizer = _optimizer(method, cfg)
     from transformers import get_linear_schedule_with_warmup
 
@@ -367,8 +417,12 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     start = time.perf_counter()
     eval_seconds = 0.0
     model.train()
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not (progress and ctx.is_main),
-               desc=f"{cfg.method} train", dynamic_ncols=True)
+    # A progress bar on a terminal; otherwise (a file, a CI log, nohup, --no-progress) one log line
+    # per log step, since a bar written to a file is a single line of carriage returns.
+    use_bar = progress and ctx.is_main and sys.stderr.isatty()
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not use_bar, desc=f"{cfg.method} train",
+               dynamic_ncols=True)
+    window_clock = time.perf_counter()
     peak = PeakMemory(device)
     final_metrics = None  # the evaluation at the last step, reused as the final one
     # The host reads device values only on "check" steps (logging, evaluation, the last step): every
@@ -425,6 +479,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                                 f"loss became {loss_value} {when}; stopped without saving. Last good checkpoint: "
                                 f"{last if last.exists() else 'none yet'} (resume with --resume and a lower "
                                 "learning rate).")
+                        seconds_per_step = (time.perf_counter() - window_clock) / (step - window_start)
+                        window_clock = time.perf_counter()
                         window.zero_()
                         window_start = step
                         record["loss"] = loss_value
@@ -432,13 +488,21 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                         if regularizer is not None:
                             record["orth_reg"] = regularizer
                         if ctx.is_main:
-                            _log(out, {"event": "train", **record})
-                        bar.set_postfix(loss=f"{loss_value:.4f}", **({"budget": budget} if budget is not None else {}),
-                                        **({metric_name: f"{state['best']:.4f}"} if state["history"] else {}))
+                            _log(out, {"event": "train", **record, "seconds_per_step": seconds_per_step})
+                            if use_bar:
+                                bar.set_postfix(loss=f"{loss_value:.4f}",
+                                                **({"budget": budget} if budget is not None else {}),
+                                                **({metric_name: f"{state['best']:.4f}"} if state["history"] else {}))
+                            else:
+                                logger.info("step %d/%d  loss %.4f  lr %.2e%s  %.2f s/step", step, total_steps,
+                                            loss_value, record["lr"],
+                                            f"  budget {budget}" if budget is not None else "", seconds_per_step)
                     if ctx.is_main and evaluating:
                         tick = time.perf_counter()
                         metrics = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
                         final_metrics = metrics if step == total_steps else None
+                        if not use_bar:
+                            logger.info("step %d/%d  eval %s %.4f", step, total_steps, metric_name, metrics[metric_name])
                         record.update({f"eval_{k}": v for k, v in metrics.items()})
                         _log(out, {"step": step, "event": "eval", **metrics})
                         state["history"].append({"step": step, metric_name: metrics[metric_name], "budget": budget})
@@ -485,6 +549,29 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
 
 
 # --- checkpoints, logs, signals ------------------------------------------------------------------------
+
+
+def _log_kernel_plan(model: torch.nn.Module, device: torch.device, precision: str) -> None:
+    """Say once which path the adapted layers take on this device (and why, where not the kernels)."""
+    from lora2_kernels import LoRA2Linear
+
+    layers = [m for m in model.modules() if isinstance(m, LoRA2Linear)]
+    if not layers:
+        return
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, layers[0].weight.dtype)
+    plan: dict[str, int] = {}
+    for layer in layers:
+        probe = torch.empty(0, layer.in_features, device=device, dtype=dtype)
+        was_training = layer.training
+        layer.train()
+        try:
+            backend, reason = layer.resolve_backend(probe, torch.empty(0, device=device, dtype=dtype))
+        except RuntimeError as e:  # backend="triton" forced where it cannot run: the forward will raise the same
+            backend, reason = "error", str(e)
+        layer.train(was_training)
+        key = backend if reason is None else f"{backend} ({reason})"
+        plan[key] = plan.get(key, 0) + 1
+    logger.info("LoRA² layers: %s", "; ".join(f"{n} on {k}" for k, n in plan.items()))
 
 
 def _check_writable(out: Path) -> None:

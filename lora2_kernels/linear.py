@@ -170,7 +170,7 @@ class LoRA2Linear(nn.Linear):
         if self.backend == "reference":
             return "reference", "backend='reference' was asked for"
         if self.backend == "auto" and not _on_gpu(x):
-            return "reference", f"{x.device.type} tensors take the reference path (the kernels are for CUDA)"
+            return "reference", f"{x.device.type} tensors; the fused kernels run on CUDA"
         weight = self.weight if weight is None else weight
         reason = ops.triton_unsupported(x, weight, self.q_down)
         if reason is None and self.training and isinstance(self.dropout, nn.Dropout):

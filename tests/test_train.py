@@ -173,63 +173,6 @@ def test_hf_trainer_callback(small_files, tmp_path):
     assert sum(len(v) for v in model.rank_pattern().values()) == 2 * len(model.lora2_layers())
 
 
-# --- CLI -------------------------------------------------------------------------------------------
-
-
-def test_cli_help():
-    proc = subprocess.run([sys.executable, "-m", "lora2", "--help"], capture_output=True, text=True, check=True)
-    assert "train" in proc.stdout and "merge" in proc.stdout and "report" in proc.stdout
-    for command in ("train", "eval", "merge", "report"):
-        with pytest.raises(SystemExit) as exit_info:
-            main([command, "--help"])
-        assert exit_info.value.code == 0
-
-
-def test_cli_bad_args(capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--batch-size", "0"])
-    assert exit_info.value.code == 2
-    assert "must be an integer >= 1" in capsys.readouterr().err
-    assert main(["train", "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")]) == 2
-    assert main(["train", "--target-rank", "20", "--output-dir", str(tmp_path / "o")]) == 2
-    assert main(["train", "--resume", str(tmp_path / "never-ran")]) == 2
-
-
-def test_cli_bad_data_column(caplog, small_files, tmp_path):
-    code = main(["train", "--train-file", str(small_files / "train.tsv"), "--validation-file",
-                 str(small_files / "val.tsv"), "--text-column", "review", "--output-dir", str(tmp_path)])
-    assert code == 2
-    assert "no text column 'review'" in caplog.text
-
-
-def test_cli_train_report_merge_eval(small_files, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["train", "--train-file", str(small_files / "train.tsv"), "--validation-file",
-                 str(small_files / "val.tsv"), "--output-dir", str(out), "--max-steps", "6", "--batch-size", "8",
-                 "--r", "4", "--k", "4", "--target-rank", "2", "--max-length", "32", "--no-progress"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["steps"] == 6
-    assert main(["report", "--adapter", str(out / "adapter")]) == 0
-    assert "budget after pruning" in capsys.readouterr().out
-    png = out / "adapter" / "rank_allocation.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["eval", "--adapter", str(out / "adapter"), "--validation-file", str(small_files / "val.tsv"),
-                 "--max-length", "32"]) == 0
-    adapted = json.loads(capsys.readouterr().out)
-    assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "merged")]) == 0
-    import transformers
-
-    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
-    assert merged.config.num_labels == 2
-    from lora2.data import Collator, build_dataset
-    from lora2.train import evaluate, load_tokenizer
-
-    tok = load_tokenizer(str(tmp_path / "merged"))
-    data = build_dataset(small_files / "val.tsv", tok, "classification", "sentence", "label", max_length=32)
-    metrics = evaluate(merged, data, Collator(tok.pad_token_id, "classification"), 32, torch.device("cpu"))
-    assert metrics["accuracy"] == pytest.approx(adapted["accuracy"])
-
-
 @pytest.mark.parametrize("method", ["lora", "adalora", "full"])
 def test_baselines_checkpoint_and_resume_through_the_same_loop(method, tiny_bert_dir, small_files, tmp_path):
     """Baselines run in the same loop as LoRA², so they checkpoint and resume the same way."""

@@ -18,11 +18,11 @@ import sys
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
+from lora2_kernels.triton_kernels import lora_linear as kernels
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora2_kernels import LoRA2Linear, ops, reference
-from lora2_kernels.triton_kernels import lora_linear as kernels
 
 PARAMS = ("q_down", "q_up", "singular_values", "p_down", "p_up")
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}

@@ -44,9 +44,19 @@ class DataError(InputError):
     """Input data that cannot be used, with the reason and the fix in the message."""
 
 
+SPLITS = ("train", "validation", "test")
+
+
+def builtin_split_file(name: str, split: str) -> Path:
+    """A split of a built-in dataset: train, validation (choose settings on it) or test (report only)."""
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; built-in datasets have {SPLITS}.")
+    return Path(str(resources.files("lora2") / "datasets" / name / f"{split}.tsv"))
+
+
 def builtin_dataset_files(name: str) -> tuple[Path, Path]:
-    root = resources.files("lora2") / "datasets" / name
-    return Path(str(root / "train.tsv")), Path(str(root / "validation.tsv"))
+    """(train, validation) files of a built-in dataset."""
+    return builtin_split_file(name, "train"), builtin_split_file(name, "validation")
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:

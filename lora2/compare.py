@@ -1,18 +1,26 @@
-"""``lora2 compare``: LoRA² against full fine-tuning, PEFT LoRA and PEFT AdaLoRA on real tasks.
+"""``lora2 compare``: LoRA² against PEFT LoRA and PEFT AdaLoRA (and full fine-tuning) on real tasks,
+with learning rates chosen without looking at the test split.
 
-Every run goes through the same ``train()`` loop with the same model, data, steps, batch size and
-evaluation; only the method and its learning rate differ (each method's published default,
-listed in ``METHODS`` with its source). Writes, under the output folder:
+Two stages, each resumable (finished runs are read back, a half-done long run resumes):
 
-    results.md             one table per task: parameters, metric mean ± std over seeds, time, memory
+1. ``--sweep``: for every task and method, one run (the first seed) per learning rate of the
+   method's grid (4 values over 33×, the same size for every method); the lr whose final model
+   scores best on the **validation** split is chosen. Choices go to ``OUTPUT/sweep.json``.
+2. the comparison: every task × method × seed at its chosen lr. The tables report each final
+   model on the **test** split, which nothing was chosen on, as mean ± std over the seeds.
+
+Without ``--sweep``, the choices come from ``OUTPUT/sweep.json`` or, for the CPU default settings,
+from the sweep lora2 ships (``lora2/compare_sweep.json``, with its date and machine); other
+settings need ``--sweep``. Writes, under the output folder:
+
+    results.md             per task: parameters, chosen lr, validation and test metric, marks, time,
+                           memory; LoRA² minus each baseline per seed; the sweep; the hyper-parameters
     results.json           every run's config, result and curves, plus the machine and the command
-    metric_vs_params.png   one point per method and budget, per task
-    training_curves.png    evaluation metric over steps, mean over seeds
-    rank_allocation.png    the LoRA² layers × module-types heatmap of the first task, seed 0
-    runs/TASK/METHOD/seedN each run's own output folder (logs, adapter, result.json)
-
-A killed comparison resumes: finished runs are read back, a half-done run continues from its
-checkpoint.
+    metric_vs_params.png   test metric against trainable parameters, per task
+    training_curves.png    validation metric and loss over steps, mean over seeds
+    lr_sweep.png           validation metric against learning rate, per method and task
+    rank_allocation.png    the LoRA² layers × module-types heatmap of the first task, first seed
+    runs/TASK/METHOD/lrLR/seedN   each run's own output folder (logs, adapter, result.json)
 """
 
 from __future__ import annotations
@@ -22,21 +30,28 @@ import datetime
 import json
 import logging
 import math
+import multiprocessing
+import os
 import platform
 import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .data import BUILTIN_DATASETS, builtin_dataset_files, read_rows
+from .data import BUILTIN_DATASETS, builtin_split_file, read_rows
 from .errors import InputError
 from .io import atomic_path, atomic_write_text
-from .train import CHECKPOINT_DIR, STATE_FILE, TrainConfig, TrainResult, train
+from .train import CHECKPOINT_DIR, STATE_FILE, TrainConfig, TrainingError, TrainResult, train
 
 logger = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+SHIPPED_SWEEP = "compare_sweep.json"  # package data: the sweep of the CPU default settings
 
 
 @dataclass(frozen=True)
@@ -44,28 +59,41 @@ class MethodSpec:
     key: str  # folder name and CLI name
     label: str  # table / plot name
     method: str  # train.TrainConfig.method
-    learning_rate: float
+    lr_grid: tuple[float, ...]  # learning rates the sweep tries, chosen on validation
     settings: dict[str, Any]
-    source: str  # where the hyper-parameters come from
+    source: str  # where the settings come from
+    learning_rate: float  # the published default, for `lora2 train --method` (the comparison sweeps the grid)
 
+
+# Grids: 4 values, half a decade apart (about 30× end to end), centred on each family's usual range.
+PEFT_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+# Singular values that start at zero (LoRA²'s λ, AdaLoRA's E) move about lr per step, so both take a
+# higher range. (A first sweep gave AdaLoRA the PEFT grid: it chose the top value on every task.)
+SINGULAR_VALUE_GRID = (2e-3, 6e-3, 2e-2, 6e-2)
+FULL_GRID = (1e-5, 3e-5, 1e-4, 3e-4)
 
 METHODS: tuple[MethodSpec, ...] = (
-    MethodSpec("full", "Full fine-tuning", "full", 5e-5, {},
-               "BERT paper fine-tuning range (2e-5 – 5e-5)"),
-    MethodSpec("lora", "LoRA r=8 (PEFT)", "lora", 5e-4, {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
-               "LoRA paper, RoBERTa-base GLUE (lr 5e-4, r 8); α 16 and dropout 0.1 as in PEFT's sequence-"
-               "classification example"),
-    MethodSpec("adalora", "AdaLoRA 12→8 (PEFT)", "adalora", 8e-4,
-               {"init_r": 12, "target_r": 8, "lora_alpha": 32, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.1},
-               "AdaLoRA paper, DeBERTa-v3-base GLUE (lr 8e-4, b(0) = 1.5 b(T), β 0.85, γ 0.1); warm-ups 10 % / 30 %,"
-               " ΔT = steps/50"),
-    MethodSpec("lora2", "LoRA² r=8 k=8 →6", "lora2", 2e-2, {"r": 8, "k": 8, "target_rank": 6, "alpha": 16.0},
-               "lora2 default (orthonormal init, λ moves ~lr per step so lr 2e-2); warm-ups as AdaLoRA"),
-    MethodSpec("lora2-tiny", "LoRA² tiny r=4 k=2 →2", "lora2", 2e-2,
-               {"r": 4, "k": 2, "target_rank": 2, "alpha": 16.0},
-               "the paper's tiny-budget setting scaled to this model: inner width 2, 2 kept values per module"),
+    MethodSpec("full", "Full fine-tuning", "full", FULL_GRID, {}, "BERT paper's fine-tuning range, widened", 5e-5),
+    MethodSpec("lora", "LoRA r=8 (PEFT)", "lora", PEFT_GRID, {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
+               "LoRA paper, RoBERTa-base GLUE (r 8, lr 5e-4); α = 2r and dropout 0.1 as in PEFT's "
+               "sequence-classification example", 5e-4),
+    MethodSpec("lora-r2", "LoRA r=2 (PEFT)", "lora", PEFT_GRID, {"r": 2, "lora_alpha": 4, "lora_dropout": 0.1},
+               "LoRA r=8's settings at rank 2: about LoRA² tiny's parameter count", 5e-4),
+    MethodSpec("adalora", "AdaLoRA 8→6 (PEFT)", "adalora", SINGULAR_VALUE_GRID,
+               {"init_r": 8, "target_r": 6, "lora_alpha": 16, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.1},
+               "AdaLoRA paper (lr 8e-4, β 0.85, γ 0.1), warm-ups 10 % / 30 %, ΔT = steps/50, at LoRA²'s parameter "
+               "count and rank schedule (8 → 6 per module)", 8e-4),
+    MethodSpec("lora2", "LoRA² r=8 k=8 →6", "lora2", SINGULAR_VALUE_GRID, {"r": 8, "k": 8, "target_rank": 6, "alpha": 16.0},
+               "the paper's pruning (AdaLoRA's semantics, scale α/r); warm-ups as AdaLoRA", 2e-2),
+    MethodSpec("lora2-monotone", "LoRA² r=8 k=8 →6, monotone", "lora2", SINGULAR_VALUE_GRID,
+               {"r": 8, "k": 8, "target_rank": 6, "alpha": 16.0, "pruning": "monotone"},
+               "lora2 0.1's pruning: masked for good, scale α / kept values", 2e-2),
+    MethodSpec("lora2-tiny", "LoRA² tiny r=4 k=2 →2", "lora2", SINGULAR_VALUE_GRID, {"r": 4, "k": 2, "target_rank": 2,
+                                                                            "alpha": 16.0},
+               "the paper's tiny-budget setting scaled to this model: inner width 2, 2 kept values per module", 2e-2),
 )
 METHOD_KEYS = tuple(m.key for m in METHODS)
+DEFAULT_METHODS = tuple(k for k in METHOD_KEYS if k != "full")  # full FT: available, not in the 40-minute default
 TASKS = ("sst2", "qa-match", "adjective-polarity")
 TASK_KINDS = {"sst2": "single-sentence classification", "qa-match": "sentence-pair classification",
               "adjective-polarity": "sentence-pair regression"}
@@ -73,21 +101,25 @@ TASK_KINDS = {"sst2": "single-sentence classification", "qa-match": "sentence-pa
 
 @dataclass
 class CompareConfig:
-    """The CPU default (45 runs) finishes in about 25 minutes on 2 cores: a small model, subsampled sets."""
+    """The CPU default (54 runs once the learning rates are chosen): the small offline model, 80 steps
+    of 16 examples, 300 validation rows, every test row, two runs at a time on 2 cores."""
 
     model: str = "minilm"
     output_dir: str = "runs/compare"
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    methods: list[str] = field(default_factory=lambda: list(METHOD_KEYS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    max_steps: int | None = 40  # None: whole epochs (--full)
+    max_steps: int | None = 80  # None: whole epochs (--full)
     epochs: float = 3.0
     batch_size: int = 16
     max_length: int = 64
-    max_train_samples: int | None = 640  # one pass at 40 × 16
-    max_eval_samples: int | None = 200
-    evaluations: int = 2  # evaluation points per run, for the training curves
+    max_train_samples: int | None = 1280  # one pass at 80 × 16
+    max_eval_samples: int | None = 300  # validation rows: the curves and the lr choice
+    evaluations: int = 4  # evaluation points per run, for the training curves
     precision: str = "auto"
+    # Runs at once, in separate processes. MiniLM's small batches keep two CPU threads busy poorly:
+    # on 2 cores two single-thread runs do 1.4x the work of one two-thread run. One on a GPU.
+    jobs: int = field(default_factory=lambda: 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in BUILTIN_DATASETS]
@@ -98,6 +130,8 @@ class CompareConfig:
             raise InputError(f"unknown method(s) {unknown}; choose from {list(METHOD_KEYS)}.")
         if not self.seeds:
             raise InputError("give at least one seed.")
+        if self.jobs < 1:
+            raise InputError(f"jobs must be >= 1, got {self.jobs}.")
 
     @classmethod
     def full(cls, **overrides: Any) -> CompareConfig:
@@ -106,19 +140,25 @@ class CompareConfig:
                   "max_eval_samples": None, "evaluations": 6, **overrides}
         return cls(**fields)
 
+    def training_settings(self) -> dict[str, Any]:
+        """What decides a run's outcome besides task, method, lr and seed: a sweep is valid for these."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("output_dir", "tasks", "methods", "seeds", "jobs")}
 
-def run_config(cfg: CompareConfig, task: str, spec: MethodSpec, seed: int) -> TrainConfig:
-    out = Path(cfg.output_dir) / "runs" / task / spec.key / f"seed{seed}"
+
+def run_config(cfg: CompareConfig, task: str, spec: MethodSpec, seed: int, lr: float) -> TrainConfig:
+    out = Path(cfg.output_dir) / "runs" / task / spec.key / f"lr{lr:g}" / f"seed{seed}"
     steps = cfg.max_steps
     if steps is None:  # whole epochs: count them, so the curves still get ``evaluations`` points
-        rows = len(read_rows(builtin_dataset_files(task)[0]))
+        rows = len(read_rows(builtin_split_file(task, "train")))
         rows = min(rows, cfg.max_train_samples or rows)
         steps = int(cfg.epochs * math.ceil(rows / cfg.batch_size))
     eval_every = max(1, steps // cfg.evaluations)
     return TrainConfig(
-        model=cfg.model, method=spec.method, output_dir=str(out), dataset=task, max_length=cfg.max_length,
+        model=cfg.model, method=spec.method, output_dir=str(out), dataset=task,
+        test_file=str(builtin_split_file(task, "test")), max_length=cfg.max_length,
         max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples, epochs=cfg.epochs,
-        max_steps=cfg.max_steps, batch_size=cfg.batch_size, learning_rate=spec.learning_rate, warmup_ratio=0.06,
+        max_steps=cfg.max_steps, batch_size=cfg.batch_size, learning_rate=lr, warmup_ratio=0.06,
         precision=cfg.precision, eval_every=eval_every, log_every=max(1, eval_every // 5), seed=seed,
         save_checkpoints=cfg.max_steps is None,  # short runs restart whole; --full runs resume mid-run
         lora2=dict(spec.settings) if spec.method == "lora2" else TrainConfig().lora2,
@@ -156,38 +196,147 @@ def _curves(out: Path, metric_name: str) -> dict[str, list[list[float]]]:
     return {"eval": evals, "loss": losses}
 
 
-def compare(cfg: CompareConfig, command: str = "", progress: bool = True) -> dict[str, Any]:
+Run = tuple[str, str, int, float]  # task, method key, seed, learning rate
+
+
+def _spec(key: str) -> MethodSpec:
+    return next(m for m in METHODS if m.key == key)
+
+
+def _train_one(tc: TrainConfig, threads: int, progress: bool = False) -> TrainResult | None:
+    """One run (in a worker process when jobs > 1); None when its loss diverged."""
+    torch.set_num_threads(threads)
+    if not logging.getLogger().handlers:  # a spawned worker: log like the parent
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+    try:
+        return train(tc, resume=_resumable(tc), progress=progress)
+    except TrainingError as e:
+        logger.warning("%s diverged: %s", tc.output_dir, e)
+        atomic_write_text(Path(tc.output_dir) / DIVERGED_FILE, str(e))
+        return None
+
+
+DIVERGED_FILE = "diverged.txt"
+
+
+def run_all(cfg: CompareConfig, runs: list[Run], stage: str, progress: bool = True) -> dict[Run, TrainResult | None]:
+    """Train every run not finished earlier (``cfg.jobs`` at a time); read the others back.
+    A diverged run maps to None. Progress bars only when runs go one at a time."""
+    configs = {(task, key, seed, lr): run_config(cfg, task, _spec(key), seed, lr) for task, key, seed, lr in runs}
+    results: dict[Run, TrainResult | None] = {}
+    todo = []
+    for run, tc in configs.items():
+        done = _finished(tc)
+        if done is not None or (Path(tc.output_dir) / DIVERGED_FILE).is_file():
+            results[run] = done
+        else:
+            todo.append(run)
+    logger.info("%s: %d runs, %d done earlier and read back, %d to train (%d at a time)", stage, len(runs),
+                len(runs) - len(todo), len(todo), cfg.jobs)
+    threads = max(1, torch.get_num_threads() // cfg.jobs) if cfg.jobs > 1 else torch.get_num_threads()
+    if cfg.jobs == 1 or len(todo) <= 1:
+        for i, run in enumerate(todo, 1):
+            logger.info("[%s %d/%d] %s · %s · lr %g · seed %d", stage, i, len(todo), run[0], _spec(run[1]).label,
+                        run[3], run[2])
+            results[run] = _train_one(configs[run], threads, progress)
+    else:
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {run: pool.submit(_train_one, configs[run], threads) for run in todo}
+            for i, (run, future) in enumerate(futures.items(), 1):
+                results[run] = future.result()
+                logger.info("[%s %d/%d done] %s · %s · lr %g · seed %d", stage, i, len(todo), run[0],
+                            _spec(run[1]).label, run[3], run[2])
+    return {run: results[run] for run in runs}
+
+
+# --- stage 1: learning rates, chosen on validation -------------------------------------------------------
+
+
+def run_sweep(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
+    """Every method's lr grid on every task (first seed); choose by the final validation metric."""
+    specs = [m for m in METHODS if m.key in cfg.methods]
+    seed = cfg.seeds[0]
+    grid_runs = [(task, spec.key, seed, lr) for task in cfg.tasks for spec in specs for lr in spec.lr_grid]
+    results = run_all(cfg, grid_runs, "sweep", progress)
+    sweep: dict[str, Any] = {"settings": cfg.training_settings(), "seed": seed, "date": datetime.date.today().isoformat(),
+                             "machine": machine_description(), "tasks": {}}
+    for task in cfg.tasks:
+        for spec in specs:
+            scores = {}
+            for lr in spec.lr_grid:  # the final model on validation: nothing else; a diverged run loses
+                result = results[(task, spec.key, seed, lr)]
+                scores[f"{lr:g}"] = result.metric_after if result is not None else -math.inf
+            chosen = max(spec.lr_grid, key=lambda lr: scores[f"{lr:g}"])  # ties: the smaller lr (first)
+            sweep["tasks"].setdefault(task, {})[spec.key] = {
+                "grid": list(spec.lr_grid), "validation": scores, "chosen": chosen,
+                "at_edge": chosen in (spec.lr_grid[0], spec.lr_grid[-1])}
+    atomic_write_text(Path(cfg.output_dir) / SWEEP_FILE, json.dumps(sweep, indent=2))
+    return sweep
+
+
+def _matching_sweep(sweep: dict[str, Any], cfg: CompareConfig) -> bool:
+    """Whether ``sweep`` chose for these settings, tasks, methods and grids."""
+    if sweep.get("settings") != json.loads(json.dumps(cfg.training_settings())):
+        return False
+    grids = {m.key: list(m.lr_grid) for m in METHODS}
+    return all(sweep.get("tasks", {}).get(task, {}).get(key, {}).get("grid") == grids[key]
+               for task in cfg.tasks for key in cfg.methods)
+
+
+def learning_rates(cfg: CompareConfig, sweep: bool, progress: bool) -> tuple[dict[str, Any], str]:
+    """(sweep record with the chosen lrs, where it came from)."""
+    if sweep:
+        return run_sweep(cfg, progress), f"`--sweep` in this run ({SWEEP_FILE})"
+    local = Path(cfg.output_dir) / SWEEP_FILE
+    if local.is_file():
+        record = json.loads(local.read_text(encoding="utf-8"))
+        if _matching_sweep(record, cfg):
+            return record, f"an earlier `--sweep` ({local}, {record['date']})"
+    shipped = json.loads((resources.files("lora2") / SHIPPED_SWEEP).read_text(encoding="utf-8"))
+    if _matching_sweep(shipped, cfg):
+        return shipped, (f"the sweep shipped with lora2 (lora2/{SHIPPED_SWEEP}: `lora2 compare --sweep`, "
+                         f"{shipped['date']}, {shipped['machine']})")
+    raise InputError("no learning-rate choices for these settings, tasks and methods: run `lora2 compare --sweep "
+                     "...` with them (it tries each method's lr grid on the validation split first).")
+
+
+# --- stage 2: the comparison -------------------------------------------------------------------------------
+
+
+def compare(cfg: CompareConfig, command: str = "", progress: bool = True, sweep: bool = False) -> dict[str, Any]:
     specs = [m for m in METHODS if m.key in cfg.methods]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    chosen, provenance = learning_rates(cfg, sweep, progress)
+    plan = [(task, spec.key, seed, chosen["tasks"][task][spec.key]["chosen"])
+            for task in cfg.tasks for spec in specs for seed in cfg.seeds]
+    results = run_all(cfg, plan, "compare", progress)
     runs: list[dict[str, Any]] = []
-    total = len(cfg.tasks) * len(specs) * len(cfg.seeds)
-    for task in cfg.tasks:
-        for spec in specs:
-            for seed in cfg.seeds:
-                tc = run_config(cfg, task, spec, seed)
-                result = _finished(tc)
-                if result is None:
-                    logger.info("[%d/%d] %s · %s · seed %d", len(runs) + 1, total, task, spec.label, seed)
-                    result = train(tc, resume=_resumable(tc), progress=progress)
-                else:
-                    logger.info("[%d/%d] %s · %s · seed %d: done earlier, read back", len(runs) + 1, total, task,
-                                spec.label, seed)
-                runs.append({"task": task, "method": spec.key, "seed": seed, "config": dataclasses.asdict(tc),
-                             "result": {**dataclasses.asdict(result), "seconds_per_epoch": result.seconds_per_epoch},
-                             "curves": _curves(Path(tc.output_dir), result.metric_name)})
+    for (task, key, seed, lr), result in results.items():
+        spec = _spec(key)
+        tc = run_config(cfg, task, spec, seed, lr)
+        if result is None:  # diverged: reported as such, left out of means
+            runs.append({"task": task, "method": spec.key, "seed": seed, "lr": lr, "config": dataclasses.asdict(tc),
+                         "result": None, "curves": {"eval": [], "loss": []}})
+            continue
+        runs.append({"task": task, "method": spec.key, "seed": seed, "lr": lr, "config": dataclasses.asdict(tc),
+                     "result": {**dataclasses.asdict(result), "seconds_per_epoch": result.seconds_per_epoch},
+                     "curves": _curves(Path(tc.output_dir), result.metric_name)})
     report = {
         "meta": {"date": datetime.date.today().isoformat(), "machine": machine_description(),
                  "command": command, "python": sys.version.split()[0], "torch": torch.__version__,
-                 "config": dataclasses.asdict(cfg)},
+                 "config": dataclasses.asdict(cfg), "learning_rates_from": provenance},
         "methods": [dataclasses.asdict(s) for s in specs],
+        "sweep": chosen,
         "runs": runs,
     }
     atomic_write_text(out / "results.json", json.dumps(report, indent=2))
     atomic_write_text(out / "results.md", results_markdown(report))
     plot_metric_vs_params(report, out / "metric_vs_params.png")
     plot_training_curves(report, out / "training_curves.png")
-    lora2_runs = [r for r in runs if r["method"] == "lora2"]
+    plot_lr_sweep(report, out / "lr_sweep.png")
+    lora2_runs = [r for r in runs if r["method"] == "lora2" and r["result"] is not None]
     if lora2_runs:
         from .model import read_adapter_meta
         from .report import plot_rank_heatmap
@@ -208,25 +357,77 @@ def machine_description() -> str:
 # --- tables --------------------------------------------------------------------------------------------
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (task, method): the numbers of results.md."""
+    """One row per (task, method): the numbers of results.md, with the best / tied marks on test."""
     rows = []
     labels = {m["key"]: m["label"] for m in report["methods"]}
     for task in dict.fromkeys(r["task"] for r in report["runs"]):
+        task_rows = []
         for key in labels:
-            runs = [r["result"] for r in report["runs"] if r["task"] == task and r["method"] == key]
+            all_runs = [r for r in report["runs"] if r["task"] == task and r["method"] == key]
+            runs = [r for r in all_runs if r["result"] is not None]
             if not runs:
                 continue
-            finals = [r["metric_after"] for r in runs]
-            rows.append({
-                "task": task, "method": key, "label": labels[key], "metric_name": runs[0]["metric_name"],
-                "trainable": runs[0]["trainable_parameters"], "total": runs[0]["total_parameters"],
-                "mean": statistics.fmean(finals), "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                "before": statistics.fmean(r["metric_before"] for r in runs),
-                "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs),
-                "peak_memory_mb": max(r["peak_memory_mb"] for r in runs), "seeds": len(runs),
+            results = [r["result"] for r in runs]
+            metric = results[0]["metric_name"]
+            validation = _mean_std([r["metric_after"] for r in results])
+            tests = [r["test_metrics"][metric] for r in results if r.get("test_metrics")]
+            test = _mean_std(tests) if tests else (math.nan, math.nan)
+            task_rows.append({
+                "task": task, "method": key, "label": labels[key], "metric_name": metric, "lr": runs[0]["lr"],
+                "trainable": results[0]["trainable_parameters"], "total": results[0]["total_parameters"],
+                "validation": validation[0], "validation_std": validation[1], "test": test[0], "test_std": test[1],
+                "test_by_seed": {r["seed"]: r["result"]["test_metrics"][metric] for r in runs
+                                 if r["result"].get("test_metrics")},
+                "before": statistics.fmean(r["metric_before"] for r in results),
+                "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in results),
+                "peak_memory_mb": max(r["peak_memory_mb"] for r in results), "seeds": len(runs), "mark": "",
+                "diverged": len(all_runs) - len(runs),
             })
+        mark_best(task_rows)
+        rows += task_rows
     return rows
+
+
+def mark_best(rows: list[dict[str, Any]]) -> None:
+    """"best" for the top test mean only if its mean − std clears every other method's mean + std
+    (non-overlapping ±1 std over seeds); otherwise every method whose interval reaches the top's is
+    "tied" (for best). With 3 seeds this is a deliberately cautious rule: it calls a difference only
+    where the seeds' spread cannot explain it."""
+    scored = [r for r in rows if not math.isnan(r["test"])]
+    if len(scored) < 2:
+        return
+    top = max(scored, key=lambda r: r["test"])
+    overlapping = [r for r in scored if r is not top and r["test"] + r["test_std"] >= top["test"] - top["test_std"]]
+    if not overlapping:
+        top["mark"] = "best"
+    else:
+        for r in [top, *overlapping]:
+            r["mark"] = "tied"
+
+
+def paired_differences(report: dict[str, Any], reference: str = "lora2") -> list[dict[str, Any]]:
+    """Per task and baseline: reference − baseline on the test split, seed by seed (same data order),
+    mean ± std of the differences."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in report["runs"]):
+        rows = {r["method"]: r for r in summarize(report) if r["task"] == task}
+        if reference not in rows:
+            continue
+        mine = rows[reference]["test_by_seed"]
+        for key, row in rows.items():
+            seeds = sorted(set(mine) & set(row["test_by_seed"]))
+            if key == reference or not seeds:
+                continue
+            diffs = [mine[s] - row["test_by_seed"][s] for s in seeds]
+            mean, std = _mean_std(diffs)
+            out.append({"task": task, "method": key, "label": row["label"], "mean": mean, "std": std,
+                        "wins": sum(d > 0 for d in diffs), "seeds": len(seeds)})
+    return out
 
 
 def results_markdown(report: dict[str, Any]) -> str:
@@ -238,27 +439,55 @@ def results_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# LoRA² vs baselines — {meta['date']}, {meta['machine']}", "",
         f"Command: `{meta['command']}`", "",
-        f"Model `{cfg['model']}`; {sizes}; {steps} of batch {cfg['batch_size']}, max {cfg['max_length']} tokens; "
-        f"seeds {cfg['seeds']}. Metric: final evaluation, mean ± std over seeds (the best-so-far checkpoint is "
-        "not used, so no method gets to pick its step). Time: optimiser steps only, per epoch of the "
-        "(subsampled) training set. Peak memory: above the loaded model (CPU: sampled resident set).", "",
+        f"Model `{cfg['model']}`; {sizes}, whole test sets; {steps} of batch {cfg['batch_size']}, max "
+        f"{cfg['max_length']} tokens; seeds {cfg['seeds']}. Learning rates: each method's grid tried on the first "
+        f"seed, the final model's **validation** score decides (from {meta['learning_rates_from']}). Reported: the "
+        "final model of every seed on the **test** split, which nothing was chosen on, mean ± std. **best**: its mean "
+        "− std clears every other method's mean + std; **tied**: the methods whose ±1 std interval reaches the top "
+        "one's. Time: optimiser steps only, per epoch of the (subsampled) training set. Peak memory: above the "
+        "loaded model (CPU: sampled resident set).", "",
     ]
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
-        best = max(task_rows, key=lambda r: r["mean"])
-        lines += [f"## {task} — {TASK_KINDS.get(task, '')}, {task_rows[0]['metric_name']}", "",
-                  "| method | trainable params | % of model | metric (before → after) | s / epoch | peak MiB |",
-                  "|---|---:|---:|---|---:|---:|"]
+        metric = task_rows[0]["metric_name"]
+        lines += [f"## {task} — {TASK_KINDS.get(task, '')}, {metric}", "",
+                  "| method | trainable params | % of model | lr (chosen) | validation | test (before → after) | "
+                  "| s / epoch | peak MiB |",
+                  "|---|---:|---:|---:|---:|---|---|---:|---:|"]
         for r in task_rows:
-            mark = " **best**" if r is best else ""
+            mark = f"**{r['mark']}**" if r["mark"] else ""
+            if r["diverged"]:
+                mark += f" ({r['diverged']} seed{'s' if r['diverged'] > 1 else ''} diverged)"
             lines.append(f"| {r['label']} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} % | "
-                         f"{r['before']:.3f} → {r['mean']:.3f} ± {r['std']:.3f}{mark} | {r['seconds_per_epoch']:.1f} | "
+                         f"{r['lr']:g} | {r['validation']:.3f} ± {r['validation_std']:.3f} | {r['before']:.3f} → "
+                         f"{r['test']:.3f} ± {r['test_std']:.3f} | {mark} | {r['seconds_per_epoch']:.1f} | "
                          f"{r['peak_memory_mb']:.0f} |")
         lines.append("")
-    lines += ["## Hyper-parameters", "", "| method | lr | settings | source |", "|---|---:|---|---|"]
+    diffs = paired_differences(report)
+    if diffs:
+        lines += ["## LoRA² minus each method, on test, seed by seed", "",
+                  "| task | method | LoRA² − method (mean ± std over seeds) | seeds LoRA² ahead |", "|---|---|---:|---:|"]
+        lines += [f"| {d['task']} | {d['label']} | {d['mean']:+.3f} ± {d['std']:.3f} | {d['wins']} of {d['seeds']} |"
+                  for d in diffs]
+        lines.append("")
+    labels = {m["key"]: m["label"] for m in report["methods"]}
+    width = max((len(e["grid"]) for m in report["sweep"]["tasks"].values() for e in m.values()), default=0)
+    lines += ["## Learning-rate sweep (first seed, final validation metric; chosen in bold)", "",
+              "| task | method | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " |",
+              "|---|---|" + "---|" * width]
+    for task, methods in report["sweep"]["tasks"].items():
+        for key, entry in methods.items():
+            if key not in labels or task not in {r["task"] for r in rows}:
+                continue
+            cells = [(f"**{lr:g}: {entry['validation'][f'{lr:g}']:.3f}**" if lr == entry["chosen"]
+                      else f"{lr:g}: {entry['validation'][f'{lr:g}']:.3f}") for lr in entry["grid"]]
+            edge = " (at the grid's edge)" if entry.get("at_edge") else ""
+            lines.append(f"| {task} | {labels[key]}{edge} | " + " | ".join(cells) + " |")
+    lines += ["", "## Hyper-parameters", "", "| method | lr grid | settings | source |", "|---|---|---|---|"]
     for m in report["methods"]:
         settings = ", ".join(f"{k}={v}" for k, v in m["settings"].items()) or "all parameters"
-        lines.append(f"| {m['label']} | {m['learning_rate']:g} | {settings} | {m['source']} |")
+        grid = ", ".join(f"{lr:g}" for lr in m["lr_grid"])
+        lines.append(f"| {m['label']} | {grid} | {settings} | {m['source']} |")
     lines += ["", "All methods: AdamW (weight decay 0.01), linear schedule with 6 % warm-up, gradient clipping 1.0, "
               "the same target modules (all attention and MLP linears) and a trained classification head.", ""]
     return "\n".join(lines)
@@ -279,7 +508,7 @@ def _pyplot():
 def _finish(fig, legend_axis, path: Path, legend_height: float) -> Path:
     """One legend under all panels (the methods are the same in each), then an atomic PNG write."""
     handles, names = legend_axis.get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, legend_height, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=130)
@@ -287,21 +516,22 @@ def _finish(fig, legend_axis, path: Path, legend_height: float) -> Path:
 
 
 def _metric_of(report: dict[str, Any], task: str) -> str:
-    return next(r["result"]["metric_name"] for r in report["runs"] if r["task"] == task)
+    return next(r["result"]["metric_name"] for r in report["runs"] if r["task"] == task and r["result"])
 
 
 def plot_metric_vs_params(report: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     rows = summarize(report)
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.0), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for i, r in enumerate(x for x in rows if x["task"] == task):
-            ax.errorbar(r["trainable"], r["mean"], yerr=r["std"], fmt="o", capsize=3, color=f"C{i}", label=r["label"])
-        ax.set(xscale="log", xlabel="trainable parameters (log)", ylabel=_metric_of(report, task))
+            ax.errorbar(r["trainable"], r["test"], yerr=r["test_std"], fmt="o", capsize=3, color=f"C{i}",
+                        label=r["label"])
+        ax.set(xscale="log", xlabel="trainable parameters (log)", ylabel=f"test {_metric_of(report, task)}")
         ax.set_title(task, fontsize=10)
         ax.grid(alpha=0.3)
-    _finish(fig, axes[0][0], path, legend_height=0.08)
+    _finish(fig, axes[0][0], path, legend_height=0.14)
     plt.close(fig)
     return path
 
@@ -310,7 +540,7 @@ def plot_training_curves(report: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in report["runs"]))
     labels = {m["key"]: m["label"] for m in report["methods"]}
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4.6 * len(tasks), 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.6 * len(tasks), 6.8), squeeze=False)
     for col, task in enumerate(tasks):
         for i, key in enumerate(labels):
             runs = [r for r in report["runs"] if r["task"] == task and r["method"] == key]
@@ -322,10 +552,33 @@ def plot_training_curves(report: dict[str, Any], path: Path) -> Path:
                 steps = sorted(points)
                 axes[row][col].plot(steps, [statistics.fmean(points[s]) for s in steps], marker="o" if row == 0 else "",
                                     markersize=3, color=f"C{i}", label=labels[key])
-        axes[0][col].set(title=task, ylabel=f"eval {_metric_of(report, task)}")
+        axes[0][col].set(title=task, ylabel=f"validation {_metric_of(report, task)}")
         axes[1][col].set(xlabel="step", ylabel="training loss")
         for row in (0, 1):
             axes[row][col].grid(alpha=0.3)
-    _finish(fig, axes[0][0], path, legend_height=0.05)
+    _finish(fig, axes[0][0], path, legend_height=0.09)
+    plt.close(fig)
+    return path
+
+
+def plot_lr_sweep(report: dict[str, Any], path: Path) -> Path:
+    """Validation metric against learning rate: where each method's choice sits in its grid."""
+    plt = _pyplot()
+    labels = {m["key"]: m["label"] for m in report["methods"]}
+    tasks = [t for t in report["sweep"]["tasks"] if t in {r["task"] for r in report["runs"]}]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, key in enumerate(labels):
+            entry = report["sweep"]["tasks"][task].get(key)
+            if entry is None:
+                continue
+            values = [entry["validation"][f"{lr:g}"] for lr in entry["grid"]]
+            ax.plot(entry["grid"], values, marker="o", markersize=3, color=f"C{i}", label=labels[key])
+            ax.plot([entry["chosen"]], [entry["validation"][f"{entry['chosen']:g}"]], marker="*", markersize=11,
+                    color=f"C{i}")
+        ax.set(xscale="log", xlabel="learning rate (log)", ylabel=f"validation {_metric_of(report, task)}")
+        ax.set_title(f"{task} (★ chosen)", fontsize=10)
+        ax.grid(alpha=0.3)
+    _finish(fig, axes[0][0], path, legend_height=0.14)
     plt.close(fig)
     return path

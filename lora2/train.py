@@ -79,6 +79,7 @@ class TrainConfig:
     dataset: str | None = "sst2"
     train_file: str | None = None
     validation_file: str | None = None
+    test_file: str | None = None  # scored once, by the final model, and never used to choose anything
     task: str = "classification"
     text_column: str = "sentence"
     text_pair_column: str | None = None
@@ -323,6 +324,7 @@ class TrainResult:
     total_parameters: int
     history: list[dict[str, Any]]
     steps_timed: int | None = None  # steps this process ran (fewer than ``steps`` after a resume)
+    test_metrics: dict[str, float] | None = None  # the final model on TrainConfig.test_file
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -537,13 +539,22 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
         atomic_write_dir(out / "adapter", method.save)
         final_metrics = final_metrics or evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
         final = final_metrics[metric_name]
+        test_metrics = None
+        if cfg.test_file is not None:
+            label = None if cfg.task == "causal-lm" else cfg.label_column
+            test_set = build_dataset(cfg.test_file, tokenizer, cfg.task, cfg.text_column, label, cfg.text_pair_column,
+                                     cfg.max_length, label_names=train_set.label_names or None)
+            test_metrics = evaluate(model, test_set, collate, cfg.eval_batch_size, device, precision)
+            _log(out, {"step": total_steps, "event": "test", "rows": len(test_set), **test_metrics})
+            logger.info("test (%d rows of %s): %s %.4f", len(test_set), cfg.test_file, metric_name,
+                        test_metrics[metric_name])
         result = TrainResult(
             output_dir=str(out), method=cfg.method, metric_name=metric_name, metric_before=state["metric_before"],
             metric_after=final, best_metric=max(state["best"], final), steps=total_steps,
             steps_per_epoch=steps_per_epoch, seconds=time.perf_counter() - start,
             train_seconds=seconds - eval_seconds, steps_timed=total_steps - first_step, peak_memory_mb=peak.mebibytes,
             trainable_parameters=trainable_parameter_count(model), total_parameters=total_parameter_count(model),
-            history=state["history"])
+            history=state["history"], test_metrics=test_metrics)
         atomic_write_text(out / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
     return ctx.broadcast_object(result)  # every rank returns rank 0's result
 

@@ -1,48 +1,131 @@
-"""``lora2 compare`` end to end on a tiny model: every method through the same loop, tables, JSON,
-plots, and a second call that reads finished runs back instead of training again."""
+"""``lora2 compare`` end to end on a tiny model: the learning-rate sweep chosen on validation, every
+method through the same loop, the test split reported, tables, JSON, plots, and second calls that
+read finished runs back instead of training again."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 import lora2.compare as compare_module
 from lora2.cli import main
-from lora2.compare import CompareConfig, compare
+from lora2.compare import SWEEP_FILE, CompareConfig, compare
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_compare_writes_tables_json_plots_and_resumes(tiny_bert_dir, tmp_path, monkeypatch):
-    cfg = CompareConfig(model=tiny_bert_dir, output_dir=str(tmp_path), tasks=["adjective-polarity", "qa-match"],
-                        methods=["full", "adalora", "lora2"], seeds=[0, 1], max_steps=4, batch_size=8,
-                        max_train_samples=32, max_eval_samples=16, max_length=24)
-    report = compare(cfg, command="pytest", progress=False)
+@pytest.fixture
+def small_grids(monkeypatch):
+    """Two learning rates per method keep the sweep short."""
+    grids = {"peft": (1e-3, 1e-2), "lora2": (5e-3, 5e-2)}
+    specs = tuple(dataclasses.replace(m, lr_grid=grids["lora2" if m.method == "lora2" else "peft"])
+                  for m in compare_module.METHODS)
+    monkeypatch.setattr(compare_module, "METHODS", specs)
 
-    assert len(report["runs"]) == 2 * 3 * 2
-    run = report["runs"][0]
-    assert run["config"]["max_steps"] == 4 and run["result"]["steps"] == 4
-    assert [step for step, _ in run["curves"]["eval"]] == [0, 2, 4]  # before, middle, end
+
+def test_sweep_then_compare_on_test_with_read_back(tiny_bert_dir, tmp_path, monkeypatch, small_grids):
+    cfg = CompareConfig(model=tiny_bert_dir, output_dir=str(tmp_path), tasks=["adjective-polarity", "qa-match"],
+                        methods=["lora-r2", "adalora", "lora2"], seeds=[0, 1], max_steps=4, batch_size=8,
+                        max_train_samples=32, max_eval_samples=16, max_length=24, jobs=1)
+    calls = []
+    real_train = compare_module.train
+    monkeypatch.setattr(compare_module, "train", lambda tc, **kw: calls.append(tc.output_dir) or real_train(tc, **kw))
+    report = compare(cfg, command="pytest", progress=False, sweep=True)
+
+    # the sweep: every grid value on seed 0, the best final validation score chosen
+    sweep = json.loads((tmp_path / SWEEP_FILE).read_text())
+    for task in cfg.tasks:
+        for key in cfg.methods:
+            entry = sweep["tasks"][task][key]
+            assert entry["chosen"] == max(entry["grid"], key=lambda lr: entry["validation"][f"{lr:g}"])
+    # 12 sweep runs; the comparison adds seed 1 only: seed 0 at the chosen lr *is* its sweep run
+    assert len(calls) == 2 * 3 * 2 + 2 * 3 and len(report["runs"]) == 2 * 3 * 2
+    for run in report["runs"]:
+        assert run["lr"] == sweep["tasks"][run["task"]][run["method"]]["chosen"]
+        assert run["result"]["test_metrics"] and run["config"]["test_file"].endswith(f"{run['task']}/test.tsv")
+        assert [step for step, _ in run["curves"]["eval"]] == [0, 1, 2, 3, 4]  # before, then 4 points
     by_method = {r["method"]: r["result"]["trainable_parameters"] for r in report["runs"]}
-    assert by_method["full"] > by_method["adalora"] > 0 and by_method["lora2"] > 0
+    assert by_method["adalora"] > by_method["lora-r2"] > 0 and by_method["lora2"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == json.loads(json.dumps(report["runs"]))
 
     markdown = (tmp_path / "results.md").read_text()
     assert "## adjective-polarity — sentence-pair regression, pearson" in markdown
     assert "## qa-match — sentence-pair classification, accuracy" in markdown
-    assert markdown.count("**best**") == 2  # one per task
-    for label in ("Full fine-tuning", "AdaLoRA 12→8 (PEFT)", "LoRA² r=8 k=8 →6"):
-        assert markdown.count(f"| {label} |") == 3  # two task tables and the hyper-parameter table
-    for png in ("metric_vs_params.png", "training_curves.png", "rank_allocation.png"):
+    assert markdown.count("**best**") + markdown.count("**tied**") >= 2  # every task marks its top
+    assert "## LoRA² minus each method, on test, seed by seed" in markdown
+    assert "## Learning-rate sweep" in markdown and markdown.count("**") >= 12
+    for label in ("AdaLoRA 8→6 (PEFT)", "LoRA² r=8 k=8 →6", "LoRA r=2 (PEFT)"):
+        assert markdown.count(f"| {label} |") >= 3  # two task tables and the hyper-parameter table
+    for png in ("metric_vs_params.png", "training_curves.png", "lr_sweep.png", "rank_allocation.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG, png
 
     def no_training(*args, **kwargs):
         raise AssertionError("finished runs must be read back, not trained again")
 
     monkeypatch.setattr(compare_module, "train", no_training)
-    again = compare(cfg, command="pytest", progress=False)
+    again = compare(cfg, command="pytest", progress=False)  # no --sweep: the choices cached in the folder
     assert [r["result"] for r in again["runs"]] == [r["result"] for r in report["runs"]]
+
+
+def test_runs_in_parallel_processes_give_the_same_comparison(tiny_bert_dir, tmp_path, small_grids):
+    """--jobs 2 trains runs in two spawned processes; the same runs, configs and (to float noise from
+    the thread count) results as one at a time, and a diverged run loses the sweep instead of crashing it."""
+    common = dict(model=tiny_bert_dir, tasks=["adjective-polarity"], methods=["lora2"], seeds=[0, 1], max_steps=3,
+                  batch_size=8, max_train_samples=24, max_eval_samples=16, max_length=24)
+    serial = compare(CompareConfig(output_dir=str(tmp_path / "one"), jobs=1, **common), progress=False, sweep=True)
+    parallel = compare(CompareConfig(output_dir=str(tmp_path / "two"), jobs=2, **common), progress=False, sweep=True)
+    assert [(r["task"], r["method"], r["seed"], r["lr"]) for r in parallel["runs"]] == \
+        [(r["task"], r["method"], r["seed"], r["lr"]) for r in serial["runs"]]
+    for a, b in zip(parallel["runs"], serial["runs"]):
+        assert a["result"]["test_metrics"]["pearson"] == pytest.approx(b["result"]["test_metrics"]["pearson"], abs=1e-4)
+
+
+def test_a_diverged_run_loses_the_sweep(tiny_bert_dir, tmp_path, monkeypatch, small_grids):
+    from lora2.train import TrainingError
+
+    real_train = compare_module.train
+
+    def diverge_at_high_lr(tc, **kwargs):
+        if tc.learning_rate > 1e-2:
+            raise TrainingError("loss became nan at step 2")
+        return real_train(tc, **kwargs)
+
+    monkeypatch.setattr(compare_module, "train", diverge_at_high_lr)
+    cfg = CompareConfig(model=tiny_bert_dir, output_dir=str(tmp_path), tasks=["adjective-polarity"],
+                        methods=["lora2"], seeds=[0], max_steps=3, batch_size=8, max_train_samples=24,
+                        max_eval_samples=16, max_length=24, jobs=1)
+    report = compare(cfg, progress=False, sweep=True)
+    entry = report["sweep"]["tasks"]["adjective-polarity"]["lora2"]
+    assert entry["validation"]["0.05"] == float("-inf") and entry["chosen"] == 0.005
+
+
+def test_the_best_mark_needs_more_than_the_seeds_spread():
+    rows = [{"test": 0.80, "test_std": 0.01, "mark": ""}, {"test": 0.70, "test_std": 0.02, "mark": ""}]
+    compare_module.mark_best(rows)
+    assert [r["mark"] for r in rows] == ["best", ""]
+    rows = [{"test": 0.80, "test_std": 0.05, "mark": ""}, {"test": 0.76, "test_std": 0.02, "mark": ""},
+            {"test": 0.60, "test_std": 0.01, "mark": ""}]
+    compare_module.mark_best(rows)
+    assert [r["mark"] for r in rows] == ["tied", "tied", ""]
+
+
+def test_settings_without_learning_rate_choices_need_a_sweep(tiny_bert_dir, tmp_path, caplog):
+    with pytest.raises(ValueError, match="no learning-rate choices for these settings.*lora2 compare --sweep"):
+        compare(CompareConfig(model=tiny_bert_dir, output_dir=str(tmp_path), max_steps=3), progress=False)
+    assert main(["compare", "--max-steps", "3", "--output-dir", str(tmp_path)]) == 2
+
+
+def test_the_shipped_sweep_covers_the_cpu_default():
+    """`lora2 compare` with its defaults runs on the learning rates lora2 ships, chosen on validation."""
+    cfg = CompareConfig()
+    record, provenance = compare_module.learning_rates(cfg, sweep=False, progress=False)
+    assert "shipped with lora2" in provenance
+    for task in cfg.tasks:
+        for key in cfg.methods:
+            entry = record["tasks"][task][key]
+            assert entry["chosen"] == max(entry["grid"], key=lambda lr: entry["validation"][f"{lr:g}"])
 
 
 def test_compare_rejects_unknown_tasks_and_methods(capsys):

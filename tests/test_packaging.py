@@ -41,8 +41,16 @@ def test_the_wheel_ships_the_kernels_under_lora2_kernels_only(wheel):
 
 def test_installed_in_a_clean_venv_triton_kernels_is_not_ours(wheel, tmp_path):
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)  # torch & co. from the system
+    venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
+    # torch & co. from this interpreter's site-packages (a venv's too, which system_site_packages
+    # would miss), listed by a plain .pth: its paths come after the new venv's own site-packages,
+    # and the .pth files inside them (the editable install of this checkout) are not processed.
+    parents = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib).mkdir(parents=True, exist_ok=True)
+    (Path(purelib) / "_lora2_test_parent_env.pth").write_text("\n".join(parents) + "\n")
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
                               str(wheel)], capture_output=True, text=True, check=False)
     if install.returncode != 0 and "no such option: --python" in install.stderr:  # pip < 22.3

@@ -251,10 +251,16 @@ def _build_step_model(shape: ModelShape, method: str, device: torch.device):
     if method in ("peft-lora", "peft-adalora"):
         import peft
 
+        from lora2.methods import peft_task_type
+
+        # The task type makes PEFT wrap the model in its task class, whose forward is AdaLoraModel's:
+        # without it AdaLoRA's orthogonal regulariser is never computed (nor timed).
+        task_type = peft_task_type(model)
         if method == "peft-lora":
-            return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets)), None, model
+            config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task_type)
+            return peft.get_peft_model(model, config), None, model
         config = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=32, target_modules=targets, tinit=0, tfinal=0,
-                                    deltaT=1, total_step=10 * PRUNING_STEP, orth_reg_weight=0.1)
+                                    deltaT=1, total_step=10 * PRUNING_STEP, orth_reg_weight=0.1, task_type=task_type)
         adapted = peft.get_peft_model(model, config)
         return adapted, adapted.base_model.update_and_allocate, adapted
     backend = "reference" if method == "lora2-reference" else "auto"

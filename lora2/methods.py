@@ -140,9 +140,14 @@ class PeftMethod(Method):
         model_type = getattr(model.config, "model_type", None)
         fields = dict(settings)
         fields.setdefault("target_modules", LoRA2Config().resolved_target_modules(model_type))
+        fields.setdefault("task_type", peft_task_type(model))
         heads = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_HEADS]
         fields.setdefault("modules_to_save", heads or None)
         if adaptive:
+            if fields["task_type"] is None:
+                raise InputError(f"the AdaLoRA baseline needs a sequence-classification or causal-LM model, not "
+                                 f"{type(model).__name__}: PEFT adds AdaLoRA's orthogonal regulariser only for a "
+                                 "known task type.")
             fields.setdefault("total_step", total_steps)
             fields.setdefault("tinit", int(0.1 * total_steps))
             fields.setdefault("tfinal", int(0.3 * total_steps))
@@ -215,6 +220,21 @@ class PeftMethod(Method):
             if isinstance(value, dict):
                 value = {name: t.to(device) if torch.is_tensor(t) else t for name, t in value.items()}
             setattr(self.model.base_model.rankallocator, key, value)
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for a transformers model, from its class.
+
+    It matters for AdaLoRA: without one, ``get_peft_model`` returns a plain ``PeftModel`` whose
+    forward calls the base model directly and skips ``AdaLoraModel.forward``, which is where PEFT
+    adds AdaLoRA's orthogonal regulariser to the loss: the baseline would silently train without it.
+    """
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    return None
 
 
 def _import_peft():

@@ -229,7 +229,10 @@ def evaluate(model: torch.nn.Module, dataset: TextDataset, collate: Collator, ba
     for batch in batches(dataset, batch_size, collate):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_context(device, precision):
-            out = model(**batch)
+            # Every metric comes from the logits, so the model gets no labels and computes no loss. (A PEFT
+            # AdaLoRA model loaded for inference would also fail on one: its forward then adds the
+            # regulariser of a training adapter it does not have.)
+            out = model(**{k: v for k, v in batch.items() if k != "labels"})
         logits = out.logits.float()
         if dataset.task == "causal-lm":
             shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import batch, make_model
 from lora2.cli import main
 from lora2.train import TrainConfig, TrainingError, TrainingInterrupted, train
 
@@ -366,3 +367,35 @@ def test_adalora_baseline_restores_its_averages_onto_the_models_device(tiny_bert
     method.model.to("meta")  # a stand-in for a GPU
     method.load_state_dict(state)
     assert allocator.exp_avg_ipt and all(t.device.type == "meta" for t in allocator.exp_avg_ipt.values())
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_adalora_baseline_trains_with_its_orthogonal_regulariser(tiny_bert_dir, task):
+    """PEFT adds AdaLoRA's regulariser in AdaLoraModel.forward, which a plain PeftModel (no task
+    type) never calls: the loss the loop minimises must be the task loss + γ·R(P, Q)."""
+    pytest.importorskip("peft")
+    from lora2.methods import build_method
+    from lora2.train import load_base_model
+
+    if task == "classification":
+        base = load_base_model(tiny_bert_dir, "classification")
+        ids = torch.randint(5, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+        inputs = {"input_ids": ids, "labels": torch.tensor([0, 1, 0])}
+    else:
+        base = make_model("llama", "lm")
+        inputs = {**batch(), "labels": batch()["input_ids"]}
+    with torch.no_grad():
+        task_loss = base(**inputs).loss  # AdaLoRA's E starts at zero: the adapted model's task loss is this
+    gamma = 0.1
+    method = build_method("adalora", base, {"init_r": 4, "target_r": 2, "orth_reg_weight": gamma, "lora_dropout": 0.0},
+                          total_steps=20)
+    method.model.train()
+    for m in method.model.modules():  # the base model's own dropout off: same function as above
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    factors = [p for n, p in method.model.named_parameters() if ("lora_A" in n or "lora_B" in n) and p.requires_grad]
+    regulariser = sum(torch.linalg.matrix_norm((p @ p.T if p.shape[0] < p.shape[1] else p.T @ p)
+                                               - torch.eye(min(p.shape))) for p in factors) / len(factors)
+    assert regulariser > 0.1
+    loss = method.model(**inputs).loss
+    torch.testing.assert_close(loss.detach(), task_loss + gamma * regulariser.detach(), rtol=1e-5, atol=1e-6)

@@ -33,6 +33,7 @@ import json
 import logging
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -439,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = args.steps or (30 if device.type == "cuda" else 10)
     report: dict = {"date": datetime.date.today().isoformat(), "device": device_description(device),
-                    "command": "python -m benchmarks.throughput " + " ".join(argv or []), "layers": [],
+                    "command": " ".join(["python -m benchmarks.throughput", *(sys.argv[1:] if argv is None else argv)]),
+                    "layers": [],
                     "steps": [], "allocator": None}
     sections: list[str] = []
     if "layers" in args.sections:

@@ -386,6 +386,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import CompareConfig, compare
+    from .train import TrainingInterrupted
 
     overrides = {"model": args.model, "output_dir": args.output_dir, "tasks": args.tasks, "methods": args.methods,
                  "seeds": args.seeds}
@@ -396,7 +397,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.jobs:
         overrides["jobs"] = args.jobs
     cfg = CompareConfig.full(**overrides) if args.full else CompareConfig(**overrides)
-    compare(cfg, command="lora2 " + " ".join(sys.argv[1:]), progress=not args.no_progress, sweep=args.sweep)
+    try:
+        compare(cfg, command="lora2 " + " ".join(sys.argv[1:]), progress=not args.no_progress, sweep=args.sweep)
+    except TrainingInterrupted as e:
+        logger.error("%s", e)
+        return EXIT_INTERRUPTED
     results = Path(cfg.output_dir) / "results.md"
     print(results.read_text(encoding="utf-8"))  # noqa: T201
     logger.info("tables, JSON and plots written to %s", cfg.output_dir)

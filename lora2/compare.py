@@ -33,9 +33,11 @@ import math
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -46,7 +48,7 @@ import torch
 from .data import BUILTIN_DATASETS, builtin_split_file, read_rows
 from .errors import InputError
 from .io import atomic_path, atomic_write_text
-from .train import CHECKPOINT_DIR, STATE_FILE, TrainConfig, TrainingError, TrainResult, train
+from .train import CHECKPOINT_DIR, STATE_FILE, TrainConfig, TrainingError, TrainingInterrupted, TrainResult, train
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +217,28 @@ def _train_one(tc: TrainConfig, threads: int, progress: bool = False) -> TrainRe
         logger.warning("%s diverged: %s", tc.output_dir, e)
         atomic_write_text(Path(tc.output_dir) / DIVERGED_FILE, str(e))
         return None
+    except (TrainingInterrupted, KeyboardInterrupt):  # SIGTERM / SIGINT inside train(), or Ctrl-C outside it
+        if multiprocessing.parent_process() is not None:
+            # A worker of a comparison being stopped. Returning would let it take the next run already
+            # queued to it (the pool keeps a few), training on after the user stopped the comparison,
+            # and racing a resumed one for the same run folder. So the worker ends here, with the
+            # CLI's exit code for an interruption; the run resumes from its checkpoint next time.
+            logging.shutdown()
+            os._exit(130)
+        raise
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Tie a worker to the comparison that started it: on Linux the kernel sends it SIGTERM when the
+    parent dies (killed, crashed), which train() turns into a clean stop and _train_one into an exit."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(130)
 
 
 DIVERGED_FILE = "diverged.txt"
@@ -241,12 +265,18 @@ def run_all(cfg: CompareConfig, runs: list[Run], stage: str, progress: bool = Tr
                         run[3], run[2])
             results[run] = _train_one(configs[run], threads, progress)
     else:
-        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             futures = {run: pool.submit(_train_one, configs[run], threads) for run in todo}
-            for i, (run, future) in enumerate(futures.items(), 1):
-                results[run] = future.result()
-                logger.info("[%s %d/%d done] %s · %s · lr %g · seed %d", stage, i, len(todo), run[0],
-                            _spec(run[1]).label, run[3], run[2])
+            try:
+                for i, (run, future) in enumerate(futures.items(), 1):
+                    results[run] = future.result()
+                    logger.info("[%s %d/%d done] %s · %s · lr %g · seed %d", stage, i, len(todo), run[0],
+                                _spec(run[1]).label, run[3], run[2])
+            except (KeyboardInterrupt, BrokenProcessPool) as e:  # Ctrl-C: the workers got it too and ended
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise TrainingInterrupted(f"{stage} stopped ({type(e).__name__}); run the same command again to "
+                                          "resume: finished runs are read back") from e
     return {run: results[run] for run in runs}
 
 

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -134,3 +139,43 @@ def test_compare_rejects_unknown_tasks_and_methods(capsys):
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['dora'\]; choose from"):
         CompareConfig(methods=["dora"])
     assert main(["compare", "--methods", "dora"]) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers follow their parent through Linux's prctl")
+@pytest.mark.parametrize("stop", ["kill-the-parent", "ctrl-c"])
+def test_a_stopped_parallel_comparison_leaves_no_worker_training(tiny_bert_dir, tmp_path, stop):
+    """Stopping `lora2 compare --jobs 2` must stop its worker processes: left alone, each would go on
+    with the runs already queued to it, racing a resumed comparison for their folders. SIGKILL of
+    the parent alone (a crash, the OOM killer) and Ctrl-C (SIGINT to the whole process group)."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora2", "compare", "--model", tiny_bert_dir, "--output-dir", str(out), "--tasks",
+         "adjective-polarity", "--methods", "lora2", "--seeds", "0", "1", "--sweep", "--max-steps", "2000",
+         "--jobs", "2", "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    workers: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any('"event": "train"' in log.read_text() for log in out.glob("runs/*/*/*/*/log.jsonl")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no run started training"
+            time.sleep(0.5)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        started = sorted(p.parent for p in out.glob("runs/*/*/*/*/log.jsonl"))
+        if stop == "kill-the-parent":
+            proc.send_signal(signal.SIGKILL)  # the parent gets no chance to clean up
+            proc.wait(timeout=10)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 130, stderr[-2000:]
+            assert "run the same command again to resume" in stderr
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"workers still running after their comparison was killed: {alive}"
+        assert sorted(p.parent for p in out.glob("runs/*/*/*/*/log.jsonl")) == started  # no queued run began
+    finally:  # whatever happened, nothing of this test trains on
+        for process in [proc, *workers]:
+            try:
+                process.kill()
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass

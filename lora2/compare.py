@@ -222,7 +222,8 @@ def _train_one(tc: TrainConfig, threads: int, progress: bool = False) -> TrainRe
             # A worker of a comparison being stopped. Returning would let it take the next run already
             # queued to it (the pool keeps a few), training on after the user stopped the comparison,
             # and racing a resumed one for the same run folder. So the worker ends here, with the
-            # CLI's exit code for an interruption; the run resumes from its checkpoint next time.
+            # CLI's exit code for an interruption; next time the run resumes from its checkpoint, or
+            # starts again if it was too short to write one.
             logging.shutdown()
             os._exit(130)
         raise

@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 from .config import LoRA2Config
-from .errors import InputError
+from .errors import EXIT_INTERRUPTED, InputError
 
 logger = logging.getLogger("lora2")
 
-EXIT_INTERRUPTED = 130
 TASKS = ["classification", "regression", "causal-lm"]
 # LoRA²'s own options take None as their argparse default ("not given", so a baseline method can
 # refuse them); their real defaults are LoRA2Config's.

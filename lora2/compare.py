@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from .data import BUILTIN_DATASETS, builtin_split_file, read_rows
-from .errors import InputError
+from .errors import EXIT_INTERRUPTED, InputError
 from .io import atomic_path, atomic_write_text
 from .train import CHECKPOINT_DIR, STATE_FILE, TrainConfig, TrainingError, TrainingInterrupted, TrainResult, train
 
@@ -222,10 +222,10 @@ def _train_one(tc: TrainConfig, threads: int, progress: bool = False) -> TrainRe
             # A worker of a comparison being stopped. Returning would let it take the next run already
             # queued to it (the pool keeps a few), training on after the user stopped the comparison,
             # and racing a resumed one for the same run folder. So the worker ends here, with the
-            # CLI's exit code for an interruption; next time the run resumes from its checkpoint, or
+            # exit code of an interruption; next time the run resumes from its checkpoint, or
             # starts again if it was too short to write one.
             logging.shutdown()
-            os._exit(130)
+            os._exit(EXIT_INTERRUPTED)
         raise
 
 
@@ -239,7 +239,7 @@ def _worker_init(parent_pid: int) -> None:
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(130)
+        os._exit(EXIT_INTERRUPTED)
 
 
 DIVERGED_FILE = "diverged.txt"

@@ -59,6 +59,7 @@ class Result:
     pruned: bool = False  # the autotuner drops this config on this GPU (estimated shared memory): not compiled
     registers: int | None = None  # per thread, from ptxas -v (with --resources)
     spill_bytes: int | None = None
+    atomics: int | None = None  # atomic ops in the TTIR: none, or the kernels are not deterministic
     error: str | None = None
 
 
@@ -157,6 +158,7 @@ def compile_case(case: str, arch: int, resources: bool = False) -> list[Result]:
         result = Result(case, launch.kernel, arch, label, fits, time.perf_counter() - start, shared,
                         error=None if fits else f"needs {shared} bytes of shared memory, sm_{arch} has "
                                                 f"{SHARED_MEMORY_LIMIT[arch]}; the autotuner's estimate kept it")
+        result.atomics = len(re.findall(r"\batomic_", compiled.asm["ttir"]))
         if resources:
             result.registers, result.spill_bytes = _ptxas_resources(compiled.asm["ptx"], arch)
         results.append(result)

@@ -17,8 +17,9 @@ from lora2_kernels import LoRA2Linear
 
 
 def _setup(total=40, init=5, final=10, interval=3, r=4, target=2, family="bert", pruning="adalora"):
+    # β₁ ≠ β₂ (the defaults are equal): a swap of the two EMAs must change the scores
     cfg = LoRA2Config(r=r, k=2, target_rank=target, init_warmup=init, final_warmup=final, mask_interval=interval,
-                      pruning=pruning)
+                      pruning=pruning, beta1=0.9, beta2=0.5)
     model = get_lora2_model(make_model(family), cfg)
     randomize_adapters(model, scale=0.3)
     return model, RankAllocator(model.lora2_layers(), cfg, total_steps=total)
@@ -194,7 +195,7 @@ def test_state_follows_the_model_to_another_device():
 
 
 def test_allocator_does_not_write_into_the_callers_config():
-    cfg = LoRA2Config(r=4, k=2, target_rank=2, init_warmup=1, final_warmup=1)
+    cfg = LoRA2Config(r=4, k=2, target_rank=2, init_warmup=1, final_warmup=1, beta1=0.9, beta2=0.5)
     frozen = dataclasses.asdict(cfg)
     model = get_lora2_model(make_model("bert"), cfg)
     RankAllocator(model.lora2_layers(), cfg, total_steps=10)

@@ -41,7 +41,8 @@ def _user_ddp_loop(rank: int, world_size: int, port: int, out: str) -> None:
                                   vocab_size=101, num_labels=2, hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0)
     model = get_lora2_model(transformers.BertForSequenceClassification(cfg), LoRA2Config(
-        r=4, k=4, target_rank=2, total_steps=STEPS, init_warmup=1, final_warmup=2, mask_interval=1))
+        r=4, k=4, target_rank=2, total_steps=STEPS, init_warmup=1, final_warmup=2, mask_interval=1, beta1=0.9,
+        beta2=0.5))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     allocator = RankAllocator(model.lora2_layers(), model.lora2_config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)

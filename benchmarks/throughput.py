@@ -373,6 +373,9 @@ class AllocatorResult:
     reference_ms: float | None = None
     allocator_step_ms: float | None = None  # a whole RankAllocator.step at a masking step, compiled op
     speedup: float | None = None
+    # max |compiled − reference| / max |reference| of the scores after one update from the same state:
+    # a speed-up is only worth printing for two implementations that compute the same thing
+    score_difference: float | None = None
     note: str | None = None
 
 
@@ -386,9 +389,11 @@ def measure_allocator(device: torch.device, modules: int = 22 * 7, r: int = 8, k
             p.grad = torch.randn_like(p)
     params = ([l.singular_values for l in layers.values()], [l.q_up for l in layers.values()],
               [l.p_down for l in layers.values()])
+    scores = {}
     for backend, attribute in (("compiled", "compiled_ms"), ("reference", "reference_ms")):
         state = reference.new_importance_state(modules, r, k, device=device)
         try:
+            scores[backend] = importance_update(*params, state, 0.85, 0.85, backend=backend)[0].clone()
             setattr(result, attribute, bench(lambda: importance_update(*params, state, 0.85, 0.85, backend=backend),
                                              device, runs=50))
         except RuntimeError as e:
@@ -398,6 +403,9 @@ def measure_allocator(device: torch.device, modules: int = 22 * 7, r: int = 8, k
     result.allocator_step_ms = bench(lambda: allocator.step(PRUNING_STEP), device, runs=50)
     if result.compiled_ms and result.reference_ms:
         result.speedup = result.reference_ms / result.compiled_ms
+    if len(scores) == 2:
+        result.score_difference = float((scores["compiled"] - scores["reference"]).abs().max()
+                                        / scores["reference"].abs().max().clamp_min(1e-30))
     return result
 
 

@@ -42,7 +42,7 @@ def test_every_step_method_measures_and_the_table_has_ratios():
 def test_allocator_section_compares_the_compiled_op_with_the_reference():
     result = throughput.measure_allocator(torch.device("cpu"), modules=12, r=4, k=2)
     assert result.compiled_ms > 0 and result.reference_ms > 0 and result.allocator_step_ms > 0
-    assert result.speedup == result.reference_ms / result.compiled_ms
+    assert result.score_difference is not None and result.score_difference < 1e-6  # the two compute the same
     assert "12 × 4 × 2" in throughput.allocator_table(result, [])
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from conftest import require
 
 import lora2.compare as compare_module
 from lora2.cli import main
@@ -147,7 +148,7 @@ def test_a_stopped_parallel_comparison_leaves_no_worker_training(tiny_bert_dir, 
     """Stopping `lora2 compare --jobs 2` must stop its worker processes: left alone, each would go on
     with the runs already queued to it, racing a resumed comparison for their folders. SIGKILL of
     the parent alone (a crash, the OOM killer) and Ctrl-C (SIGINT to the whole process group)."""
-    psutil = pytest.importorskip("psutil")
+    psutil = require("psutil", "pip install psutil")
     out = tmp_path / "cmp"
     proc = subprocess.Popen(
         [sys.executable, "-m", "lora2", "compare", "--model", tiny_bert_dir, "--output-dir", str(out), "--tasks",

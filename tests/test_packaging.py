@@ -6,6 +6,7 @@ top-level folder of that name must install only as ``lora2_kernels.triton_kernel
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -64,7 +65,11 @@ def test_installed_in_a_clean_venv_triton_kernels_is_not_ours(wheel, tmp_path):
         "print(json.dumps({'kernels': k.__file__, 'package': lora2_kernels.__file__,\n"
         "                  'triton_kernels': spec.origin if spec else None,\n"
         "                  'cpu_op': lora2_kernels.available_backends()['importance_cpu']}))\n")
-    run = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=False)
+    # A clean environment: nothing inherited that points at this checkout (PYTHONPATH would import the
+    # tree's copy and the test would prove nothing about the wheel).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    run = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         check=False)
     assert run.returncode == 0, run.stderr[-4000:]
     import json
 

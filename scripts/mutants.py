@@ -1,0 +1,255 @@
+"""Mutation check: does the test suite catch a wrong kernel?
+
+    python scripts/mutants.py                 # every mutant a CPU can see; a table; exit 1 on a survivor
+    python scripts/mutants.py --list          # the mutants and the tests each one is checked against
+    python scripts/mutants.py bias-dropped-half beta-swapped-cpp
+
+Each mutant is one small deliberate bug: an exact text substitution in one file of the package (the
+substitution must match, or the mutant is reported as stale). For each mutant the script copies the
+working tree (git's tracked and untracked-not-ignored files) to a temporary folder, applies the
+substitution, rebuilds the compiled importance op there if the mutant is in csrc/, and runs only the
+tests that should catch it, with the copy first on PYTHONPATH. Outcomes:
+
+- killed:   the tests failed (pytest exit 1): the suite sees this bug;
+- SURVIVED: the tests passed: a wrong kernel would land. Exit status 1;
+- BROKEN:   the tests could not run (collection error, build failure): the mutant proves nothing.
+            Exit status 1 too, so a stale or broken mutant is fixed rather than counted;
+- needs a GPU: the mutant is in code only a GPU runs (the CUDA kernel); run this on a GPU machine.
+
+Before the mutants, the union of the selected tests runs once on the unmutated copy: a mutant only
+counts as killed if the same tests pass without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_TESTS = "tests/test_triton_kernels.py"
+IMPORTANCE_TESTS = "tests/test_importance_op.py"
+HALF = "bfloat16 or float16"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # file of the package, relative to the repository root
+    old: str  # exact text to replace (every occurrence)
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files / node ids and -k expressions
+    why: str  # the bug it stands for
+    gpu: bool = False  # only code a GPU runs is changed
+
+
+KERNEL = "triton_kernels/lora_linear.py"
+REFERENCE = "lora2_kernels/reference.py"
+CPP = "csrc/importance.cpp"
+
+MUTANTS = [
+    Mutant("bias-dropped-half", KERNEL,
+           "acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]",
+           "acc += 0.0 * tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]",
+           (KERNEL_TESTS, "-k", HALF), "the fused forward forgets the bias (seen by the half-precision tests alone)"),
+    Mutant("base-gemm-dropped-half", KERNEL,
+           "acc = tl.dot(x, b, acc, input_precision=PRECISION)", "acc = acc",
+           (KERNEL_TESTS, "-k", HALF), "the frozen layer's GEMM is dropped (seen by the half-precision tests alone)"),
+    Mutant("conv1d-forward-strides-swapped", KERNEL,
+           "b_strides = (weight.stride(0), weight.stride(1)) if fan_in_fan_out else (weight.stride(1), weight.stride(0))",
+           "b_strides = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else (weight.stride(1), weight.stride(0))",
+           (KERNEL_TESTS, "-k", f"conv1d and ({HALF})"), "GPT-2 Conv1D's transposed weight read as an nn.Linear's"),
+    Mutant("conv1d-dx-strides-swapped", KERNEL,
+           "b_strides = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else (weight.stride(0), weight.stride(1))",
+           "b_strides = (weight.stride(0), weight.stride(1)) if fan_in_fan_out else (weight.stride(0), weight.stride(1))",
+           (KERNEL_TESTS, "-k", f"conv1d and ({HALF})"), "the dX kernel reads Conv1D's weight with Linear's strides"),
+    Mutant("rank-k-term-doubled", KERNEL,
+           "acc = tl.dot(hidden, u.to(tl.float32), acc, input_precision=PRECISION)",
+           "acc = tl.dot(2.0 * hidden, u.to(tl.float32), acc, input_precision=PRECISION)",
+           (KERNEL_TESTS, "-k", "oracle"), "the adapter term added twice"),
+    Mutant("partial-sum-dropped", KERNEL, "return partial.sum(0)", "return partial[1:].sum(0)",
+           (KERNEL_TESTS, "-k", "oracle or reduction"), "the first token split's partial sum is lost"),
+    Mutant("fp32-always-tf32", KERNEL, 'return "ieee"', 'return "tf32"',
+           (KERNEL_TESTS, "-k", "precision"), "fp32 inputs use TF32 dots although torch asked for IEEE"),
+    Mutant("core-scale-doubled", REFERENCE, "weighted = singular_values * rank_mask * scale  # r",
+           "weighted = singular_values * rank_mask * scale * 2  # r",
+           (KERNEL_TESTS, "-k", "oracle"), "the k × k core's α / r scale applied twice"),
+    Mutant("mask-dropped", REFERENCE, "weighted = singular_values * rank_mask * scale  # r",
+           "weighted = singular_values * scale  # r",
+           (KERNEL_TESTS, "-k", "oracle"), "the rank mask not applied to λ in the forward"),
+    Mutant("reference-bias-dropped", REFERENCE,
+           "base = F.linear(x, base_weight(weight, fan_in_fan_out), bias)",
+           "base = F.linear(x, base_weight(weight, fan_in_fan_out), None)",
+           ("tests/test_linear.py",), "the CPU (reference) path forgets the bias"),
+    Mutant("beta-swapped-cpp", CPP, "beta1, beta2, finite)", "beta2, beta1, finite)",
+           (IMPORTANCE_TESTS, "-k", "not nvcc and not glue"), "the compiled op swaps the EMAs' β₁ and β₂"),
+    Mutant("uncertainty-from-old-ema-cpp", CPP,
+           "*ema = e;\n    *unc = beta2 * *unc + (1.0f - beta2) * std::fabs(sensitivity - e);",
+           "*unc = beta2 * *unc + (1.0f - beta2) * std::fabs(sensitivity - *ema);\n    *ema = e;",
+           (IMPORTANCE_TESTS, "-k", "not nvcc and not glue"), "Ū measured against the previous step's Ī"),
+    Mutant("score-term-dropped-cpp", CPP,
+           "out[li] = score + b1_sum / static_cast<float>(k) + a2_sum / static_cast<float>(k);",
+           "out[li] = score + b1_sum / static_cast<float>(k);",
+           (IMPORTANCE_TESTS, "-k", "not nvcc and not glue"), "A₂'s share of the score is dropped"),
+    Mutant("beta-swapped-reference", REFERENCE, "ema.mul_(beta1).add_((1 - beta1) * sensitivity)",
+           "ema.mul_(beta2).add_((1 - beta2) * sensitivity)",
+           (IMPORTANCE_TESTS, "-k", "not nvcc and not glue"), "the PyTorch reference uses β₂ for Ī"),
+    Mutant("budget-schedule-quadratic", "lora2/allocator.py", "* (1.0 - progress) ** 3", "* (1.0 - progress) ** 2",
+           ("tests/test_allocator.py", "-k", "budget"), "the budget decays quadratically, not cubically"),
+    Mutant("ema-doubled-cuda", "csrc/importance_cuda.cu", "const float e = beta1 * *ema + (1.0f - beta1) * sensitivity;",
+           "const float e = 2.0f * (beta1 * *ema + (1.0f - beta1) * sensitivity);",
+           (IMPORTANCE_TESTS, "-k", "cuda and not nvcc"), "the CUDA kernel's EMA doubled", gpu=True),
+]
+
+
+def working_tree_files() -> list[str]:
+    run = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, check=True)
+    return [p for p in run.stdout.decode().split("\0") if p and (ROOT / p).is_file()]
+
+
+def make_copy(destination: Path) -> None:
+    """The working tree as the editable install sees it: lora2_kernels.triton_kernels is triton_kernels/."""
+    for rel in working_tree_files():
+        target = destination / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    (destination / "lora2_kernels" / "triton_kernels").symlink_to("../triton_kernels", target_is_directory=True)
+    for built in (ROOT / "lora2_kernels").glob("_C*.so"):  # the compiled op as installed (rebuilt for csrc/ mutants)
+        shutil.copy2(built, destination / "lora2_kernels" / built.name)
+
+
+def environment(copy: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1",
+               LORA2_BUILD_CUDA="1" if has_gpu() else "0")  # the .cu mutant needs the CUDA op rebuilt
+    env.setdefault("CI", "1")  # missing prerequisites fail rather than skip, as in CI
+    return env
+
+
+def check_copy_is_imported(copy: Path) -> None:
+    probe = "import lora2_kernels, lora2_kernels.triton_kernels.lora_linear as k, lora2; print(lora2_kernels.__file__)"
+    run = subprocess.run([sys.executable, "-c", probe], cwd=copy, env=environment(copy), capture_output=True,
+                         text=True, check=False)
+    if run.returncode != 0 or not run.stdout.strip().startswith(str(copy)):
+        sys.exit(f"mutants: the copy's packages are not the ones imported ({run.stdout.strip()}{run.stderr[-2000:]})")
+
+
+def build_extension(copy: Path) -> str | None:
+    """Rebuild lora2_kernels._C in the copy (with the CUDA op where a GPU is); the error text or None."""
+    for built in (copy / "lora2_kernels").glob("_C*.so"):
+        built.unlink()
+    run = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=copy,
+                         env=environment(copy), capture_output=True, text=True, check=False)
+    return None if run.returncode == 0 else (run.stdout + run.stderr)[-3000:]
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], stop_early: bool = True) -> tuple[int, str]:
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header", "-rN", *tests]
+    if stop_early:
+        args.append("-x")
+    run = subprocess.run(args, cwd=copy, env=environment(copy), capture_output=True, text=True, check=False)
+    return run.returncode, (run.stdout + run.stderr)[-3000:]
+
+
+def apply(copy: Path, mutant: Mutant) -> int:
+    path = copy / mutant.path
+    text = path.read_text(encoding="utf-8")
+    count = text.count(mutant.old)
+    if count:
+        path.write_text(text.replace(mutant.old, mutant.new), encoding="utf-8")
+    return count
+
+
+def restore(copy: Path, mutant: Mutant) -> None:
+    shutil.copy2(ROOT / mutant.path, copy / mutant.path)
+
+
+_GPU: list[bool] = []
+
+
+def has_gpu() -> bool:
+    if not _GPU:
+        import torch
+
+        _GPU.append(torch.cuda.is_available())
+    return _GPU[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutants {sorted(unknown)}; --list shows them")
+    selected = [m for m in MUTANTS if not args.names or m.name in args.names]
+    if args.list:
+        for m in selected:
+            print(f"{m.name:<32} {m.path:<34} {' '.join(m.tests)}\n{'':<32} {m.why}")
+        return 0
+
+    gpu = has_gpu()
+    rows, failed = [], False
+    with tempfile.TemporaryDirectory(prefix="lora2-mutants-") as tmp:
+        copy = Path(tmp) / "repo"
+        make_copy(copy)
+        check_copy_is_imported(copy)
+        runnable = [m for m in selected if gpu or not m.gpu]
+        if not args.no_baseline and runnable:
+            files = sorted({t for m in runnable for t in m.tests if t.startswith("tests/")})
+            start = time.perf_counter()
+            code, output = run_tests(copy, tuple(files), stop_early=False)
+            print(f"baseline: {' '.join(files)} → exit {code} ({time.perf_counter() - start:.0f} s)", flush=True)
+            if code != 0:
+                print(output)
+                print("mutants: the selected tests fail without any mutant; fix them first.")
+                return 1
+        for m in selected:
+            start = time.perf_counter()
+            if m.gpu and not gpu:
+                rows.append((m, "needs a GPU", 0.0, ""))
+                continue
+            if apply(copy, m) == 0:
+                rows.append((m, "BROKEN (stale: text not found)", 0.0, ""))
+                failed = True
+                continue
+            detail = ""
+            error = build_extension(copy) if m.path.startswith("csrc/") else None
+            if error is not None:
+                outcome, detail = "BROKEN (build failed)", error
+            else:
+                code, detail = run_tests(copy, m.tests)
+                outcome = {0: "SURVIVED", 1: "killed"}.get(code, f"BROKEN (pytest exit {code})")
+            restore(copy, m)
+            if m.path.startswith("csrc/"):
+                for built in (copy / "lora2_kernels").glob("_C*.so"):
+                    built.unlink()
+                for built in (ROOT / "lora2_kernels").glob("_C*.so"):
+                    shutil.copy2(built, copy / "lora2_kernels" / built.name)
+            failed |= outcome != "killed"
+            rows.append((m, outcome, time.perf_counter() - start, detail))
+            print(f"{m.name}: {outcome} ({rows[-1][2]:.0f} s)", flush=True)
+
+    print("\n| mutant | file | bug | tests run | result |\n|---|---|---|---|---|")
+    for m, outcome, _, _ in rows:
+        print(f"| {m.name} | {m.path} | {m.why} | `{' '.join(m.tests)}` | {outcome} |")
+    killed = sum(outcome == "killed" for _, outcome, _, _ in rows)
+    print(f"\n{killed} killed, {sum(o == 'SURVIVED' for _, o, _, _ in rows)} survived, "
+          f"{sum(o.startswith('BROKEN') for _, o, _, _ in rows)} broken, "
+          f"{sum(o == 'needs a GPU' for _, o, _, _ in rows)} need a GPU")
+    for m, outcome, _, detail in rows:
+        if outcome != "killed" and detail:
+            print(f"\n--- {m.name}: {outcome}\n{detail}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

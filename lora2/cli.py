@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target-rank", type=int,
                    help=f"average singular values kept per module after pruning (default {LORA2_DEFAULTS['target_rank']})")
     m.add_argument("--alpha", type=float, help=f"ΔW is scaled by alpha / r (default {LORA2_DEFAULTS['alpha']:g})")
-    m.add_argument("--dropout", type=float, help="dropout on the adapter's input; > 0 takes the PyTorch path "
-                                                 f"instead of the fused kernels (default {LORA2_DEFAULTS['dropout']:g})")
+    m.add_argument("--dropout", type=float, help="dropout on the adapter's input (the base sees x; fused into the "
+                                                 f"kernels on a GPU) (default {LORA2_DEFAULTS['dropout']:g})")
     m.add_argument("--init", choices=["orthogonal", "normal"],
                    help=f"factor initialisation (default {LORA2_DEFAULTS['init']}; see LoRA2Config)")
     m.add_argument("--pruning", choices=["adalora", "monotone"],

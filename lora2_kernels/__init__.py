@@ -3,7 +3,7 @@
     from lora2_kernels import LoRA2Linear
     layer = LoRA2Linear(768, 768, r=8, k=8)          # a drop-in nn.Linear with a LoRA² adapter
 
-- ``LoRA2Linear`` (linear.py): nn.Linear + adapter; forward through ``ops.lora_linear``.
+- ``LoRA2Linear`` (linear.py): nn.Linear + adapter; forward through ``ops.lora2_linear``.
 - ``ops`` (ops.py): autograd / torch.library layer over the fused Triton kernels
   (triton_kernels/lora_linear.py, installed as ``lora2_kernels.triton_kernels``).
 - ``importance_update`` (importance.py): the rank allocator's importance update, a compiled
@@ -19,7 +19,7 @@ from . import reference
 from ._extension import compiled_op_available, extension_error
 from .importance import importance_update
 from .linear import ADAPTER_PARAMETER_NAMES, LoRA2Linear, is_conv1d, is_supported_linear
-from .ops import lora_linear, triton_importable, triton_interpreting
+from .ops import lora2_linear, triton_importable, triton_interpreting
 
 __version__ = "0.2.0"
 
@@ -60,10 +60,18 @@ def warmup(model, tokens: int, dtype=None) -> int:
     from .triton_kernels import warmup as tune
 
     dtype = dtype or (torch.bfloat16 if layers[0].weight.dtype == torch.float32 else layers[0].weight.dtype)
-    shapes = {(tokens, m.in_features, m.out_features, m.k) for m in layers}
-    return tune(sorted(shapes), dtype=dtype, device=layers[0].weight.device)
+    return tune(sorted(warmup_keys(model, tokens)), dtype=dtype, device=layers[0].weight.device)
+
+
+def warmup_keys(model, tokens: int) -> set[tuple[int, int, int, int, int, bool, float]]:
+    """(tokens, in, out, k, r, bias, dropout) of every LoRA2Linear in ``model``: the autotuning keys its
+    training steps will use (bias-free layers, as in LLaMA, and dropout are keys of their own)."""
+    return {(tokens, m.in_features, m.out_features, m.k, m.r, m.bias is not None,
+             m.dropout.p if hasattr(m.dropout, "p") else 0.0)
+            for m in model.modules() if isinstance(m, LoRA2Linear)}
 
 
 __all__ = ["ADAPTER_PARAMETER_NAMES", "LoRA2Linear", "available_backends", "compiled_op_available",
-           "importance_update", "is_conv1d", "is_supported_linear", "lora_linear", "reference", "warmup",
+           "importance_update", "is_conv1d", "is_supported_linear", "lora2_linear", "reference", "warmup",
+           "warmup_keys",
            "__version__"]

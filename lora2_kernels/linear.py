@@ -12,9 +12,10 @@ The frozen weight W (out × in) gets ΔW = s · P · diag(λ ⊙ m) · Q with P 
     q_down  = A₁   k × in        q_up   = B₁  r × k       singular_values = λ   r
     p_down  = A₂   k × r         p_up   = B₂  out × k     rank_mask       = m   r   (a buffer)
 
-The forward folds the three middle factors into the k × k core C = s·A₂·diag(λ⊙m)·B₁ (a tiny
-torch op), then runs ``ops.lora_linear(x, W, b, down=A₁, up=B₂·C)``: one fused kernel for the
-base GEMM plus the rank-k LoRA. Autograd carries d(up) back to λ, B₁, A₂ and B₂.
+The forward runs ``ops.lora2_linear(x, W, b, A₁, B₁, λ, A₂, B₂, m, ...)``: the fused kernels fold
+the three middle factors into the k × k core C = s·A₂·diag(λ⊙m)·B₁ themselves and compute the base
+GEMM, the rank-k adapter (with adapter dropout) and every factor's gradient: 4 launches a training
+step (3 in fp32), no torch glue around them.
 
 Backends: "auto" (Triton on CUDA tensors when it applies, the PyTorch reference otherwise — on a
 GPU a layer the kernels cannot take logs why, once), "triton" (always; an error if it cannot
@@ -172,10 +173,7 @@ class LoRA2Linear(nn.Linear):
         if self.backend == "auto" and not _on_gpu(x):
             return "reference", f"{x.device.type} tensors; the fused kernels run on CUDA"
         weight = self.weight if weight is None else weight
-        reason = ops.triton_unsupported(x, weight, self.q_down)
-        if reason is None and self.training and isinstance(self.dropout, nn.Dropout):
-            reason = ("adapter dropout > 0 is not implemented in the fused kernels (they read x once for the base "
-                      "and the adapter); set dropout=0 to use them")
+        reason = ops.triton_unsupported(x, weight, self.q_down, self.r)
         if reason is None:
             return "triton", None
         if self.backend == "triton":
@@ -200,12 +198,11 @@ class LoRA2Linear(nn.Linear):
         backend, reason = self.resolve_backend(x, weight)  # raises if backend='triton' cannot run
         if reason is not None and _on_gpu(x) and self.backend == "auto":
             _warn_once(f"LoRA2Linear: {reason}; this layer runs the PyTorch reference path.")
-        up = self._factor("p_up") @ self.core()  # B₂·C, out × k: the masked singular values live here
-        down = self._factor("q_down")
-        if self.training and isinstance(self.dropout, nn.Dropout):  # the adapter sees dropout(x), the base x
-            return reference.lora_linear_forward(x, weight, bias, down, up, self.fan_in_fan_out,
-                                                 adapter_x=self.dropout(x))[0]
-        return ops.lora_linear(x, weight, bias, down, up, self.fan_in_fan_out, backend)
+        # the adapter sees dropout(x), the base x (PEFT's semantics); in the kernels, or torch's in the reference
+        dropout = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        return ops.lora2_linear(x, weight, bias, *(self._factor(name) for name in ADAPTER_PARAMETER_NAMES),
+                                self._factor("rank_mask"), self.alpha, self.scale_by_kept, self.fan_in_fan_out,
+                                dropout, backend)
 
     # --- allocator interface -----------------------------------------------------------------------
 

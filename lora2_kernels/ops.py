@@ -1,21 +1,24 @@
-"""The torch layer over the fused kernels: ``lora_linear(x, W, b, down, up)`` with autograd.
+"""The torch layer over the fused kernels: ``lora2_linear(x, W, b, A₁, B₁, λ, A₂, B₂, m, ...)`` with autograd.
 
-    y = x·Wᵀ + b + (x·downᵀ)·upᵀ
+    y = x·Wᵀ + b + d(x)·ΔWᵀ,   ΔW = s·B₂·A₂·diag(λ⊙m)·B₁·A₁,   s = α/r (or α/kept),   d: adapter dropout
 
-``backend="triton"`` runs triton_kernels/lora_linear.py (one fused launch forward, three
-backward); ``backend="reference"`` runs lora2_kernels/reference.py under plain autograd (what CPU
-tensors use). Both have the same contract, and the tests hold the first to the second.
+``backend="triton"`` runs triton_kernels/lora_linear.py: the whole layer, core included, in one
+launch forward (plus one cast launch for half inputs) and two backward, every factor's gradient
+out of the kernels. ``backend="reference"`` runs lora2_kernels/reference.py under plain autograd
+(what CPU tensors use). Both have the same contract; the tests hold the first to a float64 oracle.
 
 Two entry points to the same host functions, because they cost differently:
 
-- eager: ``LoRALinearFunction``, a plain autograd.Function (a custom op's dispatch costs ~30 µs
-  more per call on the host, which adds up over the ~150 adapted layers of a 1B model);
-- under ``torch.compile``: the ``lora2::lora_linear`` / ``lora2::lora_linear_backward`` custom ops,
-  with fake implementations and registered autograd, so dynamo and AOTAutograd treat the kernels
-  as opaque ops: no graph break, and nothing traces into a Triton launch.
+- eager: ``LoRA2Function``, a plain autograd.Function (a custom op's dispatch costs ~30 µs more per
+  call on the host, which adds up over the ~150 adapted layers of a 1B model);
+- under ``torch.compile``: the ``lora2::lora2_linear`` / ``lora2::lora2_linear_backward`` custom ops,
+  with fake implementations whose outputs match the real ones (shape, dtype and strides) and
+  registered autograd, so dynamo, AOTAutograd and inductor treat the kernels as opaque ops: no graph
+  break, and nothing traces into a Triton launch.
 
-Only x and the fp32 rank-k hidden h are saved for the backward (plus W, down and up, which exist
-anyway); nothing out × in is ever built.
+Saved for the backward: x, the fp32 rank-k hidden h = d(x)·A₁ᵀ and (half inputs) B₂ in x's dtype;
+nothing out × in is ever built. The dropout mask is not saved either: the backward regenerates it
+from the seed (a CPU int64 tensor, so a new seed each step is data, not a recompile).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "reference")
+FACTOR_NAMES = ("q_down", "q_up", "singular_values", "p_down", "p_up")
 
 
 def triton_kernels():
@@ -48,7 +53,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_unsupported(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor) -> str | None:
+def triton_unsupported(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, r: int = 1) -> str | None:
     """Why the Triton kernels cannot run this call, or None when they can."""
     if not triton_importable():
         return "Triton is not installed (it comes with CUDA builds of PyTorch on Linux)"
@@ -59,127 +64,166 @@ def triton_unsupported(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor
         return f"the kernels take float16, bfloat16 or float32 inputs, not {x.dtype}"
     if weight.dtype != x.dtype:
         return f"the input is {x.dtype} but the weight is {weight.dtype} (outside autocast they must match)"
-    if down.shape[0] > triton_kernels().MAX_RANK:
-        return f"inner width k={down.shape[0]} is above the kernels' maximum of {triton_kernels().MAX_RANK}"
+    limit = triton_kernels().MAX_RANK
+    if down.shape[0] > limit or r > limit:
+        return f"k={down.shape[0]}, r={r}: the kernels cover k and r up to {limit}"
     return None
 
 
-# --- host functions for both entry points ----------------------------------------------------------
+def _factors(q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept):
+    return triton_kernels().Factors(q_down, q_up, singular_values, p_down, p_up, rank_mask, float(alpha),
+                                    bool(scale_by_kept))
 
 
-def _forward(x, weight, bias, down, up, fan_in_fan_out: bool, backend: str):
-    if backend == "triton":
-        return triton_kernels().lora_linear_forward(x, weight, bias, down, up, fan_in_fan_out)
-    return reference.lora_linear_forward(x, weight, bias, down, up, fan_in_fan_out)
+def _seed(seed: torch.Tensor | None) -> int:
+    return int(seed) if seed is not None else 0
 
 
-def _backward(grad_y, x, weight, down, up, hidden, fan_in_fan_out: bool, backend: str, needs: tuple[bool, ...]):
-    needs_x, needs_w, needs_b = needs
-    if backend == "triton":
-        return triton_kernels().lora_linear_backward(grad_y, x, weight, down, up, hidden, fan_in_fan_out,
-                                                     needs_input_grad=needs_x, needs_weight_grad=needs_w,
-                                                     needs_bias_grad=needs_b)
-    grads = reference.lora_linear_backward(grad_y, x, weight, down, up, hidden, fan_in_fan_out, needs_w, needs_b)
-    return (grads[0] if needs_x else None, *grads[1:])
+def _gradients(grads: dict[str, torch.Tensor], params: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The kernels' fp32 factor gradients in each factor's dtype (a no-op for fp32 adapters)."""
+    return [grads[name].to(p.dtype) for name, p in zip(FACTOR_NAMES, params)]
 
 
 # --- eager: autograd.Function ------------------------------------------------------------------------
 
 
-class LoRALinearFunction(torch.autograd.Function):
+class LoRA2Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, fan_in_fan_out: bool, backend: str):
-        y, hidden = _forward(x, weight, bias, down, up, fan_in_fan_out, backend)
-        ctx.save_for_backward(x, weight, down, up, hidden)
-        ctx.fan_in_fan_out, ctx.backend, ctx.has_bias = fan_in_fan_out, backend, bias is not None
+    def forward(ctx, x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept,
+                fan_in_fan_out, dropout_p, seed):
+        f = _factors(q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept)
+        y, hidden, b2 = triton_kernels().lora2_forward(x, weight, bias, f, fan_in_fan_out, dropout_p, _seed(seed))
+        ctx.save_for_backward(x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2)
+        ctx.settings = (alpha, scale_by_kept, fan_in_fan_out, dropout_p, _seed(seed), bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, down, up, hidden = ctx.saved_tensors
+        x, weight, *params, rank_mask, hidden, b2 = ctx.saved_tensors
+        alpha, scale_by_kept, fan_in_fan_out, dropout_p, seed, has_bias = ctx.settings
         needs = ctx.needs_input_grad
-        grad_x, grad_w, grad_b, grad_down, grad_up = _backward(
-            grad_y.contiguous(), x, weight, down, up, hidden, ctx.fan_in_fan_out, ctx.backend,
-            (needs[0], needs[1], needs[2] and ctx.has_bias))
-        return (grad_x, grad_w, grad_b, grad_down if needs[3] else None, grad_up if needs[4] else None, None, None)
+        f = _factors(*params, rank_mask, alpha, scale_by_kept)
+        grad_x, grad_w, grad_b, grads = triton_kernels().lora2_backward(
+            grad_y.contiguous(), x, weight, f, hidden, b2, fan_in_fan_out, dropout_p, seed,
+            needs_input_grad=needs[0], needs_weight_grad=needs[1], needs_bias_grad=needs[2] and has_bias)
+        return (grad_x, grad_w, grad_b, *_gradients(grads, tuple(params)), None, None, None, None, None, None)
 
 
 # --- torch.compile: custom ops ------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lora2::lora_linear", mutates_args=())
-def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
-                   up: torch.Tensor, fan_in_fan_out: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    y, hidden = _forward(x, weight, bias, down, up, fan_in_fan_out, backend)
-    return y, hidden
+@torch.library.custom_op("lora2::lora2_linear", mutates_args=())
+def lora2_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q_down: torch.Tensor,
+                    q_up: torch.Tensor, singular_values: torch.Tensor, p_down: torch.Tensor, p_up: torch.Tensor,
+                    rank_mask: torch.Tensor, alpha: float, scale_by_kept: bool, fan_in_fan_out: bool,
+                    dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, B₂ᵀ in x's dtype), the last an empty tensor where B₂ already has that dtype (an output
+    may not alias an input)."""
+    f = _factors(q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept)
+    y, hidden, b2 = triton_kernels().lora2_forward(x, weight, bias, f, fan_in_fan_out, dropout_p, _seed(seed))
+    return y, hidden, (b2 if b2 is not p_up else x.new_empty(0))
 
 
-@lora_linear_op.register_fake
-def _lora_linear_fake(x, weight, bias, down, up, fan_in_fan_out, backend):
+@lora2_linear_op.register_fake
+def _lora2_linear_fake(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept,
+                       fan_in_fan_out, dropout_p, seed):
     out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    hidden_dtype = torch.promote_types(x.dtype, torch.float32)
-    return (x.new_empty((*x.shape[:-1], out_features)),
-            x.new_empty((*x.shape[:-1], down.shape[0]), dtype=hidden_dtype))
+    cast = q_down.dtype != x.dtype or p_up.dtype != x.dtype
+    return (x.new_empty((*x.shape[:-1], out_features)), x.new_empty((*x.shape[:-1], q_down.shape[0]),
+                                                                    dtype=torch.float32),
+            x.new_empty(p_up.shape[::-1]) if cast else x.new_empty(0))
 
 
-@torch.library.custom_op("lora2::lora_linear_backward", mutates_args=())
-def lora_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor,
-                            up: torch.Tensor, hidden: torch.Tensor, fan_in_fan_out: bool, backend: str,
-                            needs_input_grad: bool, needs_weight_grad: bool,
-                            needs_bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                            torch.Tensor]:
-    """(dX, dW, db, d down, d up); a gradient that was not asked for is an empty tensor (custom ops
-    cannot return None)."""
-    grads = _backward(grad_y, x, weight, down, up, hidden, fan_in_fan_out, backend,
-                      (needs_input_grad, needs_weight_grad, needs_bias_grad))
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+@torch.library.custom_op("lora2::lora2_linear_backward", mutates_args=())
+def lora2_linear_backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, q_down: torch.Tensor, q_up: torch.Tensor,
+    singular_values: torch.Tensor, p_down: torch.Tensor, p_up: torch.Tensor, rank_mask: torch.Tensor,
+    hidden: torch.Tensor, b2: torch.Tensor, alpha: float, scale_by_kept: bool, fan_in_fan_out: bool, dropout_p: float,
+    seed: torch.Tensor | None, needs_input_grad: bool, needs_weight_grad: bool, needs_bias_grad: bool,
+) -> list[torch.Tensor]:
+    """[dX, dW, db, dA₁, dB₁, dλ, dA₂, dB₂]; a gradient that was not asked for is an empty tensor
+    (custom ops cannot return None). Every output is a fresh contiguous tensor, as the fake says."""
+    params = (q_down, q_up, singular_values, p_down, p_up)
+    f = _factors(*params, rank_mask, alpha, scale_by_kept)
+    grad_x, grad_w, grad_b, grads = triton_kernels().lora2_backward(
+        grad_y, x, weight, f, hidden, b2 if b2.numel() else p_up, fan_in_fan_out, dropout_p, _seed(seed),
+        needs_input_grad=needs_input_grad, needs_weight_grad=needs_weight_grad, needs_bias_grad=needs_bias_grad)
+    return [t if t is not None else x.new_empty(0) for t in (grad_x, grad_w, grad_b)] + _gradients(grads, params)
 
 
-@lora_linear_backward_op.register_fake
-def _lora_linear_backward_fake(grad_y, x, weight, down, up, hidden, fan_in_fan_out, backend, needs_input_grad,
-                               needs_weight_grad, needs_bias_grad):
+@lora2_linear_backward_op.register_fake
+def _lora2_linear_backward_fake(grad_y, x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2,
+                                alpha, scale_by_kept, fan_in_fan_out, dropout_p, seed, needs_input_grad,
+                                needs_weight_grad, needs_bias_grad):
     out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    return (x.new_empty(x.shape) if needs_input_grad else x.new_empty(0),
+    return [x.new_empty(x.shape) if needs_input_grad else x.new_empty(0),
             weight.new_empty(weight.shape) if needs_weight_grad else x.new_empty(0),
             grad_y.new_empty((out_features,)) if needs_bias_grad else x.new_empty(0),
-            down.new_empty(down.shape), up.new_empty(up.shape))
+            *(p.new_empty(p.shape) for p in (q_down, q_up, singular_values, p_down, p_up))]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, down, up, fan_in_fan_out, backend = inputs
-    ctx.save_for_backward(x, weight, down, up, output[1])
-    ctx.fan_in_fan_out, ctx.backend, ctx.has_bias = fan_in_fan_out, backend, bias is not None
-    ctx.mark_non_differentiable(output[1])
+    x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, *settings = inputs
+    alpha, scale_by_kept, fan_in_fan_out, dropout_p, seed = settings
+    ctx.save_for_backward(x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, output[1], output[2],
+                          seed)
+    ctx.settings = (alpha, scale_by_kept, fan_in_fan_out, dropout_p, bias is not None)
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward_op(ctx, grad_y, grad_hidden):
-    x, weight, down, up, hidden = ctx.saved_tensors
+def _backward_op(ctx, grad_y, grad_hidden, grad_b2):
+    x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2, seed = ctx.saved_tensors
+    alpha, scale_by_kept, fan_in_fan_out, dropout_p, has_bias = ctx.settings
     needs = ctx.needs_input_grad
-    grad_x, grad_w, grad_b, grad_down, grad_up = torch.ops.lora2.lora_linear_backward(
-        grad_y.contiguous(), x, weight, down, up, hidden, ctx.fan_in_fan_out, ctx.backend, needs[0], needs[1],
-        needs[2] and ctx.has_bias)
-    return (grad_x if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] and ctx.has_bias else None,
-            grad_down if needs[3] else None, grad_up if needs[4] else None, None, None)
+    grads = torch.ops.lora2.lora2_linear_backward(
+        grad_y.contiguous(), x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2, alpha,
+        scale_by_kept, fan_in_fan_out, dropout_p, seed, needs[0], needs[1], needs[2] and has_bias)
+    grad_x, grad_w, grad_b, *factor_grads = grads
+    return (grad_x if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] and has_bias else None,
+            *(g if need else None for g, need in zip(factor_grads, needs[3:8])), None, None, None, None, None, None)
 
 
-lora_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
+lora2_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 # --- the public function -------------------------------------------------------------------------------
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
-                up: torch.Tensor, fan_in_fan_out: bool = False, backend: str = "triton") -> torch.Tensor:
-    """y = x·Wᵀ + b + (x·downᵀ)·upᵀ with autograd, through the Triton kernels or the reference.
+def reference_forward(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha: float,
+                      scale_by_kept: bool = False, fan_in_fan_out: bool = False, dropout_p: float = 0.0):
+    """The same layer through lora2_kernels/reference.py (plain autograd; torch's dropout RNG)."""
+    scale = alpha / rank_mask.sum().clamp_min(1.0) if scale_by_kept else alpha / singular_values.shape[0]
+    up = p_up @ reference.core(singular_values, rank_mask, q_up, p_down, scale)
+    adapter_x = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
+    return reference.lora_linear_forward(x, weight, bias, q_down, up, fan_in_fan_out, adapter_x=adapter_x)[0]
 
-    x: (..., in); weight: out × in (in × out with ``fan_in_fan_out``, GPT-2's Conv1D); down: k × in;
-    up: out × k. ``backend`` is "triton" or "reference" (LoRA2Linear resolves "auto" before this).
+
+def lora2_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q_down: torch.Tensor,
+                 q_up: torch.Tensor, singular_values: torch.Tensor, p_down: torch.Tensor, p_up: torch.Tensor,
+                 rank_mask: torch.Tensor, alpha: float, scale_by_kept: bool = False, fan_in_fan_out: bool = False,
+                 dropout_p: float = 0.0, backend: str = "triton", seed: torch.Tensor | None = None) -> torch.Tensor:
+    """A LoRA² layer's output with autograd, through the fused kernels or the reference.
+
+    x: (..., in); weight: out × in (in × out with ``fan_in_fan_out``, GPT-2's Conv1D); q_down: k × in;
+    q_up: r × k; singular_values, rank_mask: r; p_down: k × r; p_up: out × k (the factors contiguous).
+    ``dropout_p`` > 0: the adapter sees dropout(x), the base x (a new mask each call unless ``seed``,
+    a CPU int64 scalar tensor, is given). ``backend``: "triton" or "reference".
     """
+    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"lora2_linear: the input's last dimension is {x.shape[-1]} but the layer takes "
+                         f"{in_features} features (weight {tuple(weight.shape)}); pass (..., {in_features}) inputs.")
     if backend == "reference":
-        return reference.lora_linear_forward(x, weight, bias, down, up, fan_in_fan_out)[0]
+        return reference_forward(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha,
+                                 scale_by_kept, fan_in_fan_out, dropout_p)
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' or 'reference' here, got {backend!r}.")
     x = x.contiguous() if x.stride(-1) != 1 else x
+    if dropout_p > 0 and seed is None:  # drawn on the host from torch's generator: no device launch
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
     if torch.compiler.is_compiling():
-        return torch.ops.lora2.lora_linear(x, weight, bias, down, up, fan_in_fan_out, backend)[0]
-    return LoRALinearFunction.apply(x, weight, bias, down, up, fan_in_fan_out, backend)
+        return torch.ops.lora2.lora2_linear(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask,
+                                            float(alpha), bool(scale_by_kept), fan_in_fan_out, float(dropout_p),
+                                            seed)[0]
+    return LoRA2Function.apply(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha,
+                               scale_by_kept, fan_in_fan_out, dropout_p, seed)

@@ -1,53 +1,50 @@
-"""Fused Triton kernels for a linear layer plus a rank-k LoRA, the op every LoRA2Linear runs:
+"""Fused Triton kernels of a LoRA² layer: the frozen linear, the rank-k adapter and its k × k core.
 
-    y = x·Wᵀ + b + (x·downᵀ)·upᵀ          h = x·downᵀ (float32, saved for the backward)
+    y = x·Wᵀ + b + (d(x)·A₁ᵀ)·(B₂·C)ᵀ,   C = s·A₂·diag(λ⊙m)·B₁ (k × k),   s = α/r (or α/kept)
 
-For LoRA², down = A₁ (k × in) and up = B₂·C (out × k), where the k × k core
-C = s·A₂·diag(λ⊙mask)·B₁ holds the masked singular values; lora2_kernels.ops forms it with one
-tiny torch op before the launch (out·k² FLOPs) and autograd takes the gradient of ``up`` back to
-λ, B₁, A₂ and B₂. The reference of every function here is lora2_kernels/reference.py.
+d(x) is adapter dropout (PEFT's semantics: the base sees x, the adapter sees dropout(x)); the keep
+mask is Philox noise of (seed, row·in + column), generated in the forward and again in the
+backward, never stored. The reference of every function here is lora2_kernels/reference.py.
 
-Kernels (two; each launch below is one of them):
+Launches of one training step of one layer (counted by tests/test_device_work.py):
 
-``lora_matmul_kernel``: OUT = X·B + (X·D)·U (+ bias), and H = X·D.
-    forward: X = x, B = Wᵀ, D = downᵀ, U = upᵀ   → y and h
-    dX:      X = dY, B = W, D = up, U = down      → dX = dY·W + (dY·up)·down and g = dY·up
-    The rank-k product X·D rides in the K loop of the base GEMM: each program loads its X tile
-    once and feeds both dots, so x (or dY) is read once for both, there is no extra launch and
-    no out-sized temporary, and the LoRA term is added to the fp32 accumulator before the single
-    rounding to the output dtype. The price is that every N-tile program recomputes its rows of
-    X·D: with k padded to BLOCK_R = 16 that is 16 / BLOCK_N (6–12 %) extra tensor-core work. The
-    alternative — a separate skinny GEMM for h, then the base GEMM with h·Uᵀ in its epilogue —
-    reads x twice and launches twice. Which is faster on an H100 is owed a measurement
-    (`python -m benchmarks.throughput`); this session had no GPU.
+``cast_factors_kernel`` (half-precision inputs only): A₁ and B₂ in the activation dtype, one launch
+    for both, so no K loop converts an operand (a cast inside the loop serialises Hopper's wgmma).
+``forward_kernel``: y and h = d(x)·A₁ᵀ (fp32, saved). Each program computes the core and its
+    up-projection tile (B₂·C)ᵀ in its epilogue from λ, m, A₂, B₁, B₂ (k × k · k × BLOCK_N: a few
+    thousand FMAs); the rank-k product rides in the K loop of the base GEMM, so x is read once.
+``dx_kernel``: programs (row tile, in tile) compute dX = dY·W + (g·A₁)⊙keep/(1−p) with
+    gB = dY·B₂ in the same K loop over out and g = gB·C, then the row tile's partial of
+    dA₁ = gᵀ·d(x) (the x tile is read in the epilogue). One extra program per row tile (the
+    "rank program") streams the same dY rows for the partials of dB₂ = dYᵀ·(h·Cᵀ) and
+    dC = (dY·B₂)ᵀ·h. Per-row-tile partials, fixed-order sums: no atomics, deterministic.
+``finish_kernel``: sums the partials (dB₂, dA₁, dC) and turns dC into dλ, dB₁ and dA₂.
 
-``rank_reduce_kernel``: OUT[r, n] = Σ_t A[t, r]·B[t, n], the k-wide gradient reductions
-    d down = gᵀ·x (A = g, B = x) and d up = (hᵀ·dY)ᵀ (A = h, B = dY).
-    The token dimension is split across programs (enough of them to fill the GPU even for
-    k × 256 outputs); each writes its own partial sum and the host adds the partials. No atomics
-    anywhere, so every kernel here is deterministic: same inputs, same bits.
+So 4 launches a step (3 for fp32 inputs), against 2 for the frozen nn.Linear and 17 for PEFT LoRA.
 
-Rank-k tiles are padded to BLOCK_R = max(16, next power of two of k) with masked loads (Triton
-3.6 rejects a tl.dot whose K is below 16); no padded copy of any tensor is made. All rank-k
-quantities accumulate in fp32. Sizes need not be multiples of any block.
+Rank tiles are padded to BLOCK_R = max(16, next power of two of k) (and BLOCK_RR for r) with
+masked loads (Triton 3.6 rejects a tl.dot whose K is below 16). All rank-k quantities accumulate
+in fp32; the k × k core products use IEEE fp32 dots. Sizes need not be multiples of any block.
 
-Autotuning: each kernel has a small config set, timings are cached on disk by Triton
-(``cache_results``), and `warmup()` runs the tuning for given shapes up front, so a training
-step never waits on it. Under ``TRITON_INTERPRET=1`` (CPU tensors, CI) autotuning is skipped and
-a fixed small config runs, which exercises the tile-boundary masks.
+Autotuning: small config sets, keyed by the power-of-two bucket of the token count, cached on
+disk; `warmup()` runs it up front. Under ``TRITON_INTERPRET=1`` (CPU tensors, CI) a fixed small
+config runs, which crosses every tile boundary in the tests.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-MAX_RANK = 64  # the k the kernels cover; larger inner widths take the reference path
+# The k and r the kernels cover; larger take the reference path (and say so). At k = 64 every tile
+# shape spills registers on sm_80 and sm_90 (compile_all), so the fused kernels stop at 32.
+MAX_RANK = 32
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Triton 3.6's interpreter keeps bf16 as uint16 and its tl.dot multiplies those bit patterns as
@@ -57,102 +54,259 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DOT_OPERANDS_IN_FP32 = tl.constexpr(INTERPRET)
 
 
-@triton.jit(do_not_specialize=["M_BUCKET"])
-def lora_matmul_kernel(
-    x_ptr, b_ptr, d_ptr, u_ptr, bias_ptr, out_ptr, h_ptr,
-    M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_bk, stride_bn, stride_dk, stride_dr, stride_ur, stride_un,
-    stride_om, stride_on, stride_hm, stride_hr,
-    HAS_BIAS: tl.constexpr, COMPUTE_OUT: tl.constexpr, STORE_H: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    # Grouped program order: GROUP_M row-tiles share their B column-tiles while they sit in L2.
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if DOT_OPERANDS_IN_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha,
+          SCALE_BY_KEPT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RR: tl.constexpr):
+    """(C, w, s): C = s·A₂·diag(λ⊙m)·B₁ (BLOCK_R × BLOCK_R, fp32), w = s·λ⊙m, s = α/r or α/kept."""
+    ri = tl.arange(0, BLOCK_RR)  # singular values
+    ki = tl.arange(0, BLOCK_R)  # inner width
+    r_ok = ri < R
+    k_ok = ki < RANK
+    lam = tl.load(sv_ptr + ri, mask=r_ok, other=0.0).to(tl.float32)
+    m = tl.load(mask_ptr + ri, mask=r_ok, other=0.0).to(tl.float32)
+    if SCALE_BY_KEPT:
+        s = alpha / tl.maximum(tl.sum(m, axis=0), 1.0)
+    else:
+        s = alpha / R
+    w = lam * m * s
+    a2 = tl.load(p_down_ptr + ki[:, None] * R + ri[None, :], mask=k_ok[:, None] & r_ok[None, :],
+                 other=0.0).to(tl.float32)  # A₂: k × r
+    b1 = tl.load(q_up_ptr + ri[:, None] * RANK + ki[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                 other=0.0).to(tl.float32)  # B₁: r × k
+    return tl.dot(a2 * w[None, :], b1, input_precision="ieee"), w, s
+
+
+@triton.jit
+def _keep(seed, rows, cols, N, p):
+    """Adapter-dropout keep mask of elements (rows, cols) of an (M × N) input: Philox of row·N + col."""
+    offsets = (rows[:, None] * N + cols[None, :]).to(tl.int32)  # wraps beyond 2³¹ elements: still a fixed stream
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def cast_factors_kernel(a_ptr, a_out_ptr, A_NUMEL, b_ptr, b_out_ptr, B_ROWS, B_COLS, BLOCK: tl.constexpr):
+    """A (contiguous) cast, and B (B_ROWS × B_COLS, contiguous) cast and transposed, in one launch:
+    programs past A's do B. Bᵀ is what the dX kernel's K loop reads along its contiguous dimension
+    (B₂ is out × k: its rows are k ≤ 64 wide, too narrow and too masked for an async copy)."""
+    pid = tl.program_id(0)
+    a_programs = tl.cdiv(A_NUMEL, BLOCK)
+    if pid < a_programs:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < A_NUMEL
+        tl.store(a_out_ptr + offs, tl.load(a_ptr + offs, mask=ok).to(a_out_ptr.dtype.element_ty), mask=ok)
+    else:
+        offs = (pid - a_programs) * BLOCK + tl.arange(0, BLOCK)  # index into Bᵀ (B_COLS × B_ROWS)
+        ok = offs < B_ROWS * B_COLS
+        col, row = offs // B_ROWS, offs % B_ROWS
+        tl.store(b_out_ptr + offs, tl.load(b_ptr + row * B_COLS + col, mask=ok).to(b_out_ptr.dtype.element_ty),
+                 mask=ok)
+
+
+@triton.jit
+def _tile_ids(M, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped program order: GROUP_M row tiles share their weight column tiles while they sit in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N) if COMPUTE_OUT else 1
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
+
+@triton.jit(do_not_specialize=["M_BUCKET", "seed"])
+def forward_kernel(
+    x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr,
+    M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y = x·Wᵀ + b + h·(B₂C)ᵀ, h = d(x)·A₁ᵀ. W is read as B[k, n] through (stride_wk, stride_wn);
+    A₁ (k × K, in x's dtype), B₂ (N × k), h (M × k) are contiguous."""
+    pid_m, pid_n = _tile_ids(M, tl.cdiv(N, BLOCK_N), BLOCK_M, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M
     n_ok = rn < N
-    r_ok = rr < R
+    r_ok = rr < RANK
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
+        cols = k0 + rk
+        k_ok = cols < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        d = tl.load(d_ptr + (k0 + rk)[:, None] * stride_dk + rr[None, :] * stride_dr,
-                    mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(x.dtype)
-        if DOT_OPERANDS_IN_FP32:
-            x = x.to(tl.float32)
-            d = d.to(tl.float32)
-        if COMPUTE_OUT:
-            b = tl.load(b_ptr + (k0 + rk)[:, None] * stride_bk + rn[None, :] * stride_bn,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if DOT_OPERANDS_IN_FP32:
-                b = b.to(tl.float32)
-            acc = tl.dot(x, b, acc, input_precision=PRECISION)
-        hidden = tl.dot(x, d, hidden, input_precision=PRECISION)
+        w = tl.load(w_ptr + cols[:, None] * stride_wk + rn[None, :] * stride_wn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = _dot(x, w, acc, PRECISION)
+        if DROPOUT:
+            x = tl.where(_keep(seed, rm, cols, K, dropout_p), x, 0.0).to(x.dtype)
+        hidden = _dot(x, a1, hidden, PRECISION)
+    if DROPOUT:
+        hidden = hidden * (1.0 / (1.0 - dropout_p))
 
-    if COMPUTE_OUT:
-        u = tl.load(u_ptr + rr[:, None] * stride_ur + rn[None, :] * stride_un,
-                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(hidden, u.to(tl.float32), acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    if STORE_H:
-        if pid_n == 0:  # every N-tile computed the same rows of H; one of them writes them
-            tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr, hidden,
-                     mask=m_ok[:, None] & r_ok[None, :])
+    core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
+    b2t = tl.load(p_up_ptr + rn[None, :] * RANK + rr[:, None], mask=r_ok[:, None] & n_ok[None, :],
+                  other=0.0).to(tl.float32)  # B₂ᵀ tile: k × BLOCK_N
+    up_t = tl.dot(tl.trans(core), b2t, input_precision="ieee")  # (B₂·C)ᵀ tile
+    acc = tl.dot(hidden, up_t, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+    if pid_n == 0:  # every column tile computed the same rows of h; one of them writes them
+        tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["T_BUCKET"])
-def rank_reduce_kernel(
-    a_ptr, b_ptr, partial_ptr,
-    T, N, R, ROWS_PER_SPLIT, T_BUCKET,
-    stride_at, stride_ar, stride_bt, stride_bn, stride_ps, stride_pr, stride_pn,
-    PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+@triton.jit(do_not_specialize=["M_BUCKET", "seed"])
+def dx_kernel(
+    dy_ptr, w_ptr, x_ptr, h_ptr, a1_ptr, b2_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
+    dx_ptr, part_b2_ptr, part_a1_ptr, part_core_ptr,
+    M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed,
+    stride_dym, stride_dyk, stride_wk, stride_wn, stride_xm, stride_xn, stride_dxm, stride_dxn, stride_b2k, stride_b2r,
+    COMPUTE_DX: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    """dY: M × K (K = out), W read as B[k, n] (n over in, N = in); x: M × N; h: M × k (fp32);
+    A₁: k × N (fp32); B₂ read as B₂[k_out, r] through (stride_b2k, stride_b2r): the transposed cast
+    (k × K, contiguous along K) for half inputs, the fp32 parameter itself otherwise. Partials (fp32,
+    contiguous): dB₂ (tiles, K, k),
+    dA₁ (tiles, k, N), dC (tiles, k, k). Column tile index n_tiles is the row tile's rank program."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_ids(M, n_tiles + 1, BLOCK_M, GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    rt = tl.arange(0, BLOCK_T)
-    n_ok = rn < N
-    r_ok = rr < R
-    start = split * ROWS_PER_SPLIT
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for t0 in range(0, ROWS_PER_SPLIT, BLOCK_T):
-        rows = (start + t0 + rt).to(tl.int64)
-        t_ok = rows < T
-        a = tl.load(a_ptr + rows[:, None] * stride_at + rr[None, :] * stride_ar,
-                    mask=t_ok[:, None] & r_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + rows[:, None] * stride_bt + rn[None, :] * stride_bn,
-                    mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc, input_precision=PRECISION)
-    tl.store(partial_ptr + split * stride_ps + rr[:, None] * stride_pr + rn[None, :] * stride_pn, acc,
-             mask=r_ok[:, None] & n_ok[None, :])
+    m_ok = rm < M
+    r_ok = rr < RANK
+    core, w, s = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
+    grad_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # gB = dY·B₂
+
+    if pid_n == n_tiles:  # the rank program: dB₂ = dYᵀ·(h·Cᵀ) by out chunks, dC = gBᵀ·h
+        h = tl.load(h_ptr + rm[:, None] * RANK + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        z_t = tl.trans(tl.dot(h, tl.trans(core), input_precision="ieee").to(dy_ptr.dtype.element_ty))  # (h·Cᵀ)ᵀ
+        for k0 in range(0, K, BLOCK_K):
+            rows = k0 + rk
+            k_ok = rows < K
+            dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rows[None, :] * stride_dyk,
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b2 = tl.load(b2_ptr + rows[:, None] * stride_b2k + rr[None, :] * stride_b2r,
+                         mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            grad_b = _dot(dy, b2, grad_b, PRECISION)
+            # (dB₂ chunk)ᵀ = zᵀ·dY: k rows, so on Hopper an mma.sync rather than a wgmma whose result
+            # each iteration would have to wait for (its store needs it before the next one is issued)
+            part = _dot(z_t, dy, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), PRECISION)
+            tl.store(part_b2_ptr + pid_m * K * RANK + rows[None, :] * RANK + rr[:, None], part,
+                     mask=r_ok[:, None] & k_ok[None, :])
+        part_core = tl.dot(tl.trans(grad_b), h, input_precision="ieee")
+        tl.store(part_core_ptr + pid_m * BLOCK_R * BLOCK_R + rr[:, None] * BLOCK_R + rr[None, :], part_core)
+    else:
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rows = k0 + rk
+            k_ok = rows < K
+            dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rows[None, :] * stride_dyk,
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b2 = tl.load(b2_ptr + rows[:, None] * stride_b2k + rr[None, :] * stride_b2r,
+                         mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            if COMPUTE_DX:
+                wt = tl.load(w_ptr + rows[:, None] * stride_wk + rn[None, :] * stride_wn,
+                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _dot(dy, wt, acc, PRECISION)
+            grad_b = _dot(dy, b2, grad_b, PRECISION)
+        g = tl.dot(grad_b, core, input_precision="ieee")  # dL/dh, M × k
+        if DROPOUT:
+            g = g * (1.0 / (1.0 - dropout_p))
+            # the mask as a 0/1 fp32 factor: one i1 tensor used in two layouts does not lower in Triton 3.6
+            keep = _keep(seed, rm, rn, N, dropout_p).to(tl.float32)
+        if COMPUTE_DX:
+            a1 = tl.load(a1_ptr + rr[:, None] * N + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            adapter = tl.dot(g, a1, input_precision=PRECISION)
+            if DROPOUT:
+                adapter = adapter * keep
+            acc += adapter
+            tl.store(dx_ptr + rm[:, None] * stride_dxm + rn[None, :] * stride_dxn, acc.to(dx_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn, mask=m_ok[:, None] & n_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if DROPOUT:
+            x = x * keep
+        part = tl.dot(tl.trans(g), x, input_precision=PRECISION)  # this row tile's share of dA₁ = gᵀ·d(x)
+        tl.store(part_a1_ptr + pid_m * RANK * N + rr[:, None] * N + rn[None, :], part,
+                 mask=r_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def finish_kernel(
+    part_b2_ptr, part_a1_ptr, part_core_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
+    grad_b2_ptr, grad_a1_ptr, grad_q_up_ptr, grad_sv_ptr, grad_p_down_ptr,
+    TILES, OUT, IN, R, RANK, alpha,
+    SCALE_BY_KEPT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RR: tl.constexpr,
+):
+    """Programs [0, out tiles): dB₂ rows; [out tiles, + in tiles): dA₁ columns; the last: the core."""
+    pid = tl.program_id(0)
+    out_tiles = tl.cdiv(OUT, BLOCK)
+    in_tiles = tl.cdiv(IN, BLOCK)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < RANK
+    if pid < out_tiles:
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = (rows < OUT)[:, None] & r_ok[None, :]
+        total = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
+        for t in range(0, TILES):
+            total += tl.load(part_b2_ptr + t * OUT * RANK + rows[:, None] * RANK + rr[None, :], mask=ok, other=0.0)
+        tl.store(grad_b2_ptr + rows[:, None] * RANK + rr[None, :], total, mask=ok)
+    elif pid < out_tiles + in_tiles:
+        cols = (pid - out_tiles) * BLOCK + tl.arange(0, BLOCK)
+        ok = r_ok[:, None] & (cols < IN)[None, :]
+        total = tl.zeros((BLOCK_R, BLOCK), dtype=tl.float32)
+        for t in range(0, TILES):
+            total += tl.load(part_a1_ptr + t * RANK * IN + rr[:, None] * IN + cols[None, :], mask=ok, other=0.0)
+        tl.store(grad_a1_ptr + rr[:, None] * IN + cols[None, :], total, mask=ok)
+    else:  # C = A₂·diag(w)·B₁: dλ = s·m⊙diag(A₂ᵀ·dC·B₁ᵀ), dB₁ = diag(w)·A₂ᵀ·dC, dA₂ = dC·B₁ᵀ·diag(w)
+        grad_core = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+        for t in range(0, TILES):
+            grad_core += tl.load(part_core_ptr + t * BLOCK_R * BLOCK_R + rr[:, None] * BLOCK_R + rr[None, :])
+        ri = tl.arange(0, BLOCK_RR)
+        ri_ok = ri < R
+        _, w, s = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
+        m = tl.load(mask_ptr + ri, mask=ri_ok, other=0.0).to(tl.float32)
+        a2 = tl.load(p_down_ptr + rr[:, None] * R + ri[None, :], mask=r_ok[:, None] & ri_ok[None, :],
+                     other=0.0).to(tl.float32)  # k × r
+        b1 = tl.load(q_up_ptr + ri[:, None] * RANK + rr[None, :], mask=ri_ok[:, None] & r_ok[None, :],
+                     other=0.0).to(tl.float32)  # r × k
+        a2t_dc = tl.dot(tl.trans(a2), grad_core, input_precision="ieee")  # r × k
+        grad_sv = tl.sum(a2t_dc * b1, axis=1) * m * s
+        tl.store(grad_sv_ptr + ri, grad_sv, mask=ri_ok)
+        tl.store(grad_q_up_ptr + ri[:, None] * RANK + rr[None, :], a2t_dc * w[:, None],
+                 mask=ri_ok[:, None] & r_ok[None, :])
+        grad_a2 = tl.dot(grad_core, tl.trans(b1), input_precision="ieee") * w[None, :]  # k × r
+        tl.store(grad_p_down_ptr + rr[:, None] * R + ri[None, :], grad_a2, mask=r_ok[:, None] & ri_ok[None, :])
 
 
 # --- configurations ------------------------------------------------------------------------------
 
-# Hopper-first tile shapes (wgmma wants BLOCK_M of 64·warpgroups and wide BLOCK_N); the last two
-# keep fp32 inputs inside an A100's 164 KiB of shared memory.
+# Hopper-first tile shapes (wgmma wants BLOCK_M of 64·warpgroups and wide BLOCK_N) for tensor-core
+# dots (bf16 / fp16, and fp32 as TF32).
 MATMUL_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
@@ -160,53 +314,76 @@ MATMUL_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
 ]
-REDUCE_CONFIGS = [
-    triton.Config({"BLOCK_T": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_T": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_T": 32, "BLOCK_N": 256}, num_warps=8, num_stages=3),
+# fp32 inputs under torch's default matmul precision ("highest") get IEEE dots, which Triton lowers to
+# FMAs (no tensor cores): every tile above spills there, so they have small tiles of their own.
+IEEE_CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=2),
 ]
+ALL_CONFIGS = MATMUL_CONFIGS + IEEE_CONFIGS
+# (sm, kernel, element size, dropout, index in ALL_CONFIGS, BLOCK_R) that spill registers: read off
+# `compile_all --resources --check-exclusions` (ptxas -v, Triton 3.6, k = 1, 8, 16 for BLOCK_R 16 and
+# k = 32 for 32). The autotuner never runs them on that GPU, and the compile test fails on any spill
+# not listed here, so the list stays true. Every key keeps at least one config.
+SPILLS = {
+    (80, "dx", 2, False, 0, 16), (80, "dx", 2, False, 0, 32), (80, "dx", 2, False, 1, 32), (80, "dx", 2, False, 2, 32),
+    (80, "dx", 2, False, 3, 32), (80, "dx", 2, True, 0, 16), (80, "dx", 2, True, 1, 16), (80, "dx", 2, True, 2, 16),
+    (80, "dx", 2, True, 3, 16), (80, "dx", 4, False, 6, 32), (80, "forward", 2, False, 0, 16),
+    (80, "forward", 2, False, 0, 32), (80, "forward", 2, False, 1, 16), (80, "forward", 2, False, 2, 16),
+    (80, "forward", 2, False, 2, 32), (80, "forward", 2, False, 3, 32), (80, "forward", 2, True, 0, 16),
+    (80, "forward", 2, True, 2, 16), (90, "dx", 2, False, 0, 32), (90, "dx", 2, False, 1, 32),
+    (90, "dx", 2, False, 3, 32), (90, "dx", 2, True, 0, 16), (90, "dx", 2, True, 1, 16), (90, "dx", 2, True, 2, 16),
+    (90, "dx", 2, True, 3, 16), (90, "dx", 4, False, 6, 32), (90, "forward", 2, False, 0, 32),
+    (90, "forward", 2, False, 2, 32), (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 0, 16),
+}
+FINISH_BLOCK = 128
+CAST_BLOCK = 1024
 # Under the interpreter: small tiles, so the tests cross tile boundaries in every dimension.
 INTERPRETER_MATMUL_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
-INTERPRETER_REDUCE_CONFIG = {"BLOCK_T": 32, "BLOCK_N": 32}
-REDUCE_ROW_GRANULE = 128  # ROWS_PER_SPLIT is a multiple of every BLOCK_T
+SMALLEST_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in ALL_CONFIGS + [triton.Config(INTERPRETER_MATMUL_CONFIG)])
 
 
-def shared_memory_bytes(config: triton.Config, element_size: int, kernel: str) -> int:
-    """Estimated shared memory of a config's pipelined tiles (for pruning what a GPU cannot fit)."""
+def shared_memory_bytes(config: triton.Config, element_size: int, rank_block: int = 16) -> int:
+    """Estimated shared memory of a config's pipelined tiles: x / dY, W and the rank-k tile per stage."""
     kw = config.kwargs
-    if kernel == "matmul":
-        per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"] + kw["BLOCK_K"] * 16) * element_size
-    else:
-        per_stage = (kw["BLOCK_T"] * 16 + kw["BLOCK_T"] * kw["BLOCK_N"]) * 4
+    per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"] + kw["BLOCK_K"] * rank_block)
+    per_stage *= element_size
     return per_stage * config.num_stages
 
 
-def _max_shared_memory() -> int:
-    device = torch.cuda.current_device()
-    return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+def config_excluded(config: triton.Config, kernel: str, arch: int, element_size: int, flags: dict,
+                    shared_memory_limit: int) -> str | None:
+    """Why the autotuner must not run ``config`` for this launch on an sm_``arch`` GPU, or None."""
+    ieee = flags["PRECISION"] == "ieee" and element_size == 4
+    if ieee != (config in IEEE_CONFIGS):
+        return "IEEE fp32 dots take the FMA tiles, tensor-core dots the others"
+    if shared_memory_bytes(config, element_size, flags["BLOCK_R"]) > shared_memory_limit:
+        return "does not fit this GPU's shared memory"
+    if (arch, kernel, element_size, bool(flags["DROPOUT"]), ALL_CONFIGS.index(config), flags["BLOCK_R"]) in SPILLS:
+        return "spills registers on this GPU"
+    return None
 
 
-def _prune_matmul(configs, named_args, **kwargs):
-    size = named_args["x_ptr"].element_size()
-    limit = _max_shared_memory()
-    fitting = [c for c in configs if shared_memory_bytes(c, size, "matmul") <= limit]
-    return fitting or configs[-1:]
+def _prune(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        device = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(device)
+        limit = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+        size = named_args["x_ptr" if kernel == "forward" else "dy_ptr"].element_size()
+        kept = [c for c in configs if config_excluded(c, kernel, 10 * major + minor, size, kwargs, limit) is None]
+        return kept or [c for c in configs if (c in IEEE_CONFIGS) == (kwargs["PRECISION"] == "ieee" and size == 4)][-1:]
+
+    return prune
 
 
-def _prune_reduce(configs, named_args, **kwargs):
-    limit = _max_shared_memory()
-    fitting = [c for c in configs if shared_memory_bytes(c, 4, "reduce") <= limit]
-    return fitting or configs[-1:]
-
-
-# The token count is keyed by its power-of-two bucket (M_BUCKET / T_BUCKET, arguments the kernels
-# never read): with dynamic padding nearly every batch has another M, and keying on M itself would
-# re-run the tuning for each of them.
+# The token count is keyed by its power-of-two bucket (M_BUCKET, an argument the kernels never read):
+# with dynamic padding nearly every batch has another M, and keying on M would re-run the tuning.
+_KEY = ["M_BUCKET", "N", "K", "RANK"]
 if not INTERPRET:
-    _matmul = triton.autotune(MATMUL_CONFIGS, key=["M_BUCKET", "N", "K", "R", "COMPUTE_OUT"], cache_results=True,
-                              prune_configs_by={"early_config_prune": _prune_matmul})(lora_matmul_kernel)
-    _reduce = triton.autotune(REDUCE_CONFIGS, key=["T_BUCKET", "N", "R"], cache_results=True,
-                              prune_configs_by={"early_config_prune": _prune_reduce})(rank_reduce_kernel)
+    _forward = triton.autotune(ALL_CONFIGS, key=_KEY + ["HAS_BIAS", "DROPOUT", "PRECISION"], cache_results=True,
+                               prune_configs_by={"early_config_prune": _prune("forward")})(forward_kernel)
+    _dx = triton.autotune(ALL_CONFIGS, key=_KEY + ["COMPUTE_DX", "DROPOUT", "PRECISION"], cache_results=True,
+                          prune_configs_by={"early_config_prune": _prune("dx")})(dx_kernel)
 
 
 # --- host functions --------------------------------------------------------------------------------
@@ -217,26 +394,39 @@ class Launch:
     """One kernel launch, built before it runs: the compile check (compile_all.py) builds the same
     launches on CPU tensors and compiles them for a GPU it does not have."""
 
-    kernel: str  # "matmul" or "reduce"
+    kernel: str  # "forward", "dx", "finish" or "cast"
     args: tuple
     flags: dict[str, object]  # constexpr arguments other than the tile configuration
     grid: Callable[[dict[str, int]], tuple[int, ...]]
+    device: torch.device
 
-    def run(self) -> None:
-        if INTERPRET:  # one fixed small configuration; autotuning under the interpreter is pointless
-            config = INTERPRETER_MATMUL_CONFIG if self.kernel == "matmul" else INTERPRETER_REDUCE_CONFIG
+    def autotune_key(self) -> tuple:
+        """What the autotuner keys this launch's tuning on: its key arguments and the tensors' dtypes."""
+        values = dict(zip(KERNELS[self.kernel].arg_names, self.args), **self.flags)
+        keys = _KEY + (["HAS_BIAS"] if self.kernel == "forward" else ["COMPUTE_DX"]) + ["DROPOUT", "PRECISION"]
+        return (self.kernel, *(values[k] for k in keys),
+                *(str(a.dtype) for a in self.args if isinstance(a, torch.Tensor)))
+
+    def run(self) -> dict[str, int]:
+        """Launch (on the tensors' GPU, whatever the current device is); the tile config used."""
+        guard = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        with guard:
+            if self.kernel in AUTOTUNED and not INTERPRET:
+                tuned = AUTOTUNED[self.kernel]
+                tuned[self.grid](*self.args, **self.flags)
+                return dict(tuned.best_config.kwargs)
+            config = INTERPRETER_MATMUL_CONFIG if self.kernel in AUTOTUNED else {}
             KERNELS[self.kernel][self.grid(config)](*self.args, **self.flags, **config)
-        else:
-            _AUTOTUNED[self.kernel][self.grid](*self.args, **self.flags)
+            return dict(config)
 
 
-KERNELS = {"matmul": lora_matmul_kernel, "reduce": rank_reduce_kernel}
-CONFIGS = {"matmul": MATMUL_CONFIGS, "reduce": REDUCE_CONFIGS}
-_AUTOTUNED = {} if INTERPRET else {"matmul": _matmul, "reduce": _reduce}
+KERNELS = {"forward": forward_kernel, "dx": dx_kernel, "finish": finish_kernel, "cast": cast_factors_kernel}
+CONFIGS = {"forward": ALL_CONFIGS, "dx": ALL_CONFIGS}
+AUTOTUNED = {"forward": None, "dx": None} if INTERPRET else {"forward": _forward, "dx": _dx}
 
 
 def rank_block(rank: int) -> int:
-    """BLOCK_R: k padded to a power of two of at least 16."""
+    """BLOCK_R (and BLOCK_RR for r): padded to a power of two of at least 16."""
     return max(16, triton.next_power_of_2(rank))
 
 
@@ -246,155 +436,228 @@ def token_bucket(tokens: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot precision for fp32 operands: IEEE unless torch allows TF32 for fp32 matmuls.
+    """tl.dot precision of the GEMMs for fp32 inputs: IEEE unless torch allows TF32 for fp32 matmuls.
 
-    Used for the main GEMM of fp32 inputs (bf16/fp16 operands ignore it) and for the fp32
-    rank-k parts: for half inputs those always use TF32, which is 16/in of the main work."""
+    bf16 / fp16 operands ignore it; for half inputs the fp32 rank-k epilogue dots use TF32 (the
+    result is rounded to the half dtype anyway). The k × k core products are always IEEE."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
 
 
-def matmul_launch(x: torch.Tensor, b: torch.Tensor | None, b_strides: tuple[int, int], d: torch.Tensor,
-                  d_strides: tuple[int, int], u: torch.Tensor | None, u_strides: tuple[int, int],
-                  bias: torch.Tensor | None, n: int, rank: int,
-                  compute_out: bool) -> tuple[Launch, torch.Tensor | None, torch.Tensor]:
-    """OUT = X·B + (X·D)·U (+ bias) and H = X·D for a 2-D X (M × K): the launch and its outputs."""
-    m, k = x.shape
-    h = torch.empty((m, rank), device=x.device, dtype=torch.float32)
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype) if compute_out else None
-    placeholder = h  # pointer arguments this launch never reads still need a tensor
-    args = (x, b if b is not None else placeholder, d, u if u is not None else placeholder,
-            bias if bias is not None else placeholder, out if out is not None else placeholder, h,
-            m, n if compute_out else 1, k, rank, token_bucket(m),
-            x.stride(0), x.stride(1), *b_strides, *d_strides, *u_strides,
-            out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0, h.stride(0), h.stride(1))
-    flags = {"HAS_BIAS": bias is not None, "COMPUTE_OUT": compute_out, "STORE_H": True,
-             "PRECISION": dot_precision(x.dtype), "BLOCK_R": rank_block(rank)}
+@dataclass
+class Factors:
+    """A LoRA² adapter as the kernels read it (every tensor contiguous, fp32 or the params' dtype)."""
+
+    q_down: torch.Tensor  # A₁: k × in
+    q_up: torch.Tensor  # B₁: r × k
+    singular_values: torch.Tensor  # λ: r
+    p_down: torch.Tensor  # A₂: k × r
+    p_up: torch.Tensor  # B₂: out × k
+    rank_mask: torch.Tensor  # m: r
+    alpha: float
+    scale_by_kept: bool  # s = α / kept values instead of α / r
+
+    @property
+    def r(self) -> int:
+        return self.singular_values.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.q_down.shape[0]
+
+    def core_args(self) -> tuple:
+        return self.q_up, self.singular_values, self.rank_mask, self.p_down
+
+
+def cast_launch(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+    """A cast to ``dtype`` and B (2-D) cast and transposed, in one launch; returns (launch, A, Bᵀ)."""
+    a_out = torch.empty(a.shape, device=a.device, dtype=dtype)
+    b_out = torch.empty(b.shape[::-1], device=b.device, dtype=dtype)
+    programs = triton.cdiv(a.numel(), CAST_BLOCK) + triton.cdiv(b.numel(), CAST_BLOCK)
+    launch = Launch("cast", (a, a_out, a.numel(), b, b_out, b.shape[0], b.shape[1]), {"BLOCK": CAST_BLOCK},
+                    lambda meta: (programs,), a.device)
+    return launch, a_out, b_out
+
+
+def b2_strides(b2: torch.Tensor, f: "Factors") -> tuple[int, int]:
+    """(stride over out, stride over k) of B₂ as the dX kernel reads it: the cast Bᵀ or p_up itself."""
+    return (b2.stride(1), b2.stride(0)) if b2 is not f.p_up else (b2.stride(0), b2.stride(1))
+
+
+def in_activation_dtype(f: Factors, dtype: torch.dtype) -> tuple[list[Launch], torch.Tensor, torch.Tensor]:
+    """(launches, A₁, B₂) in the activation dtype: the dot operands of the K loops (B₂ transposed,
+    k × out, when cast; the parameter itself when it already has the dtype)."""
+    if f.q_down.dtype == dtype and f.p_up.dtype == dtype:
+        return [], f.q_down, f.p_up
+    launch, a1, b2 = cast_launch(f.q_down, f.p_up, dtype)
+    return [launch], a1, b2
+
+
+def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, int], bias: torch.Tensor | None,
+                   f: Factors, a1: torch.Tensor, out_features: int, dropout_p: float, seed: int
+                   ) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+    """y (M × out) and h (M × k, fp32) for a 2-D x (M × in): the launch and its outputs."""
+    m, k_in = x.shape
+    y = torch.empty((m, out_features), device=x.device, dtype=x.dtype)
+    h = torch.empty((m, f.k), device=x.device, dtype=torch.float32)
+    args = (x, weight, bias if bias is not None else y, a1, *f.core_args(), f.p_up, y, h, m, out_features, k_in,
+            f.r, f.k, token_bucket(m), float(f.alpha),
+            float(dropout_p), int(seed), x.stride(0), x.stride(1), *w_strides, y.stride(0), y.stride(1))
+    flags = {"HAS_BIAS": bias is not None, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
+             "PRECISION": dot_precision(x.dtype), "BLOCK_R": rank_block(f.k), "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
-        tiles_n = triton.cdiv(n, meta["BLOCK_N"]) if compute_out else 1
-        return (triton.cdiv(m, meta["BLOCK_M"]) * tiles_n,)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
 
-    return Launch("matmul", args, flags, grid), out, h
-
-
-def _num_programs_target(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+    return Launch("forward", args, flags, grid, x.device), y, h
 
 
-def reduce_launch(a: torch.Tensor, b: torch.Tensor, programs: int | None = None) -> tuple[Launch, torch.Tensor]:
-    """Σ_t a[t, :]ᵀ·b[t, :] for a: T × R (fp32) and b: T × N: the launch and its (splits, R, N) partials."""
-    t, rank = a.shape
-    n = b.shape[1]
-    # Enough splits to fill the GPU when N is narrow (k/v projections of GQA models); each split's
-    # rows are a multiple of every BLOCK_T, and a split never has fewer than REDUCE_ROW_GRANULE rows.
-    programs = programs or _num_programs_target(a.device)
-    splits = max(1, min(triton.cdiv(programs, triton.cdiv(n, 128)), triton.cdiv(t, REDUCE_ROW_GRANULE)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(t, 1), splits), REDUCE_ROW_GRANULE) * REDUCE_ROW_GRANULE
-    splits = max(1, triton.cdiv(t, rows_per_split))
-    partial = torch.zeros((splits, rank, n), device=a.device, dtype=torch.float32)
-    args = (a, b, partial, t, n, rank, rows_per_split, token_bucket(t), a.stride(0), a.stride(1), b.stride(0),
-            b.stride(1), partial.stride(0), partial.stride(1), partial.stride(2))
-    flags = {"PRECISION": dot_precision(b.dtype), "BLOCK_R": rank_block(rank)}
-    return Launch("reduce", args, flags, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)), partial
+def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_strides: tuple[int, int],
+              h: torch.Tensor, f: Factors, b2: torch.Tensor, dropout_p: float, seed: int, compute_dx: bool
+              ) -> tuple[Launch, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """dX (M × in) and the per-row-tile partials of dB₂, dA₁ and dC: the launch and its outputs."""
+    m, out_features = dy.shape
+    in_features = x.shape[1]
+    block_r = rank_block(f.k)
+    tiles = triton.cdiv(m, SMALLEST_BLOCK_M)  # enough for any config; the finish reads the ones written
+    partials = {"b2": torch.empty((tiles, out_features, f.k), device=dy.device, dtype=torch.float32),
+                "a1": torch.empty((tiles, f.k, in_features), device=dy.device, dtype=torch.float32),
+                "core": torch.empty((tiles, block_r, block_r), device=dy.device, dtype=torch.float32)}
+    dx = torch.empty((m, in_features), device=dy.device, dtype=dy.dtype) if compute_dx else None
+    out = dx if dx is not None else partials["a1"]  # a pointer the launch never writes without dX
+    args = (dy, weight if weight is not None else dy, x, h, f.q_down, b2, *f.core_args(), out,
+            partials["b2"], partials["a1"], partials["core"], m, in_features, out_features, f.r, f.k,
+            token_bucket(m), float(f.alpha), float(dropout_p), int(seed), dy.stride(0), dy.stride(1), *w_strides,
+            x.stride(0), x.stride(1), out.stride(0) if dx is not None else 0, out.stride(1) if dx is not None else 0,
+            *b2_strides(b2, f))
+    flags = {"COMPUTE_DX": compute_dx, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
+             "PRECISION": dot_precision(dy.dtype), "BLOCK_R": block_r, "BLOCK_RR": rank_block(f.r)}
+
+    def grid(meta: dict[str, int]) -> tuple[int, ...]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * (triton.cdiv(in_features, meta["BLOCK_N"]) + 1),)
+
+    return Launch("dx", args, flags, grid, dy.device), dx, partials
 
 
-def rank_reduce(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_t a[t, :]ᵀ·b[t, :] for a: T × R (fp32) and b: T × N → R × N (fp32), split over t."""
-    launch, partial = reduce_launch(a, b)
-    if a.shape[0]:
-        launch.run()
-    return partial.sum(0)  # a fixed-order sum of the partials: deterministic
-
-
-def _launch_matmul(*args, **kwargs) -> tuple[torch.Tensor | None, torch.Tensor]:
-    launch, out, h = matmul_launch(*args, **kwargs)
-    if h.shape[0]:
-        launch.run()
-    return out, h
+def finish_launch(partials: dict[str, torch.Tensor], tiles: int, f: Factors
+                  ) -> tuple[Launch, dict[str, torch.Tensor]]:
+    """Sum the partials of `dx_launch` over its row tiles and take the core's gradients."""
+    _, out_features, _ = partials["b2"].shape
+    in_features = partials["a1"].shape[2]
+    device = partials["b2"].device
+    grads = {"p_up": torch.empty((out_features, f.k), device=device, dtype=torch.float32),
+             "q_down": torch.empty((f.k, in_features), device=device, dtype=torch.float32),
+             "q_up": torch.empty((f.r, f.k), device=device, dtype=torch.float32),
+             "singular_values": torch.empty((f.r,), device=device, dtype=torch.float32),
+             "p_down": torch.empty((f.k, f.r), device=device, dtype=torch.float32)}
+    programs = triton.cdiv(out_features, FINISH_BLOCK) + triton.cdiv(in_features, FINISH_BLOCK) + 1
+    args = (partials["b2"], partials["a1"], partials["core"], *f.core_args(), grads["p_up"], grads["q_down"],
+            grads["q_up"], grads["singular_values"], grads["p_down"], tiles, out_features, in_features, f.r, f.k,
+            float(f.alpha))
+    flags = {"SCALE_BY_KEPT": bool(f.scale_by_kept), "BLOCK": FINISH_BLOCK, "BLOCK_R": rank_block(f.k),
+             "BLOCK_RR": rank_block(f.r)}
+    return Launch("finish", args, flags, lambda meta: (programs,), device), grads
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def lora_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
-                        up: torch.Tensor, fan_in_fan_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x·Wᵀ + b + (x·downᵀ)·upᵀ and h = x·downᵀ (fp32): one kernel launch.
+def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, f: Factors,
+                  fan_in_fan_out: bool = False, dropout_p: float = 0.0, seed: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, B₂ in x's dtype): the forward of a LoRA² layer in one launch (two for half inputs).
 
-    Same contract as reference.lora_linear_forward; x and W share a dtype (callers apply autocast).
-    """
+    x and W share a dtype (callers apply autocast); h (fp32) and B₂ (cast) are for the backward."""
     x2 = _flat(x)
     out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    rank = down.shape[0]
+    casts, a1, b2 = in_activation_dtype(f, x.dtype)
     # B[k, n] = W[n, k] (Linear, out × in) or Wc[k, n] (Conv1D storage, in × out)
-    b_strides = (weight.stride(0), weight.stride(1)) if fan_in_fan_out else (weight.stride(1), weight.stride(0))
-    y, h = _launch_matmul(x2, weight, b_strides, down, (down.stride(1), down.stride(0)), up,
-                          (up.stride(1), up.stride(0)), bias, out_features, rank, compute_out=True)
-    return y.view(*x.shape[:-1], out_features), h.view(*x.shape[:-1], rank)
+    w_strides = (weight.stride(0), weight.stride(1)) if fan_in_fan_out else (weight.stride(1), weight.stride(0))
+    launch, y, h = forward_launch(x2, weight, w_strides, bias, f, a1, out_features, dropout_p, seed)
+    if x2.shape[0]:
+        for cast in casts:
+            cast.run()
+        launch.run()
+    elif casts:
+        b2 = f.p_up.t().to(x.dtype)  # nothing launched for an empty batch; the backward still needs B₂ᵀ
+    return y.view(*x.shape[:-1], out_features), h.view(*x.shape[:-1], f.k), b2
 
 
-def lora_linear_backward(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-    hidden: torch.Tensor, fan_in_fan_out: bool = False, needs_input_grad: bool = True,
-    needs_weight_grad: bool = False, needs_bias_grad: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(dX, dW, db, d down, d up) of `lora_linear_forward`; see reference.lora_linear_backward.
-
-    Launches: one fused GEMM for dX = dY·W + (dY·up)·down that also writes g = dY·up (fp32), and
-    two k-wide reductions, d down = gᵀ·x and d up = dYᵀ·h. Without an input gradient the GEMM
-    runs in its rank-k-only mode and computes just g. dW (only if the frozen weight was
-    unfrozen) and db are plain torch ops.
-    """
+def lora2_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, f: Factors, hidden: torch.Tensor,
+                   b2: torch.Tensor, fan_in_fan_out: bool = False, dropout_p: float = 0.0, seed: int = 0,
+                   needs_input_grad: bool = True, needs_weight_grad: bool = False, needs_bias_grad: bool = False
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(dX, dW, db, {factor: gradient}) of `lora2_forward`: two launches (dW and db, only for an
+    unfrozen base, are plain torch ops)."""
     dy = _flat(grad_y)
     x2 = _flat(x)
     h = _flat(hidden)
-    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
-    rank = down.shape[0]
     # B[k, n] = W[k, n] (Linear) or Wc[n, k] (Conv1D storage)
-    b_strides = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else (weight.stride(0), weight.stride(1))
-    grad_x, g = _launch_matmul(dy, weight if needs_input_grad else None, b_strides, up, (up.stride(0), up.stride(1)),
-                               down if needs_input_grad else None, (down.stride(0), down.stride(1)), None,
-                               in_features, rank, compute_out=needs_input_grad)
-    grad_down = rank_reduce(g, x2).to(down.dtype)
-    grad_up = rank_reduce(h, dy).t().to(up.dtype)
+    w_strides = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else (weight.stride(0), weight.stride(1))
+    launch, grad_x, partials = dx_launch(dy, x2, weight if needs_input_grad else None, w_strides, h, f, b2,
+                                         dropout_p, seed, needs_input_grad)
+    tiles = 0
+    if dy.shape[0]:
+        config = launch.run()
+        tiles = triton.cdiv(dy.shape[0], config["BLOCK_M"])
+    finish, grads = finish_launch(partials, tiles, f)
+    finish.run()
     grad_weight = grad_bias = None
     if needs_weight_grad:
         grad_weight = dy.t() @ x2
-        grad_weight = grad_weight.t() if fan_in_fan_out else grad_weight
+        grad_weight = grad_weight.t().contiguous() if fan_in_fan_out else grad_weight
     if needs_bias_grad:
         grad_bias = dy.sum(0)
     if grad_x is not None:
         grad_x = grad_x.view(x.shape)
-    return grad_x, grad_weight, grad_bias, grad_down, grad_up
+    return grad_x, grad_weight, grad_bias, grads
 
 
-def warmup(shapes, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda", bias: bool = True,
-           buckets: int = 4) -> int:
-    """Compile and autotune the kernels now for every ``(tokens, in_features, out_features, rank)``.
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str) -> torch.Tensor:
+    """The keep mask the kernels draw for a (rows × cols) input (bool): for tests and the reference."""
+    out = torch.empty((rows, cols), device=device, dtype=torch.int8)
+    if out.numel():
+        keep_mask_kernel[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](out, rows, cols, float(p), int(seed),
+                                                                         BLOCK=32)
+    return out.bool()
 
-    The tuning is keyed by the power-of-two bucket of the token count; this tunes the bucket of
-    ``tokens`` and the ``buckets - 1`` below it (short last batches, shorter padded sequences).
-    Triton caches the choices on disk, so a later run starts tuned. Calling this before training
-    keeps the tuning out of the training steps. Returns the number of (shape, bucket) pairs tuned.
+
+@triton.jit
+def keep_mask_kernel(out_ptr, M, N, p, seed, BLOCK: tl.constexpr):
+    rm = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    rn = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], _keep(seed, rm, rn, N, p).to(tl.int8),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def warmup(keys, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda", buckets: int = 4) -> int:
+    """Compile and autotune the kernels now for every ``(tokens, in, out, k, r, bias, dropout)`` key
+    (`lora2_kernels.warmup_keys(model, tokens)` lists a model's), so no training step waits on it.
+
+    The tuning is keyed by the power-of-two bucket of the token count, the sizes, the bias and
+    dropout flags, whether dX is needed, and the dtypes: this tunes the bucket of ``tokens`` and
+    the ``buckets - 1`` below it (short last batches, shorter padded sequences), with and without
+    dX (a model's first adapted layers get no input gradient). Triton caches the choices on disk.
+    Returns the number of keys tuned.
     """
     done = set()
-    for tokens, in_features, out_features, rank in shapes:
-        top = token_bucket(int(tokens))
+    for tokens, in_features, out_features, rank, r, has_bias, dropout in keys:
         for i in range(buckets):
-            rows = max(16, top >> i)
-            key = (rows, int(in_features), int(out_features), int(rank))
+            rows = max(16, token_bucket(int(tokens)) >> i)
+            key = (rows, int(in_features), int(out_features), int(rank), int(r), bool(has_bias), float(dropout))
             if key in done:
                 continue
             done.add(key)
             x = torch.randn(rows, key[1], device=device, dtype=dtype)
             weight = torch.randn(key[2], key[1], device=device, dtype=dtype)
-            b = torch.randn(key[2], device=device, dtype=dtype) if bias else None
-            down = torch.randn(key[3], key[1], device=device)
-            up = torch.randn(key[2], key[3], device=device)
-            y, h = lora_linear_forward(x, weight, b, down, up)
-            lora_linear_backward(torch.randn_like(y), x, weight, down, up, h)
+            b = torch.randn(key[2], device=device, dtype=dtype) if has_bias else None
+            f = Factors(torch.randn(rank, key[1], device=device), torch.randn(r, rank, device=device),
+                        torch.randn(r, device=device), torch.randn(rank, r, device=device),
+                        torch.randn(key[2], rank, device=device), torch.ones(r, device=device), 16.0, False)
+            y, h, b2 = lora2_forward(x, weight, b, f, dropout_p=dropout, seed=0)
+            for needs_input_grad in (True, False):
+                lora2_backward(torch.randn_like(y), x, weight, f, h, b2, dropout_p=dropout, seed=0,
+                               needs_input_grad=needs_input_grad)
     return len(done)

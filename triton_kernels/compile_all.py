@@ -19,6 +19,8 @@ process, that process can no longer compile.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import multiprocessing
 import os
@@ -43,6 +45,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from . import lora_linear as kernels  # noqa: E402
 
+# The inner widths the compile check covers (the rank tile changes registers and shared memory).
+RANKS = (1, 8, 16, 32)  # k = 64 is above lora_linear.MAX_RANK: every tile shape spills there
 # Largest dynamic shared memory per block (bytes): what `max_shared_mem` reports on each GPU.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
 
@@ -60,13 +64,24 @@ class Result:
     registers: int | None = None  # per thread, from ptxas -v (with --resources)
     spill_bytes: int | None = None
     atomics: int | None = None  # atomic ops in the TTIR: none, or the kernels are not deterministic
+    # sm_90: the `pendings` of every wgmma wait inside a loop; a 0 there makes each wgmma wait for the
+    # previous one (the loop is serialised), 1-2 keeps them in flight
+    loop_wait_pendings: list[int] | None = None
     error: str | None = None
 
 
-def launches() -> dict[str, kernels.Launch]:
-    """The launches the host functions make, on small CPU tensors of real-model divisibility."""
-    tokens, in_f, out_f, rank = 256, 768, 2304, 8
+def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
+    """The launches the host functions make, on small CPU tensors of real-model divisibility.
+
+    Every case at k = 8 (r = 8); with more ``ranks``, the Linear forward / dX cases of every dtype at
+    those k too (the rank tile changes registers and shared memory)."""
+    tokens, in_f, out_f, r = 256, 768, 2304, 8
     cases: dict[str, kernels.Launch] = {}
+
+    def factors(rank: int) -> kernels.Factors:
+        return kernels.Factors(torch.empty(rank, in_f), torch.empty(r, rank), torch.empty(r), torch.empty(rank, r),
+                               torch.empty(out_f, rank), torch.empty(r), 16.0, False)
+
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         name = str(dtype).removeprefix("torch.")
         for conv in (False, True) if dtype == torch.bfloat16 else (False,):
@@ -74,27 +89,37 @@ def launches() -> dict[str, kernels.Launch]:
             x = torch.empty(tokens, in_f, dtype=dtype)
             weight = torch.empty((in_f, out_f) if conv else (out_f, in_f), dtype=dtype)
             bias = torch.empty(out_f, dtype=dtype)
-            down, up = torch.empty(rank, in_f), torch.empty(out_f, rank)
             dy = torch.empty(tokens, out_f, dtype=dtype)
-            fwd_b = (weight.stride(0), weight.stride(1)) if conv else (weight.stride(1), weight.stride(0))
-            dx_b = (weight.stride(1), weight.stride(0)) if conv else (weight.stride(0), weight.stride(1))
-            cases[f"forward/{layout}/{name}"] = kernels.matmul_launch(
-                x, weight, fwd_b, down, (down.stride(1), down.stride(0)), up, (up.stride(1), up.stride(0)), bias,
-                out_f, rank, compute_out=True)[0]
-            cases[f"dx/{layout}/{name}"] = kernels.matmul_launch(
-                dy, weight, dx_b, up, (up.stride(0), up.stride(1)), down, (down.stride(0), down.stride(1)), None,
-                in_f, rank, compute_out=True)[0]
-            if dtype == torch.bfloat16 and not conv:
-                cases[f"rank-only/{layout}/{name}"] = kernels.matmul_launch(
-                    dy, None, dx_b, up, (up.stride(0), up.stride(1)), None, (0, 0), None, in_f, rank,
-                    compute_out=False)[0]
-                cases[f"forward-no-bias/{layout}/{name}"] = kernels.matmul_launch(
-                    x, weight, fwd_b, down, (down.stride(1), down.stride(0)), up, (up.stride(1), up.stride(0)),
-                    None, out_f, rank, compute_out=True)[0]
-            if not conv:
-                hidden = torch.empty(tokens, rank)
-                cases[f"reduce-down/{name}"] = kernels.reduce_launch(hidden, x, programs=528)[0]
-                cases[f"reduce-up/{name}"] = kernels.reduce_launch(hidden, dy, programs=528)[0]
+            fwd_w = (weight.stride(0), weight.stride(1)) if conv else (weight.stride(1), weight.stride(0))
+            dx_w = (weight.stride(1), weight.stride(0)) if conv else (weight.stride(0), weight.stride(1))
+            for rank in ranks if not conv else (8,):
+                f = factors(rank)
+                a1 = torch.empty(rank, in_f, dtype=dtype)
+                b2 = torch.empty(rank, out_f, dtype=dtype) if dtype != torch.float32 else f.p_up  # Bᵀ as cast
+                h = torch.empty(tokens, rank)
+                tag = f"{layout}/{name}/k{rank}"
+                cases[f"forward/{tag}"] = kernels.forward_launch(x, weight, fwd_w, bias, f, a1, out_f, 0.0, 0)[0]
+                cases[f"dx/{tag}"] = kernels.dx_launch(dy, x, weight, dx_w, h, f, b2, 0.0, 0, True)[0]
+                if rank == 8 and dtype == torch.bfloat16 and not conv:
+                    cases[f"rank-only/{tag}"] = kernels.dx_launch(dy, x, None, dx_w, h, f, b2, 0.0, 0, False)[0]
+                    cases[f"forward-no-bias/{tag}"] = kernels.forward_launch(x, weight, fwd_w, None, f, a1, out_f,
+                                                                             0.0, 0)[0]
+                    cases[f"forward-dropout/{tag}"] = kernels.forward_launch(x, weight, fwd_w, bias, f, a1, out_f,
+                                                                             0.1, 1)[0]
+                    cases[f"dx-dropout/{tag}"] = kernels.dx_launch(dy, x, weight, dx_w, h, f, b2, 0.1, 1, True)[0]
+                    partials = kernels.dx_launch(dy, x, weight, dx_w, h, f, b2, 0.0, 0, True)[2]
+                    cases[f"finish/{tag}"] = kernels.finish_launch(partials, 4, f)[0]
+                    cases[f"cast/{tag}"] = kernels.cast_launch(f.q_down, f.p_up, dtype)[0]
+                if rank == 8 and dtype == torch.float32:  # fp32 where torch allows TF32: tensor-core tiles
+                    before = torch.get_float32_matmul_precision()
+                    torch.set_float32_matmul_precision("high")
+                    try:
+                        cases[f"forward/{layout}/float32-tf32/k8"] = kernels.forward_launch(
+                            x, weight, fwd_w, bias, f, a1, out_f, 0.0, 0)[0]
+                        cases[f"dx/{layout}/float32-tf32/k8"] = kernels.dx_launch(
+                            dy, x, weight, dx_w, h, f, b2, 0.0, 0, True)[0]
+                    finally:
+                        torch.set_float32_matmul_precision(before)
     return cases
 
 
@@ -120,35 +145,48 @@ def specialise(fn, launch: kernels.Launch, config: triton.Config) -> tuple[dict,
     return signature, constexprs, attrs
 
 
-def _ptxas_resources(ptx: str, arch: int) -> tuple[int | None, int | None]:
-    """(registers per thread, spill-store bytes) as ptxas reports them for this PTX."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        run = subprocess.run([ptxas, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=False)
-    text = run.stdout + run.stderr
-    registers, spills = re.findall(r"Used (\d+) registers", text), re.findall(r"(\d+) bytes spill stores", text)
-    return (int(registers[0]) if registers else None), (int(spills[0]) if spills else None)
+def loop_wait_pendings(ttgir: str) -> list[int]:
+    """`pendings` of each ttng.warp_group_dot_wait nested in an scf.for of a TTGIR module."""
+    pendings, loops = [], []  # loops: brace depths at which an scf.for body opened
+    depth = 0
+    for line in ttgir.splitlines():
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            loops.append(depth)
+        if loops and "warp_group_dot_wait" in line:
+            found = re.search(r"pendings\s*=\s*(\d+)", line)
+            pendings.append(int(found.group(1)) if found else -1)
+        depth += line.count("{") - line.count("}")
+        while loops and depth <= loops[-1]:
+            loops.pop()
+    return pendings
 
 
-def compile_case(case: str, arch: int, resources: bool = False) -> list[Result]:
-    launch = launches()[case]
+def compile_case(case: str, arch: int, resources: bool = False, check_exclusions: bool = False) -> list[Result]:
+    """Every config of one launch case for sm_``arch``; the ones the autotuner excludes there are not
+    compiled, except with ``check_exclusions``, which compiles the ones excluded for spilling (to
+    re-derive kernels.SPILLS)."""
+    if resources:
+        # read the registers and spills off Triton's own ptxas run (so no cached kernel may skip it)
+        os.environ.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
+    launch = launches(RANKS)[case]
     fn = kernels.KERNELS[launch.kernel]
-    element_size = launch.args[0].element_size() if launch.kernel == "matmul" else 4
+    element_size = launch.args[0].element_size()
     results = []
-    for config in kernels.CONFIGS[launch.kernel]:
+    for config in kernels.CONFIGS.get(launch.kernel, [triton.Config({}, num_warps=4, num_stages=1)]):
         label = ", ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f", w{config.num_warps} s{config.num_stages}"
-        if kernels.shared_memory_bytes(config, element_size, launch.kernel) > SHARED_MEMORY_LIMIT[arch]:
-            results.append(Result(case, launch.kernel, arch, label, True, 0.0, pruned=True))
+        excluded = launch.kernel in kernels.CONFIGS and kernels.config_excluded(
+            config, launch.kernel, arch, element_size, launch.flags, SHARED_MEMORY_LIMIT[arch])
+        if excluded and (not check_exclusions or "spills" not in excluded):
+            results.append(Result(case, launch.kernel, arch, label, True, 0.0, pruned=True, error=excluded))
             continue  # never launched on this GPU
         signature, constexprs, attrs = specialise(fn, launch, config)
         start = time.perf_counter()
+        log = io.StringIO()
         try:
-            compiled = triton.compile(
-                ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+            with contextlib.redirect_stdout(log):  # Triton prints the log of its own `ptxas -v` run there
+                compiled = triton.compile(
+                    ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                    options={"num_warps": config.num_warps, "num_stages": config.num_stages})
         except Exception as e:  # noqa: BLE001 -- every compiler error is a result to report
             results.append(Result(case, launch.kernel, arch, label, False, time.perf_counter() - start,
                                   error=f"{type(e).__name__}: {str(e)[:2000]}"))
@@ -159,8 +197,13 @@ def compile_case(case: str, arch: int, resources: bool = False) -> list[Result]:
                         error=None if fits else f"needs {shared} bytes of shared memory, sm_{arch} has "
                                                 f"{SHARED_MEMORY_LIMIT[arch]}; the autotuner's estimate kept it")
         result.atomics = len(re.findall(r"\batomic_", compiled.asm["ttir"]))
+        if arch == 90:
+            result.loop_wait_pendings = loop_wait_pendings(compiled.asm["ttgir"])
         if resources:
-            result.registers, result.spill_bytes = _ptxas_resources(compiled.asm["ptx"], arch)
+            text = log.getvalue()
+            registers, spills = re.findall(r"Used (\d+) registers", text), re.findall(r"(\d+) bytes spill stores", text)
+            result.registers = int(registers[0]) if registers else None
+            result.spill_bytes = int(spills[0]) if spills else None
         results.append(result)
     return results
 
@@ -171,22 +214,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="*", help="substrings of case names to compile (default: all)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--resources", action="store_true", help="also report registers and spills (ptxas -v)")
+    parser.add_argument("--check-exclusions", action="store_true",
+                        help="also compile the configs excluded for spilling (to re-derive lora_linear.SPILLS)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     args = parser.parse_args(argv)
-    jobs = [(case, arch) for case in launches() if not args.cases or any(c in case for c in args.cases)
+    jobs = [(case, arch) for case in launches(RANKS) if not args.cases or any(c in case for c in args.cases)
             for arch in args.arch]
     # spawn, not fork: a forked child of a process running torch's and LLVM's threads can deadlock
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(compile_case, case, arch, args.resources) for case, arch in jobs]
+        futures = [pool.submit(compile_case, case, arch, args.resources, args.check_exclusions) for case, arch in jobs]
         results = [r for f in futures for r in f.result()]
     if args.json:
         print(json.dumps({"triton": triton.__version__, "results": [asdict(r) for r in results]}, indent=1))
     else:
         for r in results:
             if r.pruned:
-                print(f"sm_{r.arch} {r.case:<26} {r.config:<55} pruned: does not fit this GPU's shared memory")
+                print(f"sm_{r.arch} {r.case:<26} {r.config:<55} excluded: {r.error}")
                 continue
             usage = f" regs {r.registers} spill {r.spill_bytes} B" if r.registers is not None else ""
+            usage += f" loop waits {r.loop_wait_pendings}" if r.loop_wait_pendings else ""
             print(f"sm_{r.arch} {r.case:<26} {r.config:<55} {'ok' if r.ok else 'FAILED':<6} {r.seconds:5.2f} s "
                   f"smem {r.shared_bytes or 0:>6}{usage}{'  ' + r.error.splitlines()[0] if r.error else ''}")
         compiled = [r for r in results if not r.pruned]

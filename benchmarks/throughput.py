@@ -16,6 +16,12 @@ steps      Whole training steps of randomly initialised real architectures (DeBE
            AdamW: floor (frozen, backward to the inputs), full fine-tuning, PEFT LoRA r=8, PEFT
            AdaLoRA 12→8, LoRA² with the reference path, LoRA² with the kernels; eager and compiled.
            Both allocators run in their pruning phase and re-mask every step: their worst case.
+work       Device work per projection per training step: kernels launched (aten ops that are kernels +
+           Triton launches), for the frozen layer, PEFT LoRA and LoRA² (benchmarks/device_work.py;
+           on a CPU counted under the Triton interpreter in a subprocess).
+model      The roofline cost model per projection (benchmarks/cost_model.py): LoRA² against the frozen
+           layer for the LLaMA-1.1B and DeBERTa shapes, "model, not measured"; on a GPU with the
+           layers section, beside the measured ratio.
 allocator  The importance update of 154 modules (LLaMA-1.1B's 22 layers × 7 projections, r=8, k=8):
            the compiled op (csrc/) against the stacked-torch reference, and a whole allocator step.
 
@@ -50,8 +56,10 @@ from lora2.config import DEFAULT_TARGET_MODULES
 from lora2.memory import PeakMemory
 from lora2_kernels import LoRA2Linear, importance_update, reference, warmup
 
+from . import cost_model
+
 logger = logging.getLogger("throughput")
-SECTIONS = ("layers", "steps", "allocator")
+SECTIONS = ("work", "model", "layers", "steps", "allocator")
 PRUNING_STEP = 100  # allocator steps are numbered from here: inside the pruning phase
 
 
@@ -425,6 +433,25 @@ def allocator_table(result: AllocatorResult, steps: list[StepResult]) -> str:
         f"{f'{result.speedup:.1f}×' if result.speedup else '—'} | {ms(result.allocator_step_ms)} | {share} |"])
 
 
+# --- device work --------------------------------------------------------------------------------------------
+
+
+def count_device_work(device: torch.device) -> dict[str, int]:
+    """benchmarks.device_work's counts: in this process on a GPU, else under the interpreter in a subprocess
+    (TRITON_INTERPRET must be set before Triton compiles anything)."""
+    if device.type == "cuda":
+        from . import device_work
+
+        return device_work.peer_counts("cuda")
+    import os
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "benchmarks.device_work"], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parent.parent,
+                         check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 # --- main --------------------------------------------------------------------------------------------------
 
 
@@ -450,8 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"date": datetime.date.today().isoformat(), "device": device_description(device),
                     "command": " ".join(["python -m benchmarks.throughput", *(sys.argv[1:] if argv is None else argv)]),
                     "layers": [],
-                    "steps": [], "allocator": None}
+                    "steps": [], "allocator": None, "work": None, "model": None}
     sections: list[str] = []
+    if "work" in args.sections:
+        report["work"] = count_device_work(device)
+        sections.append("## Device work per projection per training step (kernels launched)\n\n"
+                        + "\n".join(["| peer | launches |", "|---|---:|"]
+                                     + [f"| {k} | {v} |" for k, v in report["work"].items()]))
     if "layers" in args.sections:
         shapes = GPU_LAYER_SHAPES if device.type == "cuda" else CPU_LAYER_SHAPES
         shapes = [s for s in shapes if not args.layer_shapes or s[0] in args.layer_shapes]
@@ -476,6 +508,17 @@ def main(argv: list[str] | None = None) -> int:
             sections.append("\n".join(f"LoRA² regulariser alone ({r.shape}, {r.mode}, {r.method}): "
                                       f"{r.regularizer_ms:.2f} ms = {100 * r.regularizer_ms / r.ms_per_step:.2f} % "
                                       "of its step" for r in regs))
+    if "model" in args.sections:
+        measured = {}
+        for r in report["layers"]:
+            same = {x.peer: x for x in report["layers"] if (x.shape, x.mode) == (r.shape, r.mode)}
+            if r.mode == "eager" and r.peer == "lora2-triton" and r.forward_backward_ms and same.get("floor"):
+                ratio = r.forward_backward_ms / same["floor"].forward_backward_ms
+                measured[(r.tokens, r.in_features, r.out_features)] = ratio
+        rows = cost_model.layer_models()
+        report["model"] = [asdict(r) for r in rows]
+        by_shape = {r.shape: measured[(r.tokens, r.in_f, r.out_f)] for r in rows if (r.tokens, r.in_f, r.out_f) in measured}
+        sections.append("## Cost model per projection (forward + backward)\n\n" + cost_model.model_table(rows, by_shape))
     if "allocator" in args.sections:
         logger.info("allocator")
         report["allocator"] = measure_allocator(device)

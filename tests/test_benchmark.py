@@ -56,3 +56,18 @@ def test_main_writes_markdown_and_json(tmp_path, monkeypatch):
     assert [r["method"] for r in report["steps"]] == ["floor", "lora2-reference"]
     markdown = (tmp_path / "results.md").read_text()
     assert "## Layers" in markdown and "## Training steps" in markdown and "need a GPU" in markdown
+
+
+def test_work_and_model_sections_print_the_counts_and_the_labelled_model(tmp_path):
+    """The device-work counts (counted under the interpreter in a subprocess on a CPU) and the cost model,
+    labelled as a model, with no measured ratio on a CPU."""
+    assert throughput.main(["--sections", "work", "model", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    work = report["work"]
+    assert work["frozen nn.Linear"] == 2 and work["LoRA² kernels, bf16"] <= 5
+    assert work["LoRA² model of N projections: b (per projection)"] <= 4
+    assert work["LoRA² kernels, bf16"] < work["PEFT LoRA r=8 (bf16 autocast)"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "Model, not measured" in markdown and "— (needs a GPU)" in markdown
+    rows = {r["shape"]: r for r in report["model"]}
+    assert rows["llama-1.1b q/o"]["floor_us"] > 0 and rows["llama-1.1b q/o"]["lora2_us"] > rows["llama-1.1b q/o"]["floor_us"]

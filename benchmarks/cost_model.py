@@ -1,0 +1,128 @@
+"""A roofline model of one training step of one adapted projection: each launch's FLOPs and DRAM
+bytes from its shapes, its time as max(FLOPs / peak, bytes / bandwidth) plus a fixed launch cost,
+summed per layer and compared with the frozen layer's (the floor: forward GEMM + dX GEMM).
+
+It is a model, not a measurement: it assumes every kernel runs at the roofline and that tiles
+re-read from L2 cost nothing. `python -m benchmarks.throughput` prints it labelled "model, not
+measured" on a CPU and beside the measured ratio on a GPU, so a lent GPU checks the model.
+
+The LoRA² launches are those of triton_kernels/lora_linear.py (4 a step for bf16 inputs):
+
+    cast     A₁ and B₂ to bf16 (reads fp32, writes bf16)
+    forward  x·Wᵀ + h·(B₂C)ᵀ with h = x·A₁ᵀ recomputed by every column tile (BLOCK_R / BLOCK_N more
+             tensor-core work: computing it once would cost a second read of x, more than this)
+    dx       dY·W + g·A₁ with gB = dY·B₂ recomputed by every column tile and the rank program,
+             dB₂ partials (zᵀ·dY), dA₁ partials (gᵀ·x: x read once more), per row tile
+    finish   the partials summed (read once), the k × k core's gradients
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    tensor_flops: float  # dense bf16 tensor-core FLOP/s
+    bandwidth: float  # DRAM bytes/s
+    launch_seconds: float  # fixed cost of a launch: its latency and its tail wave
+
+
+H100 = Device("H100 SXM (roofline)", 989e12, 3.35e12, 3e-6)
+
+
+@dataclass(frozen=True)
+class Launch:
+    name: str
+    flops: float
+    bytes: float
+
+    def seconds(self, device: Device) -> float:
+        return max(self.flops / device.tensor_flops, self.bytes / device.bandwidth) + device.launch_seconds
+
+
+def floor_launches(tokens: int, in_f: int, out_f: int, element: int = 2) -> list[Launch]:
+    """The frozen nn.Linear inside a model: the forward GEMM and the dX GEMM."""
+    gemm = 2.0 * tokens * in_f * out_f
+    return [Launch("forward", gemm, element * (tokens * in_f + in_f * out_f + tokens * out_f)),
+            Launch("dx", gemm, element * (tokens * out_f + in_f * out_f + tokens * in_f))]
+
+
+def lora2_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int = 2, block_m: int = 128,
+                   block_n: int = 256) -> list[Launch]:
+    """The fused LoRA² step (k padded to the rank tile, as the tensor cores compute it). Tiles: the
+    128 × 256 config, the one of the Hopper set meant for these shapes (on a GPU the autotuner picks;
+    with 128 × 128 tiles the recomputed rank-k products cost twice as much)."""
+    rank = max(16, 2 ** math.ceil(math.log2(k)))
+    m_tiles = math.ceil(tokens / block_m)
+    gemm = 2.0 * tokens * in_f * out_f
+    forward_flops = gemm + 2.0 * tokens * in_f * rank * math.ceil(out_f / block_n) + 2.0 * tokens * out_f * rank
+    forward_bytes = element * (tokens * in_f + in_f * out_f + tokens * out_f + k * in_f) + 4 * tokens * k
+    dx_flops = (gemm + 2.0 * tokens * out_f * rank * (math.ceil(in_f / block_n) + 1)  # gB, every tile + rank program
+                + 2.0 * tokens * out_f * rank  # dB₂ partials
+                + 4.0 * tokens * in_f * rank)  # g·A₁ and the dA₁ partials
+    partial_bytes = 4 * m_tiles * (out_f * k + k * in_f + rank * rank)
+    dx_bytes = (element * (tokens * out_f + in_f * out_f + 2 * tokens * in_f + k * out_f) + 4 * tokens * k
+                + partial_bytes)
+    cast_bytes = (4 + element) * k * (in_f + out_f)
+    finish_bytes = partial_bytes + 4 * k * (in_f + out_f)
+    return [Launch("cast", 0.0, cast_bytes), Launch("forward", forward_flops, forward_bytes),
+            Launch("dx", dx_flops, dx_bytes), Launch("finish", 0.0, finish_bytes)]
+
+
+@dataclass
+class LayerModel:
+    shape: str
+    tokens: int
+    in_f: int
+    out_f: int
+    floor_us: float
+    lora2_us: float
+
+    @property
+    def ratio(self) -> float:
+        return self.lora2_us / self.floor_us
+
+
+# The shapes of ../shared/README.md: LLaMA-1.1B at 8×1024 tokens, DeBERTa-v3-base at 32×256.
+SHAPES = [("llama-1.1b q/o", 8192, 2048, 2048), ("llama-1.1b k/v", 8192, 2048, 256),
+          ("llama-1.1b gate/up", 8192, 2048, 5632), ("llama-1.1b down", 8192, 5632, 2048),
+          ("deberta q/k/v/o", 8192, 768, 768), ("deberta up", 8192, 768, 3072), ("deberta down", 8192, 3072, 768)]
+
+
+def layer_models(device: Device = H100, k: int = 8) -> list[LayerModel]:
+    rows = []
+    for name, tokens, in_f, out_f in SHAPES:
+        floor = sum(launch.seconds(device) for launch in floor_launches(tokens, in_f, out_f))
+        lora2 = sum(launch.seconds(device) for launch in lora2_launches(tokens, in_f, out_f, k))
+        rows.append(LayerModel(name, tokens, in_f, out_f, 1e6 * floor, 1e6 * lora2))
+    return rows
+
+
+def model_table(rows: list[LayerModel], measured: dict[str, float] | None = None, device: Device = H100) -> str:
+    """Markdown: per shape the modelled µs and ratio, and the measured ratio where a GPU gave one."""
+    lines = [f"Model, not measured: {device.name}, bf16, {device.tensor_flops / 1e12:.0f} TFLOP/s, "
+             f"{device.bandwidth / 1e12:.2f} TB/s, {device.launch_seconds * 1e6:.0f} µs a launch; k = 8.", "",
+             "| projection | tokens × in → out | floor µs (model) | LoRA² µs (model) | LoRA² / floor (model) "
+             "| LoRA² / floor (measured) |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        seen = (measured or {}).get(r.shape)
+        lines.append(f"| {r.shape} | {r.tokens} × {r.in_f} → {r.out_f} | {r.floor_us:.1f} | {r.lora2_us:.1f} | "
+                     f"{r.ratio:.3f} | {f'{seen:.3f}' if seen else '— (needs a GPU)'} |")
+    for model, layer in DECODER_LAYERS.items():
+        floor = sum(n * r.floor_us for r in rows for shape, n in layer.items() if r.shape == shape)
+        lora2 = sum(n * r.lora2_us for r in rows for shape, n in layer.items() if r.shape == shape)
+        lines.append(f"| **{model} layer** ({sum(layer.values())} projections) | | {floor:.1f} | {lora2:.1f} | "
+                     f"**{lora2 / floor:.3f}** | |")
+    return "\n".join(lines)
+
+
+# How many projections of each shape one decoder / encoder layer has.
+DECODER_LAYERS = {"llama-1.1b": {"llama-1.1b q/o": 2, "llama-1.1b k/v": 2, "llama-1.1b gate/up": 2, "llama-1.1b down": 1},
+                  "deberta": {"deberta q/k/v/o": 4, "deberta up": 1, "deberta down": 1}}
+
+
+if __name__ == "__main__":
+    print(model_table(layer_models()))

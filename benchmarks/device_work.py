@@ -1,0 +1,140 @@
+"""Device work of a training step, counted on any machine: the kernels a GPU would launch.
+
+Every aten op that runs at least one kernel on a GPU counts once (views, allocations and the
+host-side draw of the dropout seed do not), and so does every launch of lora2's Triton kernels.
+On a CPU the Triton kernels run under the interpreter, whose own tensor copies are not counted.
+
+    with DeviceWork() as work:
+        y = layer(x); y.backward(grad)
+    work.total, work.ops   # e.g. 4, Counter({'triton:forward': 1, 'triton:dx': 1, ...})
+
+Used by tests/test_device_work.py (the targets) and by ``python -m benchmarks.throughput``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+# Ops that launch nothing: allocations (torch.empty and friends only reserve memory) and metadata.
+NOT_KERNELS = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
+               aten.new_empty_strided.default, aten.empty_like.default, aten.lift_fresh.default,
+               aten._local_scalar_dense.default, aten.randint.low, aten.randint.default}
+
+
+def _launches_kernels(func) -> bool:
+    if func in NOT_KERNELS or func.is_view:
+        return False
+    return func.overloadpacket not in (aten.detach, aten.alias, aten._unsafe_view, aten.view, aten.t, aten.transpose,
+                                       aten.expand, aten.permute, aten.as_strided, aten.unsqueeze, aten.squeeze)
+
+
+class DeviceWork(TorchDispatchMode):
+    """Counts device kernels: aten ops (as dispatched under autograd) and Triton launches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self._in_triton = 0
+        self._patched = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # an op that returns no tensor (aten.promote_types, say) computes on the host
+        returns_tensor = any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0])
+        if not self._in_triton and returns_tensor and _launches_kernels(func):
+            self.ops[str(func.overloadpacket.__name__)] += 1
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def __enter__(self):
+        from lora2_kernels.triton_kernels import lora_linear as kernels
+
+        original = kernels.Launch.run
+        work = self
+
+        def counted(launch):
+            work.ops[f"triton:{launch.kernel}"] += 1
+            work._in_triton += 1
+            try:
+                return original(launch)
+            finally:
+                work._in_triton -= 1
+
+        self._patched = (kernels.Launch, original)
+        kernels.Launch.run = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        cls, original = self._patched
+        cls.run = original
+        return super().__exit__(*exc)
+
+
+def step_work(module: torch.nn.Module, x: torch.Tensor) -> DeviceWork:
+    """The device work of one forward + backward of ``module`` on ``x`` (which requires grad, as the
+    input of a layer inside a model does); the upstream gradient is made outside the count."""
+    x = x.detach().requires_grad_()
+    with torch.no_grad():
+        grad = torch.ones_like(module(x))
+    for p in module.parameters():
+        p.grad = None
+    with DeviceWork() as work:
+        y = module(x)
+        torch.autograd.backward(y, grad)
+    return work
+
+
+def peer_counts(device: str = "cpu", in_f: int = 48, out_f: int = 40, tokens: int = 24) -> dict[str, int]:
+    """Launches per training step of one projection: the frozen layer, PEFT LoRA r=8 under bf16
+    autocast, LoRA² through the kernels (bf16 and fp32, with and without adapter dropout), and the
+    slope and intercept of a model of N LoRA² projections (work = a + b·N)."""
+    import peft
+    from torch import nn
+
+    from lora2_kernels import LoRA2Linear
+
+    def lora2(n_in, n_out, dtype, dropout=0.0, seed=0):
+        torch.manual_seed(seed)
+        layer = LoRA2Linear(n_in, n_out, r=8, k=8, dropout=dropout, backend="triton").to(device)
+        layer.weight.data, layer.bias.data = layer.weight.data.to(dtype), layer.bias.data.to(dtype)
+        return layer.train()
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(in_f, out_f)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    x = torch.randn(tokens, in_f, device=device)
+    counts = {"frozen nn.Linear": step_work(nn.Linear(in_f, out_f).to(device, torch.bfloat16).requires_grad_(False),
+                                            x.bfloat16()).total}
+    model = peft.get_peft_model(One(), peft.LoraConfig(r=8, target_modules=["proj"])).to(device).train()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        counts["PEFT LoRA r=8 (bf16 autocast)"] = step_work(model, x).total
+    counts["LoRA² kernels, bf16"] = step_work(lora2(in_f, out_f, torch.bfloat16), x.bfloat16()).total
+    counts["LoRA² kernels, fp32"] = step_work(lora2(in_f, out_f, torch.float32), x).total
+    counts["LoRA² kernels, bf16, dropout 0.1"] = step_work(lora2(in_f, out_f, torch.bfloat16, 0.1), x.bfloat16()).total
+    chain = {n: step_work(nn.Sequential(*[lora2(in_f, in_f, torch.bfloat16, seed=i) for i in range(n)]),
+                          x.bfloat16()).total for n in (2, 4)}
+    slope = (chain[4] - chain[2]) // 2
+    counts["LoRA² model of N projections: b (per projection)"] = slope
+    counts["LoRA² model of N projections: a (per step)"] = chain[2] - 2 * slope
+    return counts
+
+
+if __name__ == "__main__":  # python -m benchmarks.device_work (CPU: under TRITON_INTERPRET=1)
+    import json
+    import os
+
+    print(json.dumps(peer_counts("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+                                 else "cpu")))

@@ -1,0 +1,76 @@
+"""Device work per adapted projection per training step: the count a GPU would launch (aten ops that
+are kernels + Triton launches; views and allocations excluded), measured on CPU under the
+interpreter. Targets (issue "Kernels v2"): a lone layer ≤ 5 launches; a model of N projections costs
+a + b·N with b ≤ 4 and a ≤ 4. For scale: the frozen nn.Linear is 2, PEFT LoRA 17."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, require
+from torch import nn
+
+from benchmarks.device_work import step_work
+from lora2_kernels import LoRA2Linear
+
+IN, OUT, TOKENS = 48, 40, 24
+
+
+def _layer(dtype=torch.bfloat16, bias=True, dropout=0.0, seed=0, out=OUT) -> LoRA2Linear:
+    torch.manual_seed(seed)
+    layer = LoRA2Linear(IN, out, bias=bias, r=6, k=4, dropout=dropout, backend="triton").to(KERNEL_DEVICE)
+    layer.weight.data = layer.weight.data.to(dtype)
+    if bias:
+        layer.bias.data = layer.bias.data.to(dtype)
+    with torch.no_grad():
+        layer.singular_values.normal_()
+    return layer.train()
+
+
+def _x(dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.randn(TOKENS, IN, device=KERNEL_DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, 4), (torch.float32, 3)], ids=["bf16", "fp32"])
+def test_a_lone_layer_launches_its_kernels_and_nothing_else(dtype, expected):
+    work = step_work(_layer(dtype), _x(dtype))
+    assert work.total == expected <= 5, work.ops
+    assert set(work.ops) <= {"triton:cast", "triton:forward", "triton:dx", "triton:finish"}, work.ops
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dropout_and_bias_add_no_launch(bias):
+    assert step_work(_layer(dropout=0.1, bias=bias), _x()).total == 4
+
+
+def test_a_model_costs_a_plus_b_per_projection():
+    def chain(n):
+        return nn.Sequential(*[_layer(seed=i, out=IN) for i in range(n)])
+
+    counts = {n: step_work(chain(n), _x()).total for n in (1, 2, 4)}
+    b = (counts[4] - counts[2]) / 2
+    a = counts[2] - 2 * b
+    assert counts[1] == a + b  # linear in N
+    assert b <= 4 and a <= 4, counts
+
+
+def test_the_peers_count_as_the_issue_measured():
+    """The yardsticks, counted by the same counter: the frozen layer 2, PEFT LoRA 17 (bf16, r = 8)."""
+    peft = require("peft", "pip install -e '.[test]' (peft is in the test extra)")
+    torch.manual_seed(0)
+    frozen = nn.Linear(IN, OUT).to(KERNEL_DEVICE, torch.bfloat16).requires_grad_(False)
+    assert step_work(frozen, _x()).total == 2
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(IN, OUT)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = peft.get_peft_model(One(), peft.LoraConfig(r=8, target_modules=["proj"])).to(KERNEL_DEVICE)
+    model.base_model.model.proj.base_layer.to(torch.bfloat16)
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
+        work = step_work(model, _x())
+    assert work.total >= 10, work.ops  # PEFT runs the adapter as separate small ops

@@ -143,12 +143,14 @@ std::tuple<at::Tensor, at::Tensor> importance_update_cpu(
     bool finite = true;  // phase 1, as on the GPU: any non-finite input skips the whole update
     for (int64_t m = 0; m < s.modules && finite; ++m) {
       const View& v = views[m];
+      // The sensitivity θ·g itself must be finite: finite θ and g can still overflow (1e30 · 1e30), and
+      // an infinite EMA turns into NaN for good at the next update. (A NaN or inf θ or g makes it so too.)
       for (int64_t i = 0; i < r; ++i) {
-        finite = finite && std::isfinite(View::at(v.lambda, i)) && std::isfinite(View::grad_at(v.lambda_grad, i));
+        finite = finite && std::isfinite(View::at(v.lambda, i) * View::grad_at(v.lambda_grad, i));
       }
       for (int64_t i = 0; i < r * k; ++i) {
-        finite = finite && std::isfinite(View::at(v.q_up, i)) && std::isfinite(View::grad_at(v.q_up_grad, i)) &&
-                 std::isfinite(View::at(v.p_down, i)) && std::isfinite(View::grad_at(v.p_down_grad, i));
+        finite = finite && std::isfinite(View::at(v.q_up, i) * View::grad_at(v.q_up_grad, i)) &&
+                 std::isfinite(View::at(v.p_down, i) * View::grad_at(v.p_down_grad, i));
       }
     }
     skipped.fill_(finite ? 0 : 1);

@@ -43,13 +43,12 @@ __global__ void check_finite_kernel(const ImportanceChunk chunk, int r, int k, i
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= chunk.num_modules * r) return;
   const int m = t / r, i = t % r;
-  bool finite = isfinite(load<T>(chunk.singular_values[m], i)) &&
-                isfinite(load_grad<T>(chunk.singular_values_grad[m], i));
+  // The sensitivity θ·g itself must be finite: finite θ and g can still overflow (1e30 · 1e30), and an
+  // infinite EMA turns into NaN for good at the next update.
+  bool finite = isfinite(load<T>(chunk.singular_values[m], i) * load_grad<T>(chunk.singular_values_grad[m], i));
   for (int j = 0; j < k; ++j) {
-    finite = finite && isfinite(load<T>(chunk.q_up[m], i * k + j)) &&
-             isfinite(load_grad<T>(chunk.q_up_grad[m], i * k + j)) &&
-             isfinite(load<T>(chunk.p_down[m], j * r + i)) &&
-             isfinite(load_grad<T>(chunk.p_down_grad[m], j * r + i));
+    finite = finite && isfinite(load<T>(chunk.q_up[m], i * k + j) * load_grad<T>(chunk.q_up_grad[m], i * k + j)) &&
+             isfinite(load<T>(chunk.p_down[m], j * r + i) * load_grad<T>(chunk.p_down_grad[m], j * r + i));
   }
   if (!finite) *skipped = 1;  // every writer stores the same value: a benign race
 }

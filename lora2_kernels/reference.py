@@ -164,7 +164,7 @@ def importance_update(
         I = |θ·g|,   Ī ← β₁·Ī + (1 − β₁)·I,   Ū ← β₂·Ū + (1 − β₂)·|I − Ī|,   s = Ī·Ū
         score[m, i] = s(λ_i) + mean_j s(B₁[i, j]) + mean_j s(A₂[j, i])
 
-    If any value or gradient is not finite, the state is left as it is and ``skipped`` is 1.
+    If any value, gradient or product θ·g is not finite, the state is left as it is and ``skipped`` is 1.
     Updates ``state`` in place; returns (scores (M, r), skipped (int32 scalar)).
     """
     dtype = state["ema_lambda"].dtype
@@ -177,7 +177,8 @@ def importance_update(
 
     inputs = {"lambda": stacked(singular_values, singular_values_grad), "q_up": stacked(q_up, q_up_grad),
               "p_down": stacked(p_down, p_down_grad)}
-    finite = all(bool(torch.isfinite(v).all() and torch.isfinite(g).all()) for v, g in inputs.values())
+    # θ·g itself must be finite: finite θ and g can overflow (1e30 · 1e30) into an EMA that is inf, then NaN
+    finite = all(bool(torch.isfinite(v * g).all()) for v, g in inputs.values())
     if finite:
         for name, (values, gradients) in inputs.items():
             sensitivity = (values * gradients).abs()

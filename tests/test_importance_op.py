@@ -131,6 +131,23 @@ def test_non_finite_inputs_skip_the_whole_update(device, bad, where):
         torch.testing.assert_close(scores, reference.importance_scores(before))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_an_overflowing_sensitivity_is_not_folded_into_the_emas(device, backend):
+    """λ = g = 1e30 are finite but λ·g is not: folded in, the EMA would be inf and then NaN for good."""
+    lam, b1, a2 = _modules(device=device)
+    state = _state(device=device)
+    importance_update(lam, b1, a2, state, BETA1, BETA2, backend=backend)
+    before = copy.deepcopy(state)
+    with torch.no_grad():
+        lam[3][0] = 1e30
+        lam[3].grad[0] = 1e30
+    scores, skipped = importance_update(lam, b1, a2, state, BETA1, BETA2, backend=backend)
+    assert int(skipped) == 1
+    assert all(torch.equal(before[n], state[n]) for n in reference.STATE_NAMES)
+    assert torch.isfinite(scores).all()
+
+
 def test_bad_calls_are_refused_before_anything_changes():
     lam, b1, a2 = _modules()
     state = _state()

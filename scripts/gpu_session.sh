@@ -47,8 +47,8 @@ if stage train; then  # lora2 train end to end on CUDA, bf16 and fp16 (the GradS
   done
 fi
 
-if stage bench; then  # the tables for README: layers (eager, compiled), steps (eager), allocator
-  timeout 300 python3 -m benchmarks.throughput --sections layers allocator --out "$OUT/bench-layers" \
+if stage bench; then  # the tables for README: launches, layers (eager, compiled) beside the cost model, steps, allocator
+  timeout 300 python3 -m benchmarks.throughput --sections work layers model allocator --out "$OUT/bench-layers" \
     > "$OUT/bench-layers.log" 2>&1
   timeout 300 python3 -m benchmarks.throughput --sections steps --modes eager --steps 20 \
     --out "$OUT/bench-steps" > "$OUT/bench-steps.log" 2>&1

@@ -23,12 +23,14 @@ counts as killed if the same tests pass without it.
 from __future__ import annotations
 
 import argparse
+import queue
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,31 +60,42 @@ MUTANTS = [
            "acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]",
            "acc += 0.0 * tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]",
            (KERNEL_TESTS, "-k", HALF), "the fused forward forgets the bias (seen by the half-precision tests alone)"),
-    Mutant("base-gemm-dropped-half", KERNEL,
-           "acc = tl.dot(x, b, acc, input_precision=PRECISION)", "acc = acc",
+    Mutant("base-gemm-dropped-half", KERNEL, "acc = _dot(x, w, acc, PRECISION)", "acc = acc",
            (KERNEL_TESTS, "-k", HALF), "the frozen layer's GEMM is dropped (seen by the half-precision tests alone)"),
+    Mutant("dx-base-gemm-dropped-half", KERNEL, "acc = _dot(dy, wt, acc, PRECISION)", "acc = acc",
+           (KERNEL_TESTS, "-k", HALF), "dX loses dY·W (seen by the half-precision tests alone)"),
     Mutant("conv1d-forward-strides-swapped", KERNEL,
-           "b_strides = (weight.stride(0), weight.stride(1)) if fan_in_fan_out else (weight.stride(1), weight.stride(0))",
-           "b_strides = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else (weight.stride(1), weight.stride(0))",
+           "w_strides = (weight.stride(0), weight.stride(1)) if fan_in_fan_out else (weight.stride(1), weight.stride(0))",
+           "w_strides = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else (weight.stride(1), weight.stride(0))",
            (KERNEL_TESTS, "-k", f"conv1d and ({HALF})"), "GPT-2 Conv1D's transposed weight read as an nn.Linear's"),
     Mutant("conv1d-dx-strides-swapped", KERNEL,
-           "b_strides = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else (weight.stride(0), weight.stride(1))",
-           "b_strides = (weight.stride(0), weight.stride(1)) if fan_in_fan_out else (weight.stride(0), weight.stride(1))",
+           "w_strides = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else (weight.stride(0), weight.stride(1))",
+           "w_strides = (weight.stride(0), weight.stride(1)) if fan_in_fan_out else (weight.stride(0), weight.stride(1))",
            (KERNEL_TESTS, "-k", f"conv1d and ({HALF})"), "the dX kernel reads Conv1D's weight with Linear's strides"),
-    Mutant("rank-k-term-doubled", KERNEL,
-           "acc = tl.dot(hidden, u.to(tl.float32), acc, input_precision=PRECISION)",
-           "acc = tl.dot(2.0 * hidden, u.to(tl.float32), acc, input_precision=PRECISION)",
+    Mutant("rank-k-term-doubled", KERNEL, "acc = tl.dot(hidden, up_t, acc, input_precision=PRECISION)",
+           "acc = tl.dot(2.0 * hidden, up_t, acc, input_precision=PRECISION)",
            (KERNEL_TESTS, "-k", "oracle"), "the adapter term added twice"),
-    Mutant("partial-sum-dropped", KERNEL, "return partial.sum(0)", "return partial[1:].sum(0)",
-           (KERNEL_TESTS, "-k", "oracle or reduction"), "the first token split's partial sum is lost"),
+    Mutant("partial-sum-dropped", KERNEL,
+           "        for t in range(0, TILES):\n            total += tl.load(part_b2_ptr",
+           "        for t in range(1, TILES):\n            total += tl.load(part_b2_ptr",
+           (KERNEL_TESTS, "-k", "oracle"), "the first row tile's partial of dB₂ is lost"),
     Mutant("fp32-always-tf32", KERNEL, 'return "ieee"', 'return "tf32"',
            (KERNEL_TESTS, "-k", "precision"), "fp32 inputs use TF32 dots although torch asked for IEEE"),
-    Mutant("core-scale-doubled", REFERENCE, "weighted = singular_values * rank_mask * scale  # r",
+    Mutant("core-scale-doubled", KERNEL, "        s = alpha / R\n", "        s = 2 * alpha / R\n",
+           (KERNEL_TESTS, "-k", "oracle"), "the kernels' k × k core applies α / r twice"),
+    Mutant("mask-dropped", KERNEL, "w = lam * m * s", "w = lam * s",
+           (KERNEL_TESTS, "-k", "oracle"), "the kernels do not apply the rank mask to λ"),
+    Mutant("masked-lambda-gets-gradient", KERNEL, "grad_sv = tl.sum(a2t_dc * b1, axis=1) * m * s",
+           "grad_sv = tl.sum(a2t_dc * b1, axis=1) * s",
+           (KERNEL_TESTS, "-k", "oracle"), "the folded core's backward gives masked values a gradient"),
+    Mutant("dropout-not-regenerated-for-da1", KERNEL, "            x = x * keep\n", "            x = x\n",
+           (KERNEL_TESTS, "-k", "dropout"), "the backward forgets the dropout mask in dA₁"),
+    Mutant("dropout-unscaled", KERNEL, "        hidden = hidden * (1.0 / (1.0 - dropout_p))",
+           "        hidden = hidden", (KERNEL_TESTS, "-k", "dropout"), "the fused dropout does not rescale by 1 / (1 − p)"),
+    Mutant("reference-core-scale-doubled", REFERENCE, "weighted = singular_values * rank_mask * scale  # r",
            "weighted = singular_values * rank_mask * scale * 2  # r",
-           (KERNEL_TESTS, "-k", "oracle"), "the k × k core's α / r scale applied twice"),
-    Mutant("mask-dropped", REFERENCE, "weighted = singular_values * rank_mask * scale  # r",
-           "weighted = singular_values * scale  # r",
-           (KERNEL_TESTS, "-k", "oracle"), "the rank mask not applied to λ in the forward"),
+           ("tests/test_linear.py", "-k", "papers_formula or every_gradient"),
+           "the reference's k × k core applies α / r twice"),
     Mutant("reference-bias-dropped", REFERENCE,
            "base = F.linear(x, base_weight(weight, fan_in_fan_out), bias)",
            "base = F.linear(x, base_weight(weight, fan_in_fan_out), None)",
@@ -181,62 +194,81 @@ def has_gpu() -> bool:
     return _GPU[0]
 
 
+def run_mutant(copy: Path, m: Mutant, gpu: bool) -> tuple[Mutant, str, float, str]:
+    """Apply ``m`` in ``copy``, run its tests, restore the copy: (mutant, outcome, seconds, output)."""
+    start = time.perf_counter()
+    if m.gpu and not gpu:
+        return m, "needs a GPU", 0.0, ""
+    if apply(copy, m) == 0:
+        return m, "BROKEN (stale: text not found)", 0.0, ""
+    try:
+        error = build_extension(copy) if m.path.startswith("csrc/") else None
+        if error is not None:
+            outcome, detail = "BROKEN (build failed)", error
+        else:
+            code, detail = run_tests(copy, m.tests)
+            outcome = {0: "SURVIVED", 1: "killed"}.get(code, f"BROKEN (pytest exit {code})")
+    finally:
+        restore(copy, m)
+        if m.path.startswith("csrc/"):
+            for built in (copy / "lora2_kernels").glob("_C*.so"):
+                built.unlink()
+            for built in (ROOT / "lora2_kernels").glob("_C*.so"):
+                shutil.copy2(built, copy / "lora2_kernels" / built.name)
+    return m, outcome, time.perf_counter() - start, detail
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
+    parser.add_argument("--skip-csrc", action="store_true",
+                        help="leave out the mutants of csrc/ (each rebuilds the C++ op: ~35 s); CI's suite does")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="mutants checked at once, each in its own copy of the tree")
     args = parser.parse_args(argv)
     unknown = set(args.names) - {m.name for m in MUTANTS}
     if unknown:
         parser.error(f"unknown mutants {sorted(unknown)}; --list shows them")
-    selected = [m for m in MUTANTS if not args.names or m.name in args.names]
+    selected = [m for m in MUTANTS if (not args.names or m.name in args.names)
+                and not (args.skip_csrc and m.path.startswith("csrc/"))]
     if args.list:
         for m in selected:
             print(f"{m.name:<32} {m.path:<34} {' '.join(m.tests)}\n{'':<32} {m.why}")
         return 0
 
     gpu = has_gpu()
-    rows, failed = [], False
     with tempfile.TemporaryDirectory(prefix="lora2-mutants-") as tmp:
-        copy = Path(tmp) / "repo"
-        make_copy(copy)
-        check_copy_is_imported(copy)
+        copies = [Path(tmp) / f"repo{i}" for i in range(max(1, args.jobs))]
+        for copy in copies:
+            make_copy(copy)
+        check_copy_is_imported(copies[0])
         runnable = [m for m in selected if gpu or not m.gpu]
         if not args.no_baseline and runnable:
             files = sorted({t for m in runnable for t in m.tests if t.startswith("tests/")})
             start = time.perf_counter()
-            code, output = run_tests(copy, tuple(files), stop_early=False)
+            code, output = run_tests(copies[0], tuple(files), stop_early=False)
             print(f"baseline: {' '.join(files)} → exit {code} ({time.perf_counter() - start:.0f} s)", flush=True)
             if code != 0:
                 print(output)
                 print("mutants: the selected tests fail without any mutant; fix them first.")
                 return 1
-        for m in selected:
-            start = time.perf_counter()
-            if m.gpu and not gpu:
-                rows.append((m, "needs a GPU", 0.0, ""))
-                continue
-            if apply(copy, m) == 0:
-                rows.append((m, "BROKEN (stale: text not found)", 0.0, ""))
-                failed = True
-                continue
-            detail = ""
-            error = build_extension(copy) if m.path.startswith("csrc/") else None
-            if error is not None:
-                outcome, detail = "BROKEN (build failed)", error
-            else:
-                code, detail = run_tests(copy, m.tests)
-                outcome = {0: "SURVIVED", 1: "killed"}.get(code, f"BROKEN (pytest exit {code})")
-            restore(copy, m)
-            if m.path.startswith("csrc/"):
-                for built in (copy / "lora2_kernels").glob("_C*.so"):
-                    built.unlink()
-                for built in (ROOT / "lora2_kernels").glob("_C*.so"):
-                    shutil.copy2(built, copy / "lora2_kernels" / built.name)
-            failed |= outcome != "killed"
-            rows.append((m, outcome, time.perf_counter() - start, detail))
-            print(f"{m.name}: {outcome} ({rows[-1][2]:.0f} s)", flush=True)
+        free: queue.Queue[Path] = queue.Queue()
+        for copy in copies:
+            free.put(copy)
+
+        def task(m: Mutant) -> tuple[Mutant, str, float, str]:
+            copy = free.get()
+            try:
+                result = run_mutant(copy, m, gpu)
+            finally:
+                free.put(copy)
+            print(f"{m.name}: {result[1]} ({result[2]:.0f} s)", flush=True)
+            return result
+
+        with ThreadPoolExecutor(max_workers=len(copies)) as pool:
+            rows = list(pool.map(task, selected))
 
     print("\n| mutant | file | bug | tests run | result |\n|---|---|---|---|---|")
     for m, outcome, _, _ in rows:
@@ -248,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     for m, outcome, _, detail in rows:
         if outcome != "killed" and detail:
             print(f"\n--- {m.name}: {outcome}\n{detail}")
-    return 1 if failed else 0
+    return 0 if all(o in ("killed", "needs a GPU") for _, o, _, _ in rows) else 1
 
 
 if __name__ == "__main__":

@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Reads LoRA² adapters (PEFT adapters merge with PEFT's own merge_and_unload).",
         "  lora2 merge --adapter runs/lora2-sst2/adapter --output runs/lora2-sst2/merged")
     _add_lora2_adapter_args(mg)
-    mg.add_argument("--output", required=True, help="folder for the merged model (save_pretrained format)")
+    mg.add_argument("--output", required=True, help="folder for the merged model (save_pretrained format); a new or "
+                                                    "empty folder, never the adapter's or the base model's")
+    mg.add_argument("--overwrite", action="store_true", help="replace --output if it is a folder that is not empty")
 
     # --- report --------------------------------------------------------------------------------------
     rp = _subcommand(
@@ -352,9 +354,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .io import atomic_write_dir
-    from .train import load_tokenizer
+    from .io import atomic_write_dir, check_output_folder
+    from .train import load_tokenizer, resolve_model_path
 
+    # before anything is loaded: an output over the adapter (or a folder holding it) would be replaced by
+    # a model merged from what was read, and the adapter lost
+    check_output_folder(args.output, {"adapter": args.adapter, "base model": resolve_model_path(args.model)},
+                        args.overwrite)
     tokenizer_path, model, _, _ = _load(args, lora2_only=True)
     merged = model.merge_and_unload()
 

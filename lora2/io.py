@@ -101,3 +101,30 @@ def recover_dir(target: str | os.PathLike[str]) -> Path:
     if not target.exists() and old.is_dir():
         os.replace(old, target)
     return target
+
+
+def check_output_folder(output: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str]],
+                        overwrite: bool, flag: str = "--output") -> None:
+    """The output-folder policy of every lora2 command that writes a folder, checked before any work.
+
+    Refused, whatever ``overwrite`` says: an output that is, contains or lies inside one of the
+    ``inputs`` (role → path), since writing it would destroy the input. Refused unless ``overwrite``:
+    a non-empty existing folder (someone's files, or another run's output), and a file.
+    """
+    from .errors import InputError
+
+    out = Path(output).expanduser().resolve()
+    for role, path in inputs.items():
+        src = Path(path).expanduser().resolve()
+        relation = ("is" if out == src else "contains" if src.is_relative_to(out)
+                    else "lies inside" if out.is_relative_to(src) else None)
+        if relation:
+            raise InputError(f"{flag} {output} {relation} the {role} {path}: writing there would destroy it. "
+                             f"Choose a folder outside it, e.g. {Path(path).expanduser().parent / (out.name + '-out')}.")
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        if not overwrite:
+            what = "a file" if out.is_file() else "a folder that is not empty"
+            raise InputError(f"{flag} {output} is {what}; lora2 replaces its output as a whole, so it refuses "
+                             "to write over it. Choose a new folder, or pass --overwrite to replace it.")
+        if out.is_file():
+            raise InputError(f"{flag} {output} is a file, not a folder; choose a folder.")

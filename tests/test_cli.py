@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +145,30 @@ def test_report_and_merge_name_what_they_read(runs, tiny_bert_dir, tmp_path, cap
     assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(out / "adapter"), "--output",
                  str(tmp_path / "m")]) == 2
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_never_writes_over_its_inputs_or_someone_elses_folder(runs, tiny_bert_dir, tmp_path, caplog):
+    """lora2 merge used to replace --output whatever it held: the adapter itself (then a wrong model in
+    its place), the run folder around it, or a folder of the user's files. Each is refused, exit 2,
+    before anything is loaded; --overwrite replaces a non-empty folder that is not an input."""
+    run, _ = runs["lora2"]
+    adapter = run / "adapter"
+    before = {p: p.read_bytes() for p in adapter.rglob("*") if p.is_file()}
+    mydocs = tmp_path / "mydocs"
+    (mydocs / "sub").mkdir(parents=True)
+    (mydocs / "notes.txt").write_text("precious")
+    cases = [(adapter, "is the adapter"), (run, "contains the adapter"), (adapter / "merged", "lies inside the adapter"),
+             (Path(tiny_bert_dir), "is the base model"), (mydocs, "not empty")]
+    for output, message in cases:
+        caplog.clear()
+        assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(adapter), "--output", str(output)]) == 2
+        assert message in caplog.text, (output, caplog.text)
+    assert {p: p.read_bytes() for p in adapter.rglob("*") if p.is_file()} == before
+    assert (mydocs / "notes.txt").read_text() == "precious" and (mydocs / "sub").is_dir()
+    assert not (adapter / "merged").exists()
+    assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(adapter), "--output", str(mydocs),
+                 "--overwrite"]) == 0
+    assert (mydocs / "config.json").is_file() and not (mydocs / "notes.txt").exists()
 
 
 # --- output: quiet and true -------------------------------------------------------------------------------

@@ -25,9 +25,7 @@ import json
 import multiprocessing
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass

@@ -1,4 +1,4 @@
-"""The torch layer over the fused kernels: ``lora2_linear(x, W, b, A₁, B₁, λ, A₂, B₂, m, ...)`` with autograd.
+"""The torch layer over the fused kernels: ``lora2_linear(x, W, b, A₁, B₁, λ, A₂, B₂, m, ...)``, autograd.
 
     y = x·Wᵀ + b + d(x)·ΔWᵀ,   ΔW = s·B₂·A₂·diag(λ⊙m)·B₁·A₁,   s = α/r (or α/kept),   d: adapter dropout
 
@@ -219,6 +219,16 @@ def lora2_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' or 'reference' here, got {backend!r}.")
     x = x.contiguous() if x.stride(-1) != 1 else x
+    # the kernels index the factors, the mask and the bias as contiguous tensors (no-ops when they are)
+    q_down, q_up, singular_values, p_down, p_up, rank_mask = (
+        t.contiguous() for t in (q_down, q_up, singular_values, p_down, p_up, rank_mask))
+    bias = bias.contiguous() if bias is not None else None
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    if not (q_down.dim() == p_up.dim() == 2 and q_down.shape[1] == in_features and p_up.shape[0] == out_features
+            and p_up.shape[1] == q_down.shape[0]):
+        raise ValueError(f"lora2_linear: q_down {tuple(q_down.shape)} and p_up {tuple(p_up.shape)} do not fit a layer "
+                         f"of {in_features} → {out_features} features (q_down must be k × {in_features}, p_up "
+                         f"{out_features} × k).")
     if dropout_p > 0 and seed is None:  # drawn on the host from torch's generator: no device launch
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
     if torch.compiler.is_compiling():

@@ -323,6 +323,25 @@ def test_dropout_mask_keeps_1_minus_p_and_changes_every_step():
     assert torch.equal(layer(x), layer(x))
 
 
+def test_the_op_takes_any_layout_and_dtype_of_factors_and_refuses_misfits():
+    """Non-contiguous factors are made contiguous (the kernels index them as such), bf16 factors run the
+    backward (A₁ is read as fp32 there), and factors that do not fit the layer are refused."""
+    args = list(_op_args())
+    x, p_up = args[0], args[7]
+    expected = ops.lora2_linear(*args[:13], backend="triton")
+    transposed = p_up.detach().t().contiguous().t().requires_grad_()  # same values, strides (1, out)
+    assert not transposed.is_contiguous()
+    got = ops.lora2_linear(*args[:7], transposed, *args[8:13], backend="triton")
+    torch.testing.assert_close(got, expected)
+    half = [a.detach().bfloat16().requires_grad_() for a in args[3:8]]
+    y = ops.lora2_linear(x, args[1], args[2], *half, *args[8:13], backend="triton")
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in half)
+    with pytest.raises(ValueError, match="do not fit a layer of 32 → 24"):
+        ops.lora2_linear(x, args[1], args[2], args[3], args[4], args[5], args[6], p_up[:5], *args[8:13],
+                         backend="triton")
+
+
 def test_empty_input():
     layer, _ = make_layer()
     x = torch.randn(0, 70, device=KERNEL_DEVICE, requires_grad=True)

@@ -213,10 +213,11 @@ def dx_kernel(
             # (dB₂ chunk)ᵀ = zᵀ·dY: k rows, so on Hopper an mma.sync rather than a wgmma whose result
             # each iteration would have to wait for (its store needs it before the next one is issued)
             part = _dot(z_t, dy, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), PRECISION)
-            tl.store(part_b2_ptr + pid_m * K * RANK + rows[None, :] * RANK + rr[:, None], part,
+            tl.store(part_b2_ptr + tl.cast(pid_m, tl.int64) * K * RANK + rows[None, :] * RANK + rr[:, None], part,
                      mask=r_ok[:, None] & k_ok[None, :])
         part_core = tl.dot(tl.trans(grad_b), h, input_precision="ieee")
-        tl.store(part_core_ptr + pid_m * BLOCK_R * BLOCK_R + rr[:, None] * BLOCK_R + rr[None, :], part_core)
+        tl.store(part_core_ptr + tl.cast(pid_m, tl.int64) * BLOCK_R * BLOCK_R + rr[:, None] * BLOCK_R + rr[None, :],
+                 part_core)
     else:
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_ok = rn < N
@@ -239,7 +240,8 @@ def dx_kernel(
             # the mask as a 0/1 fp32 factor: one i1 tensor used in two layouts does not lower in Triton 3.6
             keep = _keep(seed, rm, rn, N, dropout_p).to(tl.float32)
         if COMPUTE_DX:
-            a1 = tl.load(a1_ptr + rr[:, None] * N + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            a1 = tl.load(a1_ptr + rr[:, None] * N + rn[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                         other=0.0).to(tl.float32)  # A₁ as given (fp32 from LoRA2Linear; any float dtype)
             adapter = tl.dot(g, a1, input_precision=PRECISION)
             if DROPOUT:
                 adapter = adapter * keep
@@ -251,7 +253,7 @@ def dx_kernel(
         if DROPOUT:
             x = x * keep
         part = tl.dot(tl.trans(g), x, input_precision=PRECISION)  # this row tile's share of dA₁ = gᵀ·d(x)
-        tl.store(part_a1_ptr + pid_m * RANK * N + rr[:, None] * N + rn[None, :], part,
+        tl.store(part_a1_ptr + tl.cast(pid_m, tl.int64) * RANK * N + rr[:, None] * N + rn[None, :], part,
                  mask=r_ok[:, None] & n_ok[None, :])
 
 
@@ -273,19 +275,22 @@ def finish_kernel(
         ok = (rows < OUT)[:, None] & r_ok[None, :]
         total = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
         for t in range(0, TILES):
-            total += tl.load(part_b2_ptr + t * OUT * RANK + rows[:, None] * RANK + rr[None, :], mask=ok, other=0.0)
+            total += tl.load(part_b2_ptr + tl.cast(t, tl.int64) * OUT * RANK + rows[:, None] * RANK + rr[None, :],
+                             mask=ok, other=0.0)
         tl.store(grad_b2_ptr + rows[:, None] * RANK + rr[None, :], total, mask=ok)
     elif pid < out_tiles + in_tiles:
         cols = (pid - out_tiles) * BLOCK + tl.arange(0, BLOCK)
         ok = r_ok[:, None] & (cols < IN)[None, :]
         total = tl.zeros((BLOCK_R, BLOCK), dtype=tl.float32)
         for t in range(0, TILES):
-            total += tl.load(part_a1_ptr + t * RANK * IN + rr[:, None] * IN + cols[None, :], mask=ok, other=0.0)
+            total += tl.load(part_a1_ptr + tl.cast(t, tl.int64) * RANK * IN + rr[:, None] * IN + cols[None, :], mask=ok,
+                             other=0.0)
         tl.store(grad_a1_ptr + rr[:, None] * IN + cols[None, :], total, mask=ok)
-    else:  # C = A₂·diag(w)·B₁: dλ = s·m⊙diag(A₂ᵀ·dC·B₁ᵀ), dB₁ = diag(w)·A₂ᵀ·dC, dA₂ = dC·B₁ᵀ·diag(w)
+    else:  # C = A₂·diag(w)·B₁:  dλ = s·m⊙diag(A₂ᵀ·dC·B₁ᵀ),  dB₁ = diag(w)·A₂ᵀ·dC,  dA₂ = dC·B₁ᵀ·diag(w)
         grad_core = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
         for t in range(0, TILES):
-            grad_core += tl.load(part_core_ptr + t * BLOCK_R * BLOCK_R + rr[:, None] * BLOCK_R + rr[None, :])
+            grad_core += tl.load(part_core_ptr + tl.cast(t, tl.int64) * BLOCK_R * BLOCK_R + rr[:, None] * BLOCK_R
+                                 + rr[None, :])
         ri = tl.arange(0, BLOCK_RR)
         ri_ok = ri < R
         _, w, s = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
@@ -341,6 +346,7 @@ CAST_BLOCK = 1024
 # Under the interpreter: small tiles, so the tests cross tile boundaries in every dimension.
 INTERPRETER_MATMUL_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 SMALLEST_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in ALL_CONFIGS + [triton.Config(INTERPRETER_MATMUL_CONFIG)])
+TENSOR_CORE_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in MATMUL_CONFIGS)
 
 
 def shared_memory_bytes(config: triton.Config, element_size: int, rank_block: int = 16) -> int:
@@ -520,7 +526,10 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
     m, out_features = dy.shape
     in_features = x.shape[1]
     block_r = rank_block(f.k)
-    tiles = triton.cdiv(m, SMALLEST_BLOCK_M)  # enough for any config; the finish reads the ones written
+    # enough row tiles for any config that can run (the finish reads only the ones written): the FMA
+    # tiles of IEEE fp32 and the interpreter's are 32 rows, the tensor-core ones at least 64
+    ieee = dot_precision(dy.dtype) == "ieee" and dy.element_size() == 4
+    tiles = triton.cdiv(m, SMALLEST_BLOCK_M if INTERPRET or ieee else TENSOR_CORE_BLOCK_M)
     partials = {"b2": torch.empty((tiles, out_features, f.k), device=dy.device, dtype=torch.float32),
                 "a1": torch.empty((tiles, f.k, in_features), device=dy.device, dtype=torch.float32),
                 "core": torch.empty((tiles, block_r, block_r), device=dy.device, dtype=torch.float32)}
@@ -581,7 +590,7 @@ def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             cast.run()
         launch.run()
     elif casts:
-        b2 = f.p_up.t().to(x.dtype)  # nothing launched for an empty batch; the backward still needs B₂ᵀ
+        b2 = f.p_up.t().contiguous().to(x.dtype)  # nothing launched for an empty batch; the backward needs B₂ᵀ
     return y.view(*x.shape[:-1], out_features), h.view(*x.shape[:-1], f.k), b2
 
 

@@ -16,9 +16,10 @@ The three middle factors fold into one k × k core, C = s · A₂ · diag(λ ⊙
 
     y = x·Wᵀ + b + (x·A₁ᵀ)·(B₂·C)ᵀ          h = x·A₁ᵀ  (rank-k hidden, float32, saved)
 
-The fused kernels compute exactly `lora_linear_forward` / `lora_linear_backward` below; the
-gradients of λ, B₁, A₂ and B₂ then follow from the gradient of ``up`` through the tiny
-(out × k, k × k) products, written out in `up_backward` and `core_backward`.
+The fused kernels (triton_kernels/lora_linear.py) compute the whole layer, `lora2_forward` below,
+and in their backward what `lora_linear_backward`, `up_backward` and `core_backward` write out step by
+step: the gradient of ``up`` = B₂·C carried through the tiny (out × k, k × k) products to λ, B₁, A₂ and
+B₂. The kernel tests do not use this module: their oracle is the dense float64 formula.
 """
 
 from __future__ import annotations

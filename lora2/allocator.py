@@ -92,7 +92,12 @@ class RankAllocator:
     def _follow_parameters(self) -> torch.device:
         """Move the state to the parameters' device (the model may have moved since construction)."""
         device = self.layers[0].singular_values.device
-        if self.scores.device != device:
+        if self.scores.is_meta:  # built on a model that was still on the meta device (FSDP's ranks > 0)
+            self.state = reference.new_importance_state(len(self.layers), self.r, self.k, device=device)
+            self.scores, self.pattern = torch.zeros_like(self.scores, device=device), torch.ones_like(
+                self.pattern, device=device)
+            self.skipped_updates = torch.zeros_like(self.skipped_updates, device=device)
+        elif self.scores.device != device:
             self.state = {name: value.to(device) for name, value in self.state.items()}
             self.scores, self.pattern = self.scores.to(device), self.pattern.to(device)
             self.skipped_updates = self.skipped_updates.to(device)

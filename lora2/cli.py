@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  lora2 train --train-file train.csv --validation-file dev.csv --text-column review --epochs 3\n"
         "  lora2 train --method lora --output-dir runs/lora-sst2\n"
         "  lora2 train --resume runs/lora2-sst2            # continue a killed run\n"
-        "  torchrun --nproc_per_node 2 -m lora2 train --batch-size 64   # DDP; the batch is global")
+        "  torchrun --nproc_per_node 2 -m lora2 train --batch-size 64   # DDP; the batch is global\n"
+        "  torchrun --nproc_per_node 8 -m lora2 train --fsdp --model llama-70b ...   # FSDP2: the base sharded")
     _add_model_arg(t)
     t.add_argument("--method", default="lora2", choices=["lora2", "lora", "adalora", "full"],
                    help="lora2, or a baseline: PEFT LoRA r=8, PEFT AdaLoRA 12→8, full fine-tuning")
@@ -140,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar: a log line every --log-every steps instead (also the default when stderr "
                         "is not a terminal)")
+    f = t.add_argument_group("FSDP2 (under torchrun / accelerate launch; not saved with the run: --resume may change it)")
+    f.add_argument("--fsdp", action="store_true",
+                   help="shard the frozen base across the processes (fully_shard per block); the adapter stays whole")
+    f.add_argument("--fsdp-wrap", metavar="CLASS", action="append",
+                   help="module class to shard on its own, repeatable (default: the model's _no_split_modules)")
+    f.add_argument("--fsdp-cpu-offload", action="store_true",
+                   help="keep the sharded base in CPU memory between uses (CUDA runs)")
     m = t.add_argument_group("LoRA² (only with --method lora2)")
     # long names too: torchrun's own parser takes a bare --r for an abbreviation of its --rdzv-* options
     m.add_argument("--r", "--initial-rank", dest="r", type=int,
@@ -257,6 +265,7 @@ def _lora2_fields(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .fsdp import FSDPOptions
     from .train import TrainConfig, TrainingInterrupted, train
 
     if args.resume:
@@ -281,7 +290,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             precision=args.precision, eval_every=args.eval_every, log_every=args.log_every, seed=args.seed,
             lora2=_lora2_fields(args), method_settings={} if args.method == "lora2" else dict(preset.settings))
     try:
-        result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
+        fsdp = FSDPOptions(tuple(args.fsdp_wrap) if args.fsdp_wrap else None, args.fsdp_cpu_offload) \
+            if args.fsdp else False
+        if not args.fsdp and (args.fsdp_wrap or args.fsdp_cpu_offload):
+            raise InputError("--fsdp-wrap and --fsdp-cpu-offload configure --fsdp; add --fsdp.")
+        result = train(cfg, resume=bool(args.resume), progress=not args.no_progress, fsdp=fsdp)
     except TrainingInterrupted as e:
         logger.error("%s", e)
         return EXIT_INTERRUPTED

@@ -12,9 +12,9 @@ How the pieces stay in step across processes:
 - control: the loss and a stop flag (SIGINT / SIGTERM) are all-reduced each step, so all ranks stop,
   or fail on NaN, at the same step; only rank 0 writes checkpoints, logs and plots.
 
-FSDP is refused: LoRA² adapters are a few MB, so sharding buys nothing, and the allocator needs
-whole λ / B₁ / A₂ tensors on every rank. Use DDP (plain ``torchrun`` or ``accelerate launch``
-with ``distributed_type: MULTI_GPU``).
+FSDP (``lora2 train --fsdp``, for a base that outgrows one device) is ``fsdp.py``: the base is
+sharded instead of replicated, the adapter stays whole on every rank as here, and everything above
+holds for it too.
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ from torch import nn
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
-
-FSDP_MESSAGE = ("FSDP is not supported by lora2: the adapters are tiny, so sharding them saves nothing, and the rank "
-                "allocator needs whole λ / B₁ / A₂ tensors on every rank. Use DDP instead: `torchrun "
-                "--nproc_per_node N -m lora2 train ...` or `accelerate launch` with distributed_type MULTI_GPU.")
-
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -71,27 +66,32 @@ class DistributedContext:
         return box[0]
 
 
-def refuse_fsdp(model: nn.Module | None = None) -> None:
-    """Raise the FSDP message if FSDP is requested (accelerate's env flag) or already applied."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
-        raise InputError(FSDP_MESSAGE)
-    if model is not None:
-        for module in model.modules():
-            if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or any(
-                    type(c).__name__ == "FSDPModule" for c in type(module).__mro__):
-                raise InputError(FSDP_MESSAGE)
+def fsdp_requested(flag: bool) -> bool:
+    """--fsdp, or ``accelerate launch`` with an FSDP config (it says so in the environment)."""
+    from_accelerate = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    if from_accelerate and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise InputError("accelerate asks for FSDP version 1; lora2 shards with FSDP2 (fully_shard). Set "
+                         "`fsdp_version: 2` in the accelerate config (or `accelerate launch --fsdp_version 2`).")
+    if (flag or from_accelerate) and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        raise InputError("FSDP and DeepSpeed were both asked for; lora2 shards with FSDP2 only. Drop DeepSpeed "
+                         "from the accelerate config.")
+    return flag or from_accelerate
 
 
-def init_from_env(device_type: str) -> DistributedContext:
-    """Join the process group that torchrun / accelerate describe in the environment, if any.
+def init_from_env(device_type: str, require_group: bool = False) -> DistributedContext:
+    """Join the process group that torchrun / accelerate describe in the environment, if any
+    (``require_group``: FSDP, which needs one even for a single process, or fails saying how to launch).
 
     A process group the user already created (their own DDP or accelerate loop) is used as is.
     """
-    refuse_fsdp()
     if dist.is_available() and dist.is_initialized():
         return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if world_size <= 1 and not (require_group and "WORLD_SIZE" in os.environ):
+        if require_group:
+            raise InputError("--fsdp shards the model across the processes of a launcher, and there is none: run "
+                             "`torchrun --nproc_per_node N -m lora2 train --fsdp ...` (N = 1 works too), or "
+                             "`accelerate launch` with an FSDP2 config.")
         return DistributedContext()
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed.")
@@ -106,7 +106,6 @@ def init_from_env(device_type: str) -> DistributedContext:
 
 def wrap(model: nn.Module, ctx: DistributedContext, device: torch.device) -> nn.Module:
     """DDP-wrap ``model`` when running in several processes; the model itself otherwise."""
-    refuse_fsdp(model)
     if not ctx.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel

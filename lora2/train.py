@@ -43,7 +43,8 @@ from .data import (
     build_dataset,
     builtin_dataset_files,
 )
-from .distributed import init_from_env, wrap
+from . import fsdp as fsdp_
+from .distributed import fsdp_requested, init_from_env, wrap
 from .errors import InputError
 from .io import atomic_write_dir, atomic_write_text, recover_dir
 from .memory import PeakMemory
@@ -335,15 +336,22 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | None = None,
-          callbacks: list[Callable[[dict[str, Any]], None]] | None = None, progress: bool = True) -> TrainResult:
+          callbacks: list[Callable[[dict[str, Any]], None]] | None = None, progress: bool = True,
+          fsdp: bool | fsdp_.FSDPOptions = False) -> TrainResult:
     """Fine-tune ``cfg.model`` with ``cfg.method`` on ``cfg``'s data; see the module docstring for the flow.
 
     Under ``torchrun`` / ``accelerate launch`` every process runs this same function (see
     ``distributed.py``); ``cfg.batch_size`` is then the global batch, split across processes.
+    ``fsdp`` (True or options) shards the frozen base across them with FSDP2 instead (``fsdp.py``).
     """
     out = Path(cfg.output_dir)
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = init_from_env(device_type)
+    sharded = fsdp_requested(fsdp is not False)
+    if sharded and cfg.method == "full":
+        raise InputError("--fsdp shards the frozen base and keeps the trained parameters whole; full fine-tuning "
+                         "trains every parameter, so nothing would be sharded. Use an adapter method, or train "
+                         "--method full with DDP (no --fsdp).")
+    ctx = init_from_env(device_type, require_group=sharded)
     device = torch.device(device or (f"cuda:{ctx.local_rank}" if device_type == "cuda" else "cpu"))
     if cfg.batch_size % ctx.world_size:
         raise InputError(f"batch_size {cfg.batch_size} must be a multiple of the {ctx.world_size} processes "
@@ -356,7 +364,12 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_datasets(cfg, tokenizer)
-    base, fresh = load_base_model_and_report(model_path, cfg.task, max(train_set.num_labels, 1))
+    if sharded and not ctx.is_main:  # rank 0 reads the weights; the others wait for their shards (fsdp.py)
+        base, fresh = fsdp_.meta_copy_of(ctx.broadcast_object(None), cfg.task), []
+    else:
+        base, fresh = load_base_model_and_report(model_path, cfg.task, max(train_set.num_labels, 1))
+        if sharded:
+            ctx.broadcast_object(base.config)
     if fresh and ctx.is_main:
         heads = sorted({k.rsplit(".", 1)[0] for k in fresh})
         logger.info("%s has no trained %s for this task: %s initialised fresh and trained with the %s",
@@ -384,7 +397,17 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     method.data_info = {"dataset": cfg.dataset, "columns": {"text_column": cfg.text_column,
                                                             "text_pair_column": cfg.text_pair_column,
                                                             "label_column": cfg.label_column}}
-    model = method.model.to(device)
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model = fsdp_.shard(method.model, init_device_mesh(device.type, (ctx.world_size,)),
+                            fsdp_.options_from_accelerate(fsdp if isinstance(fsdp, fsdp_.FSDPOptions) else None),
+                            param_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision))
+    else:
+        model = method.model.to(device)
+    # Under FSDP every rank runs every forward (each gathers the base's shards with the others), so
+    # every rank evaluates; otherwise rank 0 alone does.
+    evaluates = ctx.is_main or sharded
     if cfg.method == "lora2" and ctx.is_main:
         _log_kernel_plan(model, device, precision)
     if cfg.method == "lora2" and device.type == "cuda":  # autotune now, not inside the first training steps
@@ -407,11 +430,15 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
         if ctx.is_main:
             atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
             (out / "log.jsonl").unlink(missing_ok=True)
+        if evaluates:
             state["metric_before"] = evaluate(model, eval_set, collate, cfg.eval_batch_size, device,
                                               precision)[metric_name]
+        if ctx.is_main:
             _log(out, {"step": 0, "event": "eval", metric_name: state["metric_before"]})
             logger.info("before training: %s = %.4f", metric_name, state["metric_before"])
-    trained = wrap(model, ctx, device)  # DDP in multi-process runs; ``model`` itself otherwise
+    # DDP in multi-process runs; under FSDP and in one process the model itself
+    trained = model if sharded else wrap(model, ctx, device)
+    whole = fsdp_.trainable_parameters(model)  # under FSDP: the tensors sync_gradients averages
 
     stop = {"signal": None}
 
@@ -449,11 +476,13 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                                                       shard=ctx.shard), epoch_micro_batches - done):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     micro += 1
-                    sync = micro == cfg.grad_accum or not ctx.enabled
+                    sync = micro == cfg.grad_accum or not ctx.enabled or sharded
                     with nullcontext() if sync else trained.no_sync():  # all-reduce once per optimiser step
                         with autocast_context(device, precision):
                             loss = trained(**batch).loss / cfg.grad_accum
                         scaler.scale(loss).backward()
+                    if sharded and micro == cfg.grad_accum:
+                        fsdp_.sync_gradients(whole, ctx.world_size)
                     window[0] += loss.detach()
                     if micro < cfg.grad_accum:
                         continue
@@ -502,10 +531,11 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                                 logger.info("step %d/%d  loss %.4f  lr %.2e%s  %.2f s/step", step, total_steps,
                                             loss_value, record["lr"],
                                             f"  budget {budget}" if budget is not None else "", seconds_per_step)
-                    if ctx.is_main and evaluating:
+                    if evaluates and evaluating:
                         tick = time.perf_counter()
                         metrics = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
                         final_metrics = metrics if step == total_steps else None
+                    if ctx.is_main and evaluating:
                         if not use_bar:
                             logger.info("step %d/%d  eval %s %.4f", step, total_steps, metric_name, metrics[metric_name])
                         record.update({f"eval_{k}": v for k, v in metrics.items()})
@@ -537,17 +567,18 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
         _restore_signal_handlers(handlers)
 
     seconds = time.perf_counter() - start
-    result = None
-    if ctx.is_main:
-        atomic_write_dir(out / "adapter", method.save)
+    result = test_metrics = None
+    if evaluates:
         final_metrics = final_metrics or evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
-        final = final_metrics[metric_name]
-        test_metrics = None
         if cfg.test_file is not None:
             label = None if cfg.task == "causal-lm" else cfg.label_column
             test_set = build_dataset(cfg.test_file, tokenizer, cfg.task, cfg.text_column, label, cfg.text_pair_column,
                                      cfg.max_length, label_names=train_set.label_names or None)
             test_metrics = evaluate(model, test_set, collate, cfg.eval_batch_size, device, precision)
+    if ctx.is_main:
+        atomic_write_dir(out / "adapter", method.save)
+        final = final_metrics[metric_name]
+        if test_metrics is not None:
             _log(out, {"step": total_steps, "event": "test", "rows": len(test_set), **test_metrics})
             logger.info("test (%d rows of %s): %s %.4f", len(test_set), cfg.test_file, metric_name,
                         test_metrics[metric_name])

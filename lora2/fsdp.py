@@ -75,7 +75,7 @@ def block_classes(model: nn.Module, wrap: tuple[str, ...] | None) -> tuple[str, 
                              f"classes include {sorted(c for c in present if 'Layer' in c or 'Block' in c)}.")
         return tuple(wrap)
     names = tuple(c for m in model.modules() for c in (getattr(m, "_no_split_modules", None) or ()))
-    found = tuple(dict.fromkeys(c for c in names if c in present))
+    found = tuple(sorted({c for c in names if c in present}))  # sorted: the same on every rank
     if not found:
         raise InputError(f"{type(model).__name__} names no _no_split_modules (its blocks); say which module class "
                          "to shard one by one with --fsdp-wrap CLASS (e.g. LlamaDecoderLayer).")
@@ -130,8 +130,9 @@ def shard(model: nn.Module, mesh, options: FSDPOptions, param_dtype: torch.dtype
     with torch.no_grad():
         for tensor in (*whole, *model.buffers()):
             dist.broadcast(tensor.data, src=0)
-    logger.info("FSDP2: %d %s blocks and the root sharded over %d ranks; %d trainable tensors kept whole",
-                len(blocks), "/".join(classes), mesh.size(), len(ignored))
+    if rank == 0:
+        logger.info("FSDP2: %d %s blocks and the root sharded over %d ranks; %d trainable tensors kept whole",
+                    len(blocks), "/".join(classes), mesh.size(), len(ignored))
     return model
 
 

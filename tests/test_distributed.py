@@ -32,10 +32,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _user_ddp_loop(rank: int, world_size: int, port: int, out: str) -> None:
-    """What a user writes: their model, their DDP, their optimiser; lora2's model and allocator."""
+def _user_loops(rank: int, world_size: int, port: int, out: str) -> None:
+    """One process of a user's own DDP loop, then of their own FSDP2 loop (one spawn for both: a
+    process costs seconds of imports)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    _user_ddp_loop(rank, world_size, out)
+    _user_fsdp_loop(rank, world_size, out)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def user_loops(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("user-loops")
+    for world_size in (2, 1):
+        mp.spawn(_user_loops, args=(world_size, _free_port(), str(out)), nprocs=world_size, join=True)
+    return out
+
+
+def _user_ddp_loop(rank: int, world_size: int, out: str) -> None:
+    """What a user writes: their model, their DDP, their optimiser; lora2's model and allocator."""
     torch.manual_seed(0)
     cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                   vocab_size=101, num_labels=2, hidden_dropout_prob=0.0,
@@ -58,13 +74,10 @@ def _user_ddp_loop(rank: int, world_size: int, port: int, out: str) -> None:
         allocator.step(step)
         optimizer.zero_grad(set_to_none=True)
     torch.save(model.adapter_state_dict(), Path(out) / f"world{world_size}-rank{rank}.pt")
-    dist.destroy_process_group()
 
 
-def test_user_ddp_loop_ranks_agree_and_match_one_process(tmp_path):
-    for world_size in (2, 1):
-        mp.spawn(_user_ddp_loop, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
-    rank0, rank1, single = (torch.load(tmp_path / f, weights_only=True)
+def test_user_ddp_loop_ranks_agree_and_match_one_process(user_loops):
+    rank0, rank1, single = (torch.load(user_loops / f, weights_only=True)
                             for f in ("world2-rank0.pt", "world2-rank1.pt", "world1-rank0.pt"))
     assert rank0.keys() == rank1.keys() == single.keys()
     masks = [k for k in rank0 if k.endswith("rank_mask")]
@@ -127,7 +140,7 @@ def test_cli_under_launcher_matches_one_process(launcher, tiny_bert_dir, small_f
 # --- FSDP2: the base sharded, the adapter whole (lora2/fsdp.py) ----------------------------------------
 
 
-def _user_fsdp_loop(rank: int, world_size: int, port: int, out: str) -> None:
+def _user_fsdp_loop(rank: int, world_size: int, out: str) -> None:
     """README's own-loop example: get_lora2_model + fully_shard + RankAllocator in a plain PyTorch loop."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -135,8 +148,6 @@ def _user_fsdp_loop(rank: int, world_size: int, port: int, out: str) -> None:
     from conftest import make_model
     from lora2.fsdp import local_parameter_bytes, sync_gradients, trainable_parameters
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
     base = make_model("llama")  # seeded: every rank builds the same model
     model = get_lora2_model(base, LoRA2Config(
         r=4, k=4, target_rank=2, total_steps=STEPS, init_warmup=1, final_warmup=2, mask_interval=1, beta1=0.9,
@@ -171,13 +182,10 @@ def _user_fsdp_loop(rank: int, world_size: int, port: int, out: str) -> None:
                 "sharded": all(type(p).__name__ == "DTensor" for p in base.model.layers.parameters()
                                if not p.requires_grad)},
                Path(out) / f"fsdp-world{world_size}-rank{rank}.pt")
-    dist.destroy_process_group()
 
 
-def test_user_fsdp_loop_ranks_agree_and_match_one_process(tmp_path):
-    for world_size in (2, 1):
-        mp.spawn(_user_fsdp_loop, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
-    rank0, rank1, single = (torch.load(tmp_path / f"fsdp-{f}.pt", weights_only=True)
+def test_user_fsdp_loop_ranks_agree_and_match_one_process(user_loops):
+    rank0, rank1, single = (torch.load(user_loops / f"fsdp-{f}.pt", weights_only=True)
                             for f in ("world2-rank0", "world2-rank1", "world1-rank0"))
     assert rank0["sharded"] and single["sharded"]
     for step, (m0, m1, m) in enumerate(zip(rank0["masks"], rank1["masks"], single["masks"]), 1):
@@ -222,7 +230,7 @@ def _merged(model_dir: str, adapter: Path) -> dict[str, torch.Tensor]:
 def test_fsdp_cli_matches_one_process_and_merges_in_one(tiny_bert_dir, small_files, one_process_run, tmp_path):
     out = tmp_path / "fsdp"
     done = _torchrun(*_train_args(tiny_bert_dir, small_files, out), "--fsdp")
-    assert "FSDP2: 3 BertLayer/BertEmbeddings blocks and the root sharded over 2 ranks" in done.stderr
+    assert "FSDP2: 3 BertEmbeddings/BertLayer blocks and the root sharded over 2 ranks" in done.stderr
     ref_losses, losses = _losses(one_process_run), _losses(out)
     assert sorted(losses) == list(range(1, 7))
     for step in losses:
@@ -302,7 +310,7 @@ def test_fsdp_wrap_names_a_missing_class():
 def test_global_batch_must_split_evenly(monkeypatch, tmp_path):
     from lora2 import distributed
 
-    monkeypatch.setattr(distributed, "init_from_env", lambda device_type: distributed.DistributedContext(0, 3, 0))
+    monkeypatch.setattr(distributed, "init_from_env", lambda device_type, **_: distributed.DistributedContext(0, 3, 0))
     monkeypatch.setattr("lora2.train.init_from_env", distributed.init_from_env)
     with pytest.raises(ValueError, match="batch_size 32 must be a multiple of the 3 processes"):
         train(TrainConfig(output_dir=str(tmp_path)), progress=False)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora2_kernels import LoRA2Linear, is_supported_linear
+from lora2_kernels.four_bit import unsupported_linear
 
 from .config import READABLE_FORMAT_VERSIONS, LoRA2Config
 from .errors import InputError
@@ -83,12 +84,14 @@ class LoRA2Model(nn.Module):
         cfg = self.lora2_config
         targets = cfg.resolved_target_modules(self.model_type)
         matched = [(n, m) for n, m in self.base_model.named_modules() if n and _matches(n, targets)]
-        unsupported = [(n, type(m).__name__) for n, m in matched if not is_supported_linear(m)]
+        unsupported = [(n, m) for n, m in matched if not is_supported_linear(m)]
         if unsupported:
-            shown = ", ".join(f"{n} ({t})" for n, t in unsupported[:8])
+            shown = ", ".join(f"{n} ({type(m).__name__})" for n, m in unsupported[:8])
+            why = next((unsupported_linear(m) for _, m in unsupported if isinstance(m, nn.Linear)), None)
             raise InputError(
-                f"target_modules={targets!r} matches modules LoRA² cannot adapt: {shown}. LoRA² adapts "
-                "nn.Linear and transformers' Conv1D only; name linear layers, e.g. "
+                f"target_modules={targets!r} matches modules LoRA² cannot adapt: {shown}"
+                f"{': ' + why if why else ''}. LoRA² adapts nn.Linear, transformers' Conv1D and bitsandbytes' 4-bit "
+                "Linear4bit; nothing was changed. Name supported linear layers, e.g. "
                 f"{sorted({n.rsplit('.', 1)[-1] for n in _linear_names(self.base_model)})}."
             )
         if not matched:
@@ -198,9 +201,33 @@ class LoRA2Model(nn.Module):
         for layer in self.lora2_layers().values():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold every ΔW into its weight and return the plain transformers model."""
-        return self._unload(merge=True)
+    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
+        """Fold every ΔW into its weight and return the plain transformers model.
+
+        Over a 4-bit base the result is a bf16 model: ΔW is folded into the dequantised weights (a
+        4-bit weight cannot take it without a second rounding). ``requantize=True`` quantises the
+        merged weights to 4 bits again (same quant type) and logs the error that adds."""
+        four_bit_layers = {n: (l.weight.quant_state.quant_type, bool(l.weight.quant_state.nested))
+                           for n, l in self.lora2_layers().items() if l.is_4bit}
+        model = self._unload(merge=True)
+        if four_bit_layers:
+            model.to(torch.bfloat16)
+            logger.info("merged %d 4-bit layers into bf16 weights; the model is now bf16", len(four_bit_layers))
+            if requantize:
+                from lora2_kernels.four_bit import dequantize, quant_of, quantize_linear
+
+                worst = 0.0
+                for name, (quant_type, nested) in four_bit_layers.items():
+                    merged = model.get_submodule(name)
+                    q = quantize_linear(merged, quant_type, nested, torch.bfloat16, merged.weight.device)
+                    err = (dequantize(quant_of(q.weight)) - merged.weight.float()).norm() / merged.weight.float().norm()
+                    worst = max(worst, float(err))
+                    _set_submodule(model, name, q)
+                logger.warning("re-quantised %d merged layers to 4 bits: relative error added to the merged weights "
+                               "up to %.2e (Frobenius, worst layer)", len(four_bit_layers), worst)
+        elif requantize:
+            raise InputError("requantize=True re-quantises a model merged from a 4-bit base; this base is not 4-bit.")
+        return model
 
     def unload(self) -> nn.Module:
         """Remove the adapters without merging: the plain base model (plus trained saved modules)."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops, reference
+from . import four_bit, ops, reference
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,15 @@ def is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
-def is_supported_linear(module: nn.Module) -> bool:
-    """nn.Linear or transformers' Conv1D (a LoRA2Linear is an nn.Linear too)."""
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear (any subclass) or transformers' Conv1D: what a user may mean to adapt."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_supported_linear(module: nn.Module) -> bool:
+    """nn.Linear with a plain float weight, transformers' Conv1D, or bitsandbytes' 4-bit Linear4bit
+    (a LoRA2Linear is an nn.Linear too)."""
+    return is_conv1d(module) or (isinstance(module, nn.Linear) and four_bit.unsupported_linear(module) is None)
 
 
 _warned: set[str] = set()
@@ -94,11 +100,16 @@ class LoRA2Linear(nn.Linear):
         if isinstance(module, LoRA2Linear):
             raise ValueError("this module is already a LoRA2Linear; adapt the plain nn.Linear.")
         if not is_supported_linear(module):
-            raise TypeError(f"LoRA2Linear adapts nn.Linear and transformers' Conv1D layers, not "
-                            f"{type(module).__name__}; remove this module from target_modules.")
+            why = four_bit.unsupported_linear(module) if isinstance(module, nn.Linear) else None
+            raise TypeError(f"LoRA2Linear cannot adapt this {type(module).__name__}: "
+                            f"{why or 'LoRA2Linear adapts nn.Linear, transformers Conv1D and bitsandbytes Linear4bit'}"
+                            "; remove this module from target_modules.")
         _check_adapter_arguments(r, k, alpha, dropout, init, init_std, backend)
         conv = is_conv1d(module)
-        in_features, out_features = module.weight.shape if conv else module.weight.shape[::-1]
+        if four_bit.is_linear4bit(module):  # the packed weight's shape is (out·in/2, 1): take the layer's
+            in_features, out_features = module.in_features, module.out_features
+        else:
+            in_features, out_features = module.weight.shape if conv else module.weight.shape[::-1]
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)  # not nn.Linear.__init__: that would allocate a weight we do not want
         layer.in_features, layer.out_features = int(in_features), int(out_features)
@@ -166,43 +177,57 @@ class LoRA2Linear(nn.Linear):
         """ΔW = B₂·C·A₁ (out × in, at least fp32), for merging only: the forward never builds it."""
         return (self._factor("p_up") @ self.core()) @ self._factor("q_down")
 
-    def resolve_backend(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[str, str | None]:
+    def resolve_backend(self, x: torch.Tensor, weight: torch.Tensor | None = None, quant=None
+                        ) -> tuple[str, str | None]:
         """(backend this call uses, why the Triton kernels do not apply or None)."""
         if self.backend == "reference":
             return "reference", "backend='reference' was asked for"
         if self.backend == "auto" and not _on_gpu(x):
             return "reference", f"{x.device.type} tensors; the fused kernels run on CUDA"
         weight = self.weight if weight is None else weight
-        reason = ops.triton_unsupported(x, weight, self.q_down, self.r)
+        if quant is None and self.is_4bit:
+            quant = four_bit.quant_of(self.weight)
+        reason = ops.triton_unsupported(x, weight, self.q_down, self.r, quant)
         if reason is None:
             return "triton", None
         if self.backend == "triton":
             raise RuntimeError(f"LoRA2Linear(backend='triton') cannot run this call: {reason}.")
         return "reference", reason
 
+    @property
+    def is_4bit(self) -> bool:
+        """The base is bitsandbytes' packed 4-bit weight (until a merge turns it into a bf16 one)."""
+        return four_bit.is_4bit_weight(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if self.merged or not self._adapter_enabled:
-            return F.linear(x, reference.base_weight(weight, self.fan_in_fan_out), bias)
+        quant = four_bit.quant_of(weight) if self.is_4bit else None
         device_type = x.device.type
         # Under autocast, do what F.linear does (compute in the autocast dtype) and then compute with
         # autocast off, so the fp32 rank-k parts stay fp32.
         if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
             dtype = torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
+            x = x.to(dtype)
+            weight = weight.to(dtype) if quant is None else weight
             bias = bias.to(dtype) if bias is not None else None
+        if self.merged or not self._adapter_enabled:
+            if quant is not None:  # the layer as bitsandbytes computes it: W dequantised in x's dtype
+                weight = four_bit.dequantize(quant, x.dtype)
+            with torch.autocast(device_type, enabled=False):
+                return F.linear(x, reference.base_weight(weight, self.fan_in_fan_out), bias)
         with torch.autocast(device_type, enabled=False):
-            return self._adapted_forward(x, weight, bias)
+            return self._adapted_forward(x, weight, bias, quant)
 
-    def _adapted_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        backend, reason = self.resolve_backend(x, weight)  # raises if backend='triton' cannot run
+    def _adapted_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         quant=None) -> torch.Tensor:
+        backend, reason = self.resolve_backend(x, weight, quant)  # raises if backend='triton' cannot run
         if reason is not None and _on_gpu(x) and self.backend == "auto":
             _warn_once(f"LoRA2Linear: {reason}; this layer runs the PyTorch reference path.")
         # the adapter sees dropout(x), the base x (PEFT's semantics); in the kernels, or torch's in the reference
         dropout = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
         return ops.lora2_linear(x, weight, bias, *(self._factor(name) for name in ADAPTER_PARAMETER_NAMES),
                                 self._factor("rank_mask"), self.alpha, self.scale_by_kept, self.fan_in_fan_out,
-                                dropout, backend)
+                                dropout, backend, quant=quant)
 
     # --- allocator interface -----------------------------------------------------------------------
 
@@ -249,6 +274,15 @@ class LoRA2Linear(nn.Linear):
         self.merged = False
 
     def _add_to_weight(self, delta: torch.Tensor) -> None:
+        if self.is_4bit:
+            # A 4-bit weight cannot take ΔW without a second rounding: the merged layer gets a bf16
+            # weight (the adapter trained against the dequantised one), and says so.
+            weight = four_bit.dequantize(four_bit.quant_of(self.weight), torch.float32) + delta.to(self.weight.device)
+            self.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+            _warn_once("LoRA2Linear.merge(): the 4-bit base weights become bf16 weights with ΔW folded in (a 4-bit "
+                       "weight cannot take ΔW without rounding it again); lora2 merge --requantize quantises them "
+                       "again and prints the error that adds.")
+            return
         if self.fan_in_fan_out:
             delta = delta.T
         # Accumulate in fp32 so bf16 / fp16 weights are rounded once, not twice.
@@ -257,6 +291,16 @@ class LoRA2Linear(nn.Linear):
     def to_base_layer(self) -> nn.Module:
         """The plain nn.Linear (or Conv1D) holding this layer's weight and bias Parameters (merged or
         not, as they are now): what unloading the adapter puts back."""
+        if self.is_4bit:  # still packed (not merged): bitsandbytes' own layer around the same Parameters
+            state = self.weight.quant_state
+            base = four_bit.bnb().nn.Linear4bit(self.in_features, self.out_features, bias=self.bias is not None,
+                                                compute_dtype=state.dtype, quant_type=state.quant_type,
+                                                compress_statistics=bool(state.nested), device="meta")
+            base.weight = self.weight
+            if self.bias is not None:
+                base.bias = self.bias
+            base.train(self.training)
+            return base
         with torch.device("meta"):
             if self.fan_in_fan_out:
                 base = _conv1d_class()(self.out_features, self.in_features)
@@ -280,7 +324,8 @@ class LoRA2Linear(nn.Linear):
         kept = "?" if self.rank_mask.is_meta else int(self.rank_mask.sum().item())
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, k={self.k}, alpha={self.alpha:g}, kept={kept}/{self.r}, backend={self.backend}"
-                f"{', fan_in_fan_out' if self.fan_in_fan_out else ''}{', merged' if self.merged else ''}")
+                f"{', fan_in_fan_out' if self.fan_in_fan_out else ''}{', merged' if self.merged else ''}"
+                f"{', 4-bit ' + self.weight.quant_state.quant_type if self.is_4bit else ''}")
 
 
 def _check_adapter_arguments(r: int, k: int, alpha: float, dropout: float, init: str, init_std: float,

@@ -53,7 +53,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_unsupported(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, r: int = 1) -> str | None:
+def triton_unsupported(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, r: int = 1, quant=None) -> str | None:
     """Why the Triton kernels cannot run this call, or None when they can."""
     if not triton_importable():
         return "Triton is not installed (it comes with CUDA builds of PyTorch on Linux)"
@@ -62,7 +62,13 @@ def triton_unsupported(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor
                 f"the input is on {x.device.type}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the kernels take float16, bfloat16 or float32 inputs, not {x.dtype}"
-    if weight.dtype != x.dtype:
+    if quant is not None:
+        from .four_bit import kernel_unsupported
+
+        reason = kernel_unsupported(quant)
+        if reason is not None:
+            return reason
+    elif weight.dtype != x.dtype:
         return f"the input is {x.dtype} but the weight is {weight.dtype} (outside autocast they must match)"
     limit = triton_kernels().MAX_RANK
     if down.shape[0] > limit or r > limit:
@@ -90,11 +96,13 @@ def _gradients(grads: dict[str, torch.Tensor], params: tuple[torch.Tensor, ...])
 class LoRA2Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept,
-                fan_in_fan_out, dropout_p, seed):
+                fan_in_fan_out, dropout_p, seed, quant=None):
         f = _factors(q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept)
-        y, hidden, b2 = triton_kernels().lora2_forward(x, weight, bias, f, fan_in_fan_out, dropout_p, _seed(seed))
+        y, hidden, b2 = triton_kernels().lora2_forward(x, weight, bias, f, fan_in_fan_out, dropout_p, _seed(seed),
+                                                       quant)
         ctx.save_for_backward(x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2)
         ctx.settings = (alpha, scale_by_kept, fan_in_fan_out, dropout_p, _seed(seed), bias is not None)
+        ctx.quant = quant  # a 4-bit weight's absmax and code tables (frozen: no gradient)
         return y
 
     @staticmethod
@@ -105,8 +113,9 @@ class LoRA2Function(torch.autograd.Function):
         f = _factors(*params, rank_mask, alpha, scale_by_kept)
         grad_x, grad_w, grad_b, grads = triton_kernels().lora2_backward(
             grad_y.contiguous(), x, weight, f, hidden, b2, fan_in_fan_out, dropout_p, seed,
-            needs_input_grad=needs[0], needs_weight_grad=needs[1], needs_bias_grad=needs[2] and has_bias)
-        return (grad_x, grad_w, grad_b, *_gradients(grads, tuple(params)), None, None, None, None, None, None)
+            needs_input_grad=needs[0], needs_weight_grad=needs[1] and ctx.quant is None,
+            needs_bias_grad=needs[2] and has_bias, quant=ctx.quant)
+        return (grad_x, grad_w, grad_b, *_gradients(grads, tuple(params)), None, None, None, None, None, None, None)
 
 
 # --- torch.compile: custom ops ------------------------------------------------------------------------
@@ -190,8 +199,13 @@ lora2_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def reference_forward(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha: float,
-                      scale_by_kept: bool = False, fan_in_fan_out: bool = False, dropout_p: float = 0.0):
-    """The same layer through lora2_kernels/reference.py (plain autograd; torch's dropout RNG)."""
+                      scale_by_kept: bool = False, fan_in_fan_out: bool = False, dropout_p: float = 0.0, quant=None):
+    """The same layer through lora2_kernels/reference.py (plain autograd; torch's dropout RNG). A 4-bit
+    weight (``quant``) is dequantised whole, in x's dtype, for this call."""
+    if quant is not None:
+        from .four_bit import dequantize
+
+        weight = dequantize(quant, x.dtype)
     scale = alpha / rank_mask.sum().clamp_min(1.0) if scale_by_kept else alpha / singular_values.shape[0]
     up = p_up @ reference.core(singular_values, rank_mask, q_up, p_down, scale)
     adapter_x = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
@@ -201,21 +215,27 @@ def reference_forward(x, weight, bias, q_down, q_up, singular_values, p_down, p_
 def lora2_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q_down: torch.Tensor,
                  q_up: torch.Tensor, singular_values: torch.Tensor, p_down: torch.Tensor, p_up: torch.Tensor,
                  rank_mask: torch.Tensor, alpha: float, scale_by_kept: bool = False, fan_in_fan_out: bool = False,
-                 dropout_p: float = 0.0, backend: str = "triton", seed: torch.Tensor | None = None) -> torch.Tensor:
+                 dropout_p: float = 0.0, backend: str = "triton", seed: torch.Tensor | None = None,
+                 quant=None) -> torch.Tensor:
     """A LoRA² layer's output with autograd, through the fused kernels or the reference.
 
     x: (..., in); weight: out × in (in × out with ``fan_in_fan_out``, GPT-2's Conv1D); q_down: k × in;
     q_up: r × k; singular_values, rank_mask: r; p_down: k × r; p_up: out × k (the factors contiguous).
     ``dropout_p`` > 0: the adapter sees dropout(x), the base x (a new mask each call unless ``seed``,
-    a CPU int64 scalar tensor, is given). ``backend``: "triton" or "reference".
+    a CPU int64 scalar tensor, is given). ``backend``: "triton" or "reference". ``quant``: W is
+    bitsandbytes' packed 4-bit weight and this (``Quant4``) its tables; the kernels dequantise it.
     """
-    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    if quant is not None:
+        weight = quant.packed
+        out_features, in_features = quant.shape
+    else:
+        in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     if x.shape[-1] != in_features:
         raise ValueError(f"lora2_linear: the input's last dimension is {x.shape[-1]} but the layer takes "
                          f"{in_features} features (weight {tuple(weight.shape)}); pass (..., {in_features}) inputs.")
     if backend == "reference":
         return reference_forward(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha,
-                                 scale_by_kept, fan_in_fan_out, dropout_p)
+                                 scale_by_kept, fan_in_fan_out, dropout_p, quant)
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' or 'reference' here, got {backend!r}.")
     x = x.contiguous() if x.stride(-1) != 1 else x
@@ -223,7 +243,8 @@ def lora2_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     q_down, q_up, singular_values, p_down, p_up, rank_mask = (
         t.contiguous() for t in (q_down, q_up, singular_values, p_down, p_up, rank_mask))
     bias = bias.contiguous() if bias is not None else None
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    if quant is None:
+        out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     if not (q_down.dim() == p_up.dim() == 2 and q_down.shape[1] == in_features and p_up.shape[0] == out_features
             and p_up.shape[1] == q_down.shape[0]):
         raise ValueError(f"lora2_linear: q_down {tuple(q_down.shape)} and p_up {tuple(p_up.shape)} do not fit a layer "
@@ -232,8 +253,11 @@ def lora2_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if dropout_p > 0 and seed is None:  # drawn on the host from torch's generator: no device launch
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
     if torch.compiler.is_compiling():
+        if quant is not None:
+            raise NotImplementedError("torch.compile of a LoRA² layer over a 4-bit base is not supported yet: run it "
+                                      "eagerly (the fused 4-bit kernels run the same either way).")
         return torch.ops.lora2.lora2_linear(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask,
                                             float(alpha), bool(scale_by_kept), fan_in_fan_out, float(dropout_p),
                                             seed)[0]
     return LoRA2Function.apply(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha,
-                               scale_by_kept, fan_in_fan_out, dropout_p, seed)
+                               scale_by_kept, fan_in_fan_out, dropout_p, seed, quant)

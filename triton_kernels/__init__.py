@@ -11,6 +11,7 @@ if __name__ == "triton_kernels":
     raise ImportError("this is lora2's kernel folder, not Triton's triton_kernels package; "
                       "import it as lora2_kernels.triton_kernels")
 
-from .lora_linear import MAX_RANK, Factors, dropout_keep_mask, lora2_backward, lora2_forward, warmup  # noqa: E402
+from .lora_linear import (  # noqa: E402
+    MAX_RANK, Factors, Quant4, dropout_keep_mask, lora2_backward, lora2_forward, warmup)
 
-__all__ = ["MAX_RANK", "Factors", "dropout_keep_mask", "lora2_backward", "lora2_forward", "warmup"]
+__all__ = ["MAX_RANK", "Factors", "Quant4", "dropout_keep_mask", "lora2_backward", "lora2_forward", "warmup"]

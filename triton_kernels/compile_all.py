@@ -68,6 +68,15 @@ class Result:
     error: str | None = None
 
 
+def quant4(out_f: int, in_f: int, nested: bool) -> kernels.Quant4:
+    """Empty tensors shaped as bitsandbytes' 4-bit weight of an (out_f × in_f) layer, blocksize 64."""
+    blocks = out_f * in_f // 64
+    return kernels.Quant4(torch.empty(out_f * in_f // 2, dtype=torch.uint8),
+                          torch.empty(blocks, dtype=torch.uint8 if nested else torch.float32), torch.empty(16), 64,
+                          (out_f, in_f), torch.empty(blocks // 256 + 1) if nested else None,
+                          torch.empty(256) if nested else None, 256, 0.0)
+
+
 def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
     """The launches the host functions make, on small CPU tensors of real-model divisibility.
 
@@ -108,6 +117,17 @@ def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
                     partials = kernels.dx_launch(dy, x, weight, dx_w, h, f, b2, 0.0, 0, True)[2]
                     cases[f"finish/{tag}"] = kernels.finish_launch(partials, 4, f)[0]
                     cases[f"cast/{tag}"] = kernels.cast_launch(f.q_down, f.p_up, dtype)[0]
+                if dtype == torch.bfloat16 and not conv:
+                    # a bitsandbytes 4-bit base (NF4 / FP4 share the kernel; double quantisation adds a table)
+                    for nested, p in ((False, 0.0), (True, 0.0), (False, 0.1)):
+                        if p and rank != 8:
+                            continue
+                        q = quant4(out_f, in_f, nested)
+                        kind = "4bit-nested" if nested else "4bit-dropout" if p else "4bit"
+                        cases[f"forward-{kind}/{tag}"] = kernels.forward_launch(
+                            x, q.packed, (1, in_f), bias, f, a1, out_f, p, 1, q)[0]
+                        cases[f"dx-{kind}/{tag}"] = kernels.dx_launch(
+                            dy, x, q.packed, (in_f, 1), h, f, b2, p, 1, True, q)[0]
                 if rank == 8 and dtype == torch.float32:  # fp32 where torch allows TF32: tensor-core tiles
                     before = torch.get_float32_matmul_precision()
                     torch.set_float32_matmul_precision("high")

@@ -85,6 +85,31 @@ def _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha,
 
 
 @triton.jit
+def _load_weight(w_ptr, offsets, ok, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset, dtype: tl.constexpr,
+                 QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr):
+    """A tile of W at element ``offsets`` of its row-major (out × in) layout, in ``dtype``.
+
+    QUANT 0: W itself. QUANT 1 / 2: bitsandbytes' 4-bit W (NF4 or FP4, whichever ``code`` holds),
+    dequantised here, inside the K loop, so no full-precision W is ever written: two values a byte
+    (high nibble first), value = code[nibble] · absmax[element // QBLOCK]. With 2 (double
+    quantisation) absmax is itself 8-bit: absmax = code2[absmax_q] · absmax2[block // QBLOCK2] + offset.
+    fp32 products rounded once to ``dtype``: what bitsandbytes' dequantize_4bit computes."""
+    if QUANT == 0:
+        return tl.load(w_ptr + offsets, mask=ok, other=0.0)
+    offsets = offsets.to(tl.int32)  # a weight has < 2³¹ values (the host checks): half the index registers
+    packed = tl.load(w_ptr + (offsets >> 1), mask=ok, other=0).to(tl.int32)
+    nibble = (packed >> ((1 - (offsets & 1)) << 2)) & 15  # even elements: the high nibble
+    value = tl.load(code_ptr + nibble)  # a 16-entry table: stays in L1
+    block = offsets // QBLOCK
+    if QUANT == 2:
+        scale = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32))
+        scale = scale * tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0) + w_offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+    return (value * scale).to(dtype)
+
+
+@triton.jit
 def _keep(seed, rows, cols, N, p):
     """Adapter-dropout keep mask of elements (rows, cols) of an (M × N) input: Philox of row·N + col."""
     offsets = (rows[:, None] * N + cols[None, :]).to(tl.int32)  # wraps beyond 2³¹ elements: still a fixed stream
@@ -129,7 +154,9 @@ def forward_kernel(
     x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr,
     M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
+    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset,
     HAS_BIAS: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -151,8 +178,9 @@ def forward_kernel(
         k_ok = cols < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wk + rn[None, :] * stride_wn,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn, k_ok[:, None] & n_ok[None, :],
+                         absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset, x_ptr.dtype.element_ty, QUANT,
+                         QBLOCK, QBLOCK2)
         a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = _dot(x, w, acc, PRECISION)
         if DROPOUT:
@@ -180,7 +208,9 @@ def dx_kernel(
     dx_ptr, part_b2_ptr, part_a1_ptr, part_core_ptr,
     M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed,
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_xm, stride_xn, stride_dxm, stride_dxn, stride_b2k, stride_b2r,
+    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset,
     COMPUTE_DX: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -230,8 +260,9 @@ def dx_kernel(
             b2 = tl.load(b2_ptr + rows[:, None] * stride_b2k + rr[None, :] * stride_b2r,
                          mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             if COMPUTE_DX:
-                wt = tl.load(w_ptr + rows[:, None] * stride_wk + rn[None, :] * stride_wn,
-                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                wt = _load_weight(w_ptr, rows[:, None] * stride_wk + rn[None, :] * stride_wn,
+                                  k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                                  w_offset, dy_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
                 acc = _dot(dy, wt, acc, PRECISION)
             grad_b = _dot(dy, b2, grad_b, PRECISION)
         g = tl.dot(grad_b, core, input_precision="ieee")  # dL/dh, M × k
@@ -325,7 +356,14 @@ IEEE_CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=2),
 ]
-ALL_CONFIGS = MATMUL_CONFIGS + IEEE_CONFIGS
+# A 4-bit W is dequantised in registers, which costs registers the plain tiles do not have (the
+# sm_80 tiles above spill with it): eight warps over mid-size tiles, for 4-bit launches only.
+QUANT_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=2),
+]
+ALL_CONFIGS = MATMUL_CONFIGS + IEEE_CONFIGS + QUANT_CONFIGS  # appended: SPILLS keys hold indices
 # (sm, kernel, element size, dropout, index in ALL_CONFIGS, BLOCK_R) that spill registers: read off
 # `compile_all --resources --check-exclusions` (ptxas -v, Triton 3.6, k = 1, 8, 16 for BLOCK_R 16 and
 # k = 32 for 32). The autotuner never runs them on that GPU, and the compile test fails on any spill
@@ -341,6 +379,8 @@ SPILLS = {
     (90, "dx", 2, True, 3, 16), (90, "dx", 4, False, 6, 32), (90, "forward", 2, False, 0, 32),
     (90, "forward", 2, False, 2, 32), (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 0, 16),
 }
+# The same for the 4-bit kernels (QUANT 1 and 2 alike: the nested absmax adds two loads, no registers to speak of).
+QUANT_SPILLS: set[tuple] = set()
 FINISH_BLOCK = 128
 CAST_BLOCK = 1024
 # Under the interpreter: small tiles, so the tests cross tile boundaries in every dimension.
@@ -349,12 +389,25 @@ SMALLEST_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in ALL_CONFIGS + [triton.Config
 TENSOR_CORE_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in MATMUL_CONFIGS)
 
 
-def shared_memory_bytes(config: triton.Config, element_size: int, rank_block: int = 16) -> int:
-    """Estimated shared memory of a config's pipelined tiles: x / dY, W and the rank-k tile per stage."""
+# Shared memory per W element and stage of the 4-bit kernels (QUANT 1, 2), as Triton 3.6 lays it out
+# (fitted to compile_all's figures): every value's byte and absmax (and, double-quantised, the 8-bit
+# absmax and its scale) are staged per element.
+QUANT_BYTES_PER_ELEMENT = {1: 5, 2: 8}
+
+
+def shared_memory_bytes(config: triton.Config, element_size: int, rank_block: int = 16, quant: int = 0) -> int:
+    """Estimated shared memory of a config's pipelined tiles: x / dY, W and the rank-k tile per stage.
+
+    A 4-bit W stages its packed bytes and scales instead, and its dequantised tile is written to shared
+    memory for the dot (one buffer per stage but the last), plus some scratch."""
     kw = config.kwargs
-    per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"] + kw["BLOCK_K"] * rank_block)
-    per_stage *= element_size
-    return per_stage * config.num_stages
+    w_tile = kw["BLOCK_K"] * kw["BLOCK_N"]
+    if not quant:
+        per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + w_tile + kw["BLOCK_K"] * rank_block) * element_size
+        return per_stage * config.num_stages
+    per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * rank_block) * element_size
+    per_stage += w_tile * QUANT_BYTES_PER_ELEMENT[quant]
+    return per_stage * config.num_stages + (config.num_stages - 1) * w_tile * element_size + 6144
 
 
 def config_excluded(config: triton.Config, kernel: str, arch: int, element_size: int, flags: dict,
@@ -363,9 +416,12 @@ def config_excluded(config: triton.Config, kernel: str, arch: int, element_size:
     ieee = flags["PRECISION"] == "ieee" and element_size == 4
     if ieee != (config in IEEE_CONFIGS):
         return "IEEE fp32 dots take the FMA tiles, tensor-core dots the others"
-    if shared_memory_bytes(config, element_size, flags["BLOCK_R"]) > shared_memory_limit:
+    if config in QUANT_CONFIGS and not flags.get("QUANT"):
+        return "a 4-bit weight's tiles: for 4-bit launches only"
+    if shared_memory_bytes(config, element_size, flags["BLOCK_R"], flags.get("QUANT", 0)) > shared_memory_limit:
         return "does not fit this GPU's shared memory"
-    if (arch, kernel, element_size, bool(flags["DROPOUT"]), ALL_CONFIGS.index(config), flags["BLOCK_R"]) in SPILLS:
+    table = QUANT_SPILLS if flags.get("QUANT") else SPILLS
+    if (arch, kernel, element_size, bool(flags["DROPOUT"]), ALL_CONFIGS.index(config), flags["BLOCK_R"]) in table:
         return "spills registers on this GPU"
     return None
 
@@ -377,7 +433,8 @@ def _prune(kernel: str):
         limit = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
         size = named_args["x_ptr" if kernel == "forward" else "dy_ptr"].element_size()
         kept = [c for c in configs if config_excluded(c, kernel, 10 * major + minor, size, kwargs, limit) is None]
-        return kept or [c for c in configs if (c in IEEE_CONFIGS) == (kwargs["PRECISION"] == "ieee" and size == 4)][-1:]
+        ieee = kwargs["PRECISION"] == "ieee" and size == 4
+        return kept or [c for c in configs if (c in IEEE_CONFIGS) == ieee and c not in QUANT_CONFIGS][-1:]
 
     return prune
 
@@ -386,9 +443,10 @@ def _prune(kernel: str):
 # with dynamic padding nearly every batch has another M, and keying on M would re-run the tuning.
 _KEY = ["M_BUCKET", "N", "K", "RANK"]
 if not INTERPRET:
-    _forward = triton.autotune(ALL_CONFIGS, key=_KEY + ["HAS_BIAS", "DROPOUT", "PRECISION"], cache_results=True,
+    _forward = triton.autotune(ALL_CONFIGS, key=_KEY + ["HAS_BIAS", "DROPOUT", "PRECISION", "QUANT"],
+                               cache_results=True,
                                prune_configs_by={"early_config_prune": _prune("forward")})(forward_kernel)
-    _dx = triton.autotune(ALL_CONFIGS, key=_KEY + ["COMPUTE_DX", "DROPOUT", "PRECISION"], cache_results=True,
+    _dx = triton.autotune(ALL_CONFIGS, key=_KEY + ["COMPUTE_DX", "DROPOUT", "PRECISION", "QUANT"], cache_results=True,
                           prune_configs_by={"early_config_prune": _prune("dx")})(dx_kernel)
 
 
@@ -409,7 +467,7 @@ class Launch:
     def autotune_key(self) -> tuple:
         """What the autotuner keys this launch's tuning on: its key arguments and the tensors' dtypes."""
         values = dict(zip(KERNELS[self.kernel].arg_names, self.args), **self.flags)
-        keys = _KEY + (["HAS_BIAS"] if self.kernel == "forward" else ["COMPUTE_DX"]) + ["DROPOUT", "PRECISION"]
+        keys = _KEY + (["HAS_BIAS"] if self.kernel == "forward" else ["COMPUTE_DX"]) + ["DROPOUT", "PRECISION", "QUANT"]
         return (self.kernel, *(values[k] for k in keys),
                 *(str(a.dtype) for a in self.args if isinstance(a, torch.Tensor)))
 
@@ -476,6 +534,40 @@ class Factors:
         return self.q_up, self.singular_values, self.rank_mask, self.p_down
 
 
+@dataclass
+class Quant4:
+    """A bitsandbytes 4-bit weight as the kernels read it (see ``_load_weight``)."""
+
+    packed: torch.Tensor  # uint8, two values a byte, row-major (out × in) order
+    absmax: torch.Tensor  # fp32 per block of ``blocksize`` values; uint8 when double-quantised
+    code: torch.Tensor  # 16 fp32 values: NF4 or FP4
+    blocksize: int
+    shape: tuple[int, int]  # (out, in)
+    absmax2: torch.Tensor | None = None  # double quantisation: fp32 per block of ``blocksize2`` absmax
+    code2: torch.Tensor | None = None  # 256 fp32 values
+    blocksize2: int = 256
+    offset: float = 0.0
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+    def args(self) -> tuple:
+        return (self.absmax, self.code, self.absmax2 if self.nested else self.absmax,
+                self.code2 if self.nested else self.code, float(self.offset))
+
+    def flags(self) -> dict[str, int]:
+        return {"QUANT": 2 if self.nested else 1, "QBLOCK": int(self.blocksize), "QBLOCK2": int(self.blocksize2)}
+
+
+NO_QUANT_FLAGS = {"QUANT": 0, "QBLOCK": 1, "QBLOCK2": 1}
+
+
+def _quant_args(weight: torch.Tensor, quant: Quant4 | None) -> tuple:
+    """The 4-bit arguments of a launch; for a plain W, pointers the kernel never reads."""
+    return quant.args() if quant is not None else (weight, weight, weight, weight, 0.0)
+
+
 def cast_launch(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[Launch, torch.Tensor, torch.Tensor]:
     """A cast to ``dtype`` and B (2-D) cast and transposed, in one launch; returns (launch, A, Bᵀ)."""
     a_out = torch.empty(a.shape, device=a.device, dtype=dtype)
@@ -501,17 +593,19 @@ def in_activation_dtype(f: Factors, dtype: torch.dtype) -> tuple[list[Launch], t
 
 
 def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, int], bias: torch.Tensor | None,
-                   f: Factors, a1: torch.Tensor, out_features: int, dropout_p: float, seed: int
-                   ) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+                   f: Factors, a1: torch.Tensor, out_features: int, dropout_p: float, seed: int,
+                   quant: Quant4 | None = None) -> tuple[Launch, torch.Tensor, torch.Tensor]:
     """y (M × out) and h (M × k, fp32) for a 2-D x (M × in): the launch and its outputs."""
     m, k_in = x.shape
     y = torch.empty((m, out_features), device=x.device, dtype=x.dtype)
     h = torch.empty((m, f.k), device=x.device, dtype=torch.float32)
     args = (x, weight, bias if bias is not None else y, a1, *f.core_args(), f.p_up, y, h, m, out_features, k_in,
             f.r, f.k, token_bucket(m), float(f.alpha),
-            float(dropout_p), int(seed), x.stride(0), x.stride(1), *w_strides, y.stride(0), y.stride(1))
+            float(dropout_p), int(seed), x.stride(0), x.stride(1), *w_strides, y.stride(0), y.stride(1),
+            *_quant_args(weight, quant))
     flags = {"HAS_BIAS": bias is not None, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
-             "PRECISION": dot_precision(x.dtype), "BLOCK_R": rank_block(f.k), "BLOCK_RR": rank_block(f.r)}
+             "PRECISION": dot_precision(x.dtype), **(quant.flags() if quant is not None else NO_QUANT_FLAGS),
+             "BLOCK_R": rank_block(f.k), "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
@@ -520,8 +614,8 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
 
 
 def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_strides: tuple[int, int],
-              h: torch.Tensor, f: Factors, b2: torch.Tensor, dropout_p: float, seed: int, compute_dx: bool
-              ) -> tuple[Launch, torch.Tensor | None, dict[str, torch.Tensor]]:
+              h: torch.Tensor, f: Factors, b2: torch.Tensor, dropout_p: float, seed: int, compute_dx: bool,
+              quant: Quant4 | None = None) -> tuple[Launch, torch.Tensor | None, dict[str, torch.Tensor]]:
     """dX (M × in) and the per-row-tile partials of dB₂, dA₁ and dC: the launch and its outputs."""
     m, out_features = dy.shape
     in_features = x.shape[1]
@@ -539,9 +633,11 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
             partials["b2"], partials["a1"], partials["core"], m, in_features, out_features, f.r, f.k,
             token_bucket(m), float(f.alpha), float(dropout_p), int(seed), dy.stride(0), dy.stride(1), *w_strides,
             x.stride(0), x.stride(1), out.stride(0) if dx is not None else 0, out.stride(1) if dx is not None else 0,
-            *b2_strides(b2, f))
+            *b2_strides(b2, f), *_quant_args(weight if weight is not None else dy, quant if compute_dx else None))
     flags = {"COMPUTE_DX": compute_dx, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
-             "PRECISION": dot_precision(dy.dtype), "BLOCK_R": block_r, "BLOCK_RR": rank_block(f.r)}
+             "PRECISION": dot_precision(dy.dtype),
+             **(quant.flags() if quant is not None and compute_dx else NO_QUANT_FLAGS),
+             "BLOCK_R": block_r, "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * (triton.cdiv(in_features, meta["BLOCK_N"]) + 1),)
@@ -573,18 +669,30 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _weight_view(weight: torch.Tensor, quant: Quant4 | None, fan_in_fan_out: bool, backward: bool
+                 ) -> tuple[torch.Tensor, int, tuple[int, int]]:
+    """(W's pointer, out features, strides of B) with B[k, n] = W[n, k] in the forward (k over in)
+    and B[k, n] = W[k, n] in the backward (k over out). A 4-bit W is addressed by element index of
+    its row-major (out × in) layout; a Conv1D keeps its (in × out) storage."""
+    if quant is not None:
+        out_features, in_features = quant.shape
+        return quant.packed, out_features, (in_features, 1) if backward else (1, in_features)
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    strides = (weight.stride(0), weight.stride(1))
+    return weight, out_features, strides if fan_in_fan_out != backward else strides[::-1]
+
+
 def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, f: Factors,
-                  fan_in_fan_out: bool = False, dropout_p: float = 0.0, seed: int = 0
+                  fan_in_fan_out: bool = False, dropout_p: float = 0.0, seed: int = 0, quant: Quant4 | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, B₂ in x's dtype): the forward of a LoRA² layer in one launch (two for half inputs).
 
-    x and W share a dtype (callers apply autocast); h (fp32) and B₂ (cast) are for the backward."""
+    x and W share a dtype (callers apply autocast); h (fp32) and B₂ (cast) are for the backward.
+    With ``quant`` W is bitsandbytes' 4-bit weight, dequantised tile by tile inside the K loop."""
     x2 = _flat(x)
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     casts, a1, b2 = in_activation_dtype(f, x.dtype)
-    # B[k, n] = W[n, k] (Linear, out × in) or Wc[k, n] (Conv1D storage, in × out)
-    w_strides = (weight.stride(0), weight.stride(1)) if fan_in_fan_out else (weight.stride(1), weight.stride(0))
-    launch, y, h = forward_launch(x2, weight, w_strides, bias, f, a1, out_features, dropout_p, seed)
+    weight, out_features, w_strides = _weight_view(weight, quant, fan_in_fan_out, backward=False)
+    launch, y, h = forward_launch(x2, weight, w_strides, bias, f, a1, out_features, dropout_p, seed, quant)
     if x2.shape[0]:
         for cast in casts:
             cast.run()
@@ -596,17 +704,19 @@ def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def lora2_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, f: Factors, hidden: torch.Tensor,
                    b2: torch.Tensor, fan_in_fan_out: bool = False, dropout_p: float = 0.0, seed: int = 0,
-                   needs_input_grad: bool = True, needs_weight_grad: bool = False, needs_bias_grad: bool = False
+                   needs_input_grad: bool = True, needs_weight_grad: bool = False, needs_bias_grad: bool = False,
+                   quant: Quant4 | None = None
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
     """(dX, dW, db, {factor: gradient}) of `lora2_forward`: two launches (dW and db, only for an
-    unfrozen base, are plain torch ops)."""
+    unfrozen base, are plain torch ops; a 4-bit base is always frozen)."""
+    if quant is not None and needs_weight_grad:
+        raise RuntimeError("a 4-bit weight is frozen: it has no gradient.")
     dy = _flat(grad_y)
     x2 = _flat(x)
     h = _flat(hidden)
-    # B[k, n] = W[k, n] (Linear) or Wc[n, k] (Conv1D storage)
-    w_strides = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else (weight.stride(0), weight.stride(1))
+    weight, _, w_strides = _weight_view(weight, quant, fan_in_fan_out, backward=True)
     launch, grad_x, partials = dx_launch(dy, x2, weight if needs_input_grad else None, w_strides, h, f, b2,
-                                         dropout_p, seed, needs_input_grad)
+                                         dropout_p, seed, needs_input_grad, quant)
     tiles = 0
     if dy.shape[0]:
         config = launch.run()

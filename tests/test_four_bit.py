@@ -1,0 +1,175 @@
+"""QLoRA²: LoRA² over bitsandbytes' 4-bit Linear4bit (lora2_kernels/four_bit.py).
+
+The fused kernels dequantise the packed weight inside their K loops; they are held to the same
+float64 oracle and tolerance rule as the plain kernels (test_triton_kernels.py), with W the weight
+bitsandbytes' own ``dequantize_4bit`` returns. Runs under the Triton interpreter on CPU (conftest).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, make_model, require
+from test_triton_kernels import ALPHA, PARAMS, assert_matches_oracle, make_layer, oracle, run_layer, tolerances
+from torch import nn
+
+from lora2 import LoRA2Config, LoRA2Model, get_lora2_model
+from lora2.errors import InputError
+from lora2_kernels import LoRA2Linear, four_bit
+
+bnb = require("bitsandbytes", "pip install bitsandbytes==0.50.2")
+QUANTS = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)]
+QUANT_IDS = ["nf4", "nf4-double-quant", "fp4", "fp4-double-quant"]
+
+
+def quantised(layer: LoRA2Linear, raw: dict, quant_type: str, double_quant: bool, backend: str = "triton"
+              ) -> tuple[LoRA2Linear, dict]:
+    """The same layer over a 4-bit copy of its base; raw["weight"] becomes what bitsandbytes dequantises."""
+    base = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        base.weight.copy_(raw["weight"].float())
+        if layer.bias is not None:
+            base.bias.copy_(layer.bias.float())
+    q = four_bit.quantize_linear(base, quant_type, double_quant)
+    q4 = LoRA2Linear.from_linear(q, r=layer.r, k=layer.k, alpha=ALPHA, backend=backend)
+    with torch.no_grad():
+        for name in (*PARAMS, "rank_mask"):
+            getattr(q4, name).copy_(getattr(layer, name))
+    raw = dict(raw, weight=bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).double())
+    return q4.to(KERNEL_DEVICE), raw
+
+
+@pytest.mark.parametrize("quant_type, double_quant", QUANTS, ids=QUANT_IDS)
+def test_dequantize_is_bitsandbytes_dequantize_4bit(quant_type, double_quant):
+    """The dequantisation the kernels and the reference compute, bit for bit (rows of 70 values: the
+    blocks of 64 straddle rows)."""
+    q = four_bit.quantize_linear(nn.Linear(70, 45), quant_type, double_quant)
+    expected = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+    assert torch.equal(four_bit.dequantize(four_bit.quant_of(q.weight)), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("quant_type, double_quant", QUANTS, ids=QUANT_IDS)
+@pytest.mark.parametrize("case", [{}, {"r": 7, "k": 3, "mask": [1, 0, 1, 1, 0, 1, 0], "bias": False}],
+                         ids=["odd-sizes", "masked-no-bias"])
+def test_fused_4bit_kernels_match_the_oracle(case, quant_type, double_quant, dtype):
+    """Forward and every gradient through the fused 4-bit kernels (dX reads W transposed)."""
+    layer, raw = make_layer(**case)
+    q4, raw = quantised(layer, raw, quant_type, double_quant)
+    assert q4.is_4bit and q4.weight.dtype == torch.uint8  # stays packed: no full-precision copy
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(37, raw["weight"].shape[1], generator=g).to(dtype)
+    grad_y = torch.randn(37, raw["weight"].shape[0], generator=g).to(dtype)
+    expected = oracle(raw, x, grad_y)
+    got = run_layer(q4, x, grad_y)
+    assert got[0].dtype == dtype and q4.weight.grad is None
+    assert_matches_oracle(got, expected, tolerances(raw, x, grad_y, dtype, expected), f"{quant_type} {dtype}")
+
+
+def test_reference_path_matches_the_oracle_and_the_quantisation_is_visible():
+    """The CPU reference path (dequantise, then the reference layer) meets the oracle too, and a layer
+    that read the weight wrong (here: the unquantised one) would be far outside the tolerance."""
+    layer, unquantised_raw = make_layer()
+    ref, raw = quantised(layer, unquantised_raw, "nf4", True, backend="reference")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(29, 70, generator=g)
+    grad_y = torch.randn(29, 45, generator=g)
+    expected = oracle(raw, x, grad_y)
+    tols = tolerances(raw, x, grad_y, torch.float32, expected)
+    assert_matches_oracle(run_layer(ref.to(KERNEL_DEVICE), x, grad_y), expected, tols, "reference")
+    unquantised = oracle(unquantised_raw, x, grad_y)
+    assert (unquantised[0] - expected[0]).abs().max() > 20 * tols[0]  # the quantisation error shows
+
+
+def test_other_linear_subclasses_are_refused_before_anything_changes():
+    """bitsandbytes' 8-bit layer (and any nn.Linear whose weight is not a plain float out × in tensor)."""
+    model = make_model("bert")
+    int8 = bnb.nn.Linear8bitLt(32, 32, has_fp16_weights=False)
+    model.bert.encoder.layer[0].attention.self.query = int8
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(InputError, match=r"layer\.0\.attention\.self\.query \(Linear8bitLt\).*Int8Params.*Linear4bit"
+                                         r".*nothing was changed"):
+        get_lora2_model(model, LoRA2Config(r=4, k=4, target_rank=2, total_steps=10))
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    with pytest.raises(TypeError, match="cannot adapt this Linear8bitLt: its weight is a Int8Params"):
+        LoRA2Linear.from_linear(int8)
+
+
+def test_missing_bitsandbytes_names_the_install_command(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(ImportError, match=r"a 4-bit base needs bitsandbytes: pip install bitsandbytes"):
+        four_bit.quantize_model(make_model("bert"))
+
+
+def _adapted_4bit_model(double_quant: bool = False) -> tuple[nn.Module, LoRA2Model]:
+    model = make_model("llama")
+    names = four_bit.quantize_model(model, "nf4", double_quant)
+    assert names and all(four_bit.is_linear4bit(model.get_submodule(n)) for n in names)
+    lora = get_lora2_model(model, LoRA2Config(r=4, k=4, target_rank=2, total_steps=10, backend="reference"))
+    with torch.no_grad():  # a nonzero ΔW: λ starts at 0
+        for layer in lora.lora2_layers().values():
+            layer.singular_values.normal_()
+    return model, lora
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-double-quant"])
+def test_base_weights_take_under_0_6_bytes_a_parameter(double_quant):
+    """Half a byte a value plus the absmax (4 B, or 1 B double-quantised, per 64): 0.5625 or 0.516."""
+    model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512))
+    params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert four_bit.weight_bytes(model) == 4 * params
+    four_bit.quantize_model(model, "nf4", double_quant)
+    assert four_bit.weight_bytes(model) / params == pytest.approx(0.516 if double_quant else 0.5625, abs=0.003)
+
+
+def test_merge_and_unload_gives_a_bf16_model_with_delta_folded_in(caplog):
+    _, lora = _adapted_4bit_model()
+    lora.eval()
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = lora(input_ids=ids).logits.float()
+    merged = lora.merge_and_unload()
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+    assert not any(four_bit.is_linear4bit(m) for m in merged.modules())
+    with torch.no_grad():
+        out = merged(input_ids=ids).logits.float()
+    # the same model up to bf16 rounding of the merged weights (ΔW is not small here: λ ~ N(0, 1))
+    torch.testing.assert_close(out, adapted, rtol=0.05, atol=0.05)
+
+
+def test_requantising_the_merged_model_says_what_it_costs(caplog):
+    _, lora = _adapted_4bit_model(double_quant=True)
+    with caplog.at_level(logging.WARNING, logger="lora2.model"):
+        merged = lora.merge_and_unload(requantize=True)
+    assert any(four_bit.is_linear4bit(m) and m.weight.quant_state.nested for m in merged.modules())
+    assert "re-quantised" in caplog.text and "relative error added" in caplog.text
+
+
+def test_unload_gives_back_the_4bit_layers_and_the_adapter_round_trips(tmp_path):
+    model, lora = _adapted_4bit_model()
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    lora.eval()
+    with torch.no_grad():
+        before = lora(input_ids=ids).logits
+    lora.save_pretrained(tmp_path)
+    base = lora.unload()
+    assert sum(four_bit.is_linear4bit(m) for m in base.modules()) == 14  # 2 layers × 7 projections
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    reloaded = LoRA2Model.from_pretrained(base, tmp_path)  # the adapter does not depend on the base's format
+    reloaded.eval()
+    with torch.no_grad():
+        after = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(after, before)
+    assert (after - plain).abs().max() > 1e-3

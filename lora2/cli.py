@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar: a log line every --log-every steps instead (also the default when stderr "
                         "is not a terminal)")
+    q = t.add_argument_group("QLoRA²: a 4-bit base (bitsandbytes)")
+    q.add_argument("--load-in-4bit", action="store_true",
+                   help="quantise the base's linear layers (not the task head) to 4 bits; the adapter stays fp32")
+    q.add_argument("--bnb-4bit-quant-type", default="nf4", choices=["nf4", "fp4"], help="the 4-bit code (default nf4)")
+    q.add_argument("--double-quant", action="store_true", help="quantise the absmax values too (QLoRA's double quant)")
     f = t.add_argument_group("FSDP2 (under torchrun / accelerate launch; not saved with the run: --resume may change it)")
     f.add_argument("--fsdp", action="store_true",
                    help="shard the frozen base across the processes (fully_shard per block); the adapter stays whole")
@@ -288,7 +293,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             grad_accum=args.grad_accum, learning_rate=args.learning_rate or preset.learning_rate,
             head_learning_rate=args.head_learning_rate, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
             precision=args.precision, eval_every=args.eval_every, log_every=args.log_every, seed=args.seed,
-            lora2=_lora2_fields(args), method_settings={} if args.method == "lora2" else dict(preset.settings))
+            lora2=_lora2_fields(args), method_settings={} if args.method == "lora2" else dict(preset.settings),
+            load_in_4bit=args.load_in_4bit, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+            double_quant=args.double_quant)
     try:
         fsdp = FSDPOptions(tuple(args.fsdp_wrap) if args.fsdp_wrap else None, args.fsdp_cpu_offload) \
             if args.fsdp else False

@@ -106,6 +106,10 @@ class TrainConfig:
     lora2: dict[str, Any] = field(default_factory=lambda: {"r": 8, "k": 8, "target_rank": 6, "alpha": 16.0})
     # settings of a baseline method (LoraConfig / AdaLoraConfig fields); LoRA² reads ``lora2``
     method_settings: dict[str, Any] = field(default_factory=dict)
+    # QLoRA²: the base's linear layers (not the task head) as bitsandbytes 4-bit weights
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"  # or fp4
+    double_quant: bool = False  # quantise the absmax too (about 0.37 bits a value less)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -121,6 +125,11 @@ class TrainConfig:
             raise InputError(f"TrainConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
         if self.dataset is None and self.train_file is None:
             raise InputError("give a dataset name (e.g. sst2) or --train-file.")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise InputError(f"--bnb-4bit-quant-type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}.")
+        if self.load_in_4bit and self.method == "full":
+            raise InputError("--load-in-4bit freezes the base in 4 bits; --method full would train those weights. "
+                             "Use an adapter method (lora2, lora, adalora) or drop --load-in-4bit.")
         if self.dataset is not None and self.dataset not in BUILTIN_DATASETS:
             raise InputError(f"unknown built-in dataset {self.dataset!r}; built-in: {sorted(BUILTIN_DATASETS)}, "
                              "or pass --train-file / --validation-file.")
@@ -375,6 +384,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
         logger.info("%s has no trained %s for this task: %s initialised fresh and trained with the %s",
                     cfg.model, "head" if len(heads) == 1 else "layers", ", ".join(heads),
                     "model" if cfg.method == "full" else "adapter")
+    if cfg.load_in_4bit:
+        _quantise_base(base, cfg, device, sharded)
     if train_set.label_names:  # so merged models and reports show the dataset's label names
         base.config.id2label = dict(enumerate(train_set.label_names))
         base.config.label2id = {n: i for i, n in enumerate(train_set.label_names)}
@@ -591,6 +602,25 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
             history=state["history"], test_metrics=test_metrics)
         atomic_write_text(out / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
     return ctx.broadcast_object(result)  # every rank returns rank 0's result
+
+
+def _quantise_base(base: torch.nn.Module, cfg: TrainConfig, device: torch.device, sharded: bool) -> None:
+    """--load-in-4bit: the base's linears as bitsandbytes 4-bit weights, quantised with bitsandbytes
+    directly (transformers' BitsAndBytesConfig loader wants a CUDA GPU; this works on the CPU too)."""
+    from lora2_kernels.four_bit import quantize_model, weight_bytes
+
+    if sharded:
+        raise InputError("--load-in-4bit with --fsdp is not supported yet (FSDP2 would shard the packed 4-bit "
+                         "bytes and their absmax apart); train a 4-bit base on one GPU, or shard a bf16 base.")
+    if cfg.method == "adalora" and device.type != "cuda":
+        raise InputError("--method adalora on a 4-bit base needs a GPU: on the CPU, PEFT's AdaLoRA layer adds in place "
+                         "to bitsandbytes' output (a view autograd forbids). PEFT LoRA and LoRA² run here.")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    before = weight_bytes(base)
+    names = quantize_model(base, cfg.bnb_4bit_quant_type, cfg.double_quant, compute_dtype=half, device=device)
+    logger.info("quantised %d linear layers to 4-bit %s%s with bitsandbytes directly (the task head stays in full "
+                "precision): linear weights %.1f MiB, were %.1f MiB", len(names), cfg.bnb_4bit_quant_type,
+                " with double quantisation" if cfg.double_quant else "", weight_bytes(base) / 2**20, before / 2**20)
 
 
 # --- checkpoints, logs, signals ------------------------------------------------------------------------

@@ -73,16 +73,20 @@ def quant_of(weight: torch.Tensor):
 def dequantize(quant, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W (out × in) in ``dtype``: code[nibble] · absmax in fp32, rounded once (what the kernels compute)."""
     packed = quant.packed.reshape(-1)
-    nibbles = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1).long()
+    out_features, in_features = quant.shape
+    values = torch.stack([quant.code[(packed >> 4).long()], quant.code[(packed & 15).long()]], dim=1).view(-1)
     if quant.nested:
-        absmax = quant.code2[quant.absmax.long()] * quant.absmax2.repeat_interleave(quant.blocksize2)[
-            : quant.absmax.numel()] + quant.offset
+        absmax = quant.code2[quant.absmax.long()]
+        blocks2 = -(-absmax.numel() // quant.blocksize2)
+        absmax = torch.nn.functional.pad(absmax, (0, blocks2 * quant.blocksize2 - absmax.numel()))
+        absmax = (absmax.view(blocks2, quant.blocksize2) * quant.absmax2[:blocks2, None]).view(-1)
+        absmax = absmax[: quant.absmax.numel()] + quant.offset
     else:
         absmax = quant.absmax.float()
-    out_features, in_features = quant.shape
-    values = quant.code[nibbles][: out_features * in_features]
-    scales = absmax.repeat_interleave(quant.blocksize)[: values.numel()]
-    return (values * scales).view(out_features, in_features).to(dtype)
+    blocks = absmax.numel()
+    values = torch.nn.functional.pad(values, (0, max(0, blocks * quant.blocksize - values.numel())))
+    values = (values[: blocks * quant.blocksize].view(blocks, quant.blocksize) * absmax[:, None]).view(-1)
+    return values[: out_features * in_features].view(out_features, in_features).to(dtype)
 
 
 def kernel_unsupported(quant) -> str | None:

@@ -469,13 +469,13 @@ def test_a_model_trains_the_same_through_the_kernels():
 # --- compiled for the GPU -----------------------------------------------------------------------------------
 
 
-# What CI compiles (about 1.5 minutes on 2 cores): every bf16 and fp32 launch case at k = 8 for sm_90
-# (fp16 runs the same code as bf16), the bf16 forward / dX at k = 32 (the other rank tile) for sm_90,
-# and bf16 and TF32 forward / dX for sm_80.
+# What CI compiles (about 2 minutes on 2 cores): every bf16 and fp32 launch case at k = 8 for sm_90
+# (fp16 runs the same code as bf16) with the NF4 forward / dX, the bf16 forward / dX at k = 32 (the
+# other rank tile) for sm_90, and bf16 and TF32 forward / dX for sm_80.
 # `python -m lora2_kernels.triton_kernels.compile_all --resources` compiles all of them for both
-# (k = 1, 8, 16, 32: about 10 minutes); README has its table.
-CI_COMPILES = [("90", ["bfloat16/k8", "float32", "bfloat16/k32"]),
-               ("80", ["forward/linear/bfloat16/k8", "dx/linear/bfloat16/k8", "float32-tf32"])]
+# (k = 1, 8, 16, 32, the 4-bit kernels double-quantised and with dropout too: about 15 minutes).
+CI_COMPILES = [("90", ["bfloat16/k8", "float32", "bfloat16/k32"], ["4bit-nested", "4bit-dropout", "4bit/linear/bfloat16/k32"]),
+               ("80", ["forward/linear/bfloat16/k8", "dx/linear/bfloat16/k8", "float32-tf32"], [])]
 
 
 @pytest.fixture(scope="module")
@@ -484,9 +484,10 @@ def compile_report() -> list[dict]:
     TTGIR's wgmma waits), in processes without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     results = []
-    for arch, cases in CI_COMPILES:
+    for arch, cases, excluded in CI_COMPILES:
         run = subprocess.run([sys.executable, "-m", "lora2_kernels.triton_kernels.compile_all", "--json", "--resources",
-                              "--arch", arch, "--cases", *cases], capture_output=True, text=True, env=env,
+                              "--arch", arch, "--cases", *cases, "--exclude", *excluded], capture_output=True, text=True,
+                             env=env,
                              timeout=900, check=False)
         assert run.stdout, run.stderr[-4000:]
         results += json.loads(run.stdout)["results"]
@@ -510,14 +511,18 @@ def test_every_kernel_and_config_compiles_for_hopper_and_ampere_without_spilling
         for case in cases:
             assert [r for r in kept if r["case"] == case and r["arch"] == arch], f"no config of {case} kept on sm_{arch}"
     assert {r["case"].split("/")[0] for r in results} == {"forward", "dx", "rank-only", "forward-no-bias",
-                                                          "forward-dropout", "dx-dropout", "finish", "cast"}
+                                                          "forward-dropout", "dx-dropout", "finish", "cast",
+                                                          "forward-4bit", "dx-4bit"}
 
 
 def test_hopper_main_loops_keep_wgmmas_in_flight(compile_report):
     """In the sm_90 TTGIR of every bf16 / fp16 GEMM kernel, no wgmma wait inside a K loop has
-    pendings = 0 (which would make each wgmma wait for the one before: a serialised main loop)."""
+    pendings = 0 (which would make each wgmma wait for the one before: a serialised main loop).
+
+    Not the 4-bit kernels yet: their W tile is dequantised in registers and written to shared memory
+    each iteration, and Triton 3.6 waits for the wgmma reading it (README, QLoRA², known limits)."""
     checked = [r for r in compile_report if r["arch"] == 90 and not r["pruned"] and r["kernel"] in ("forward", "dx")
-               and ("bfloat16" in r["case"] or "float16" in r["case"])]
+               and ("bfloat16" in r["case"] or "float16" in r["case"]) and "4bit" not in r["case"]]
     assert checked and all(r["loop_wait_pendings"] for r in checked)
     serial = [f"{r['case']} [{r['config']}]: {r['loop_wait_pendings']}" for r in checked if 0 in r["loop_wait_pendings"]]
     assert not serial, "\n".join(serial)

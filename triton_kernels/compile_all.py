@@ -230,13 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_MEMORY_LIMIT))
     parser.add_argument("--cases", nargs="*", help="substrings of case names to compile (default: all)")
+    parser.add_argument("--exclude", nargs="*", default=[], help="substrings of case names not to compile")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--resources", action="store_true", help="also report registers and spills (ptxas -v)")
     parser.add_argument("--check-exclusions", action="store_true",
                         help="also compile the configs excluded for spilling (to re-derive lora_linear.SPILLS)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     args = parser.parse_args(argv)
-    jobs = [(case, arch) for case in launches(RANKS) if not args.cases or any(c in case for c in args.cases)
+    jobs = [(case, arch) for case in launches(RANKS) if (not args.cases or any(c in case for c in args.cases))
+            and not any(c in case for c in args.exclude)
             for arch in args.arch]
     # spawn, not fork: a forked child of a process running torch's and LLVM's threads can deadlock
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -379,8 +379,18 @@ SPILLS = {
     (90, "dx", 2, True, 3, 16), (90, "dx", 4, False, 6, 32), (90, "forward", 2, False, 0, 32),
     (90, "forward", 2, False, 2, 32), (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 0, 16),
 }
-# The same for the 4-bit kernels (QUANT 1 and 2 alike: the nested absmax adds two loads, no registers to speak of).
-QUANT_SPILLS: set[tuple] = set()
+# The same for the 4-bit kernels (`compile_all --resources --cases 4bit`: k = 1, 8, 16, 32, NF4 with and
+# without double quantisation, and dropout at k = 8; the union of the two quant levels).
+QUANT_SPILLS = {
+    (80, "dx", 2, False, 3, 16), (80, "dx", 2, False, 3, 32), (80, "dx", 2, False, 7, 32), (80, "dx", 2, False, 8, 16),
+    (80, "dx", 2, True, 3, 16), (80, "dx", 2, True, 4, 16), (80, "dx", 2, True, 7, 16), (80, "dx", 2, True, 8, 16),
+    (80, "forward", 2, False, 3, 16), (80, "forward", 2, False, 3, 32), (80, "forward", 2, False, 4, 16),
+    (80, "forward", 2, False, 7, 16), (80, "forward", 2, False, 7, 32), (80, "forward", 2, False, 8, 16),
+    (80, "forward", 2, False, 8, 32), (80, "forward", 2, True, 3, 16), (80, "forward", 2, True, 4, 16),
+    (80, "forward", 2, True, 7, 16), (80, "forward", 2, True, 8, 16), (90, "dx", 2, False, 3, 32),
+    (90, "dx", 2, False, 7, 32), (90, "dx", 2, True, 3, 16), (90, "dx", 2, True, 7, 16), (90, "forward", 2, False, 3, 32),
+    (90, "forward", 2, False, 7, 16),
+}
 FINISH_BLOCK = 128
 CAST_BLOCK = 1024
 # Under the interpreter: small tiles, so the tests cross tile boundaries in every dimension.

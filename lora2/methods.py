@@ -80,7 +80,7 @@ class Method:
         data = getattr(self, "data_info", {})  # set by the trainer: the dataset and columns of the run
         info = TrainedInfo(method=self.name, task=_task_of(self.info_model),
                            num_labels=getattr(config, "num_labels", None), label_names=labels,
-                           dataset=data.get("dataset"), columns=data.get("columns"))
+                           dataset=data.get("dataset"), columns=data.get("columns"), base_4bit=data.get("base_4bit"))
         atomic_write_text(Path(directory) / METHOD_FILE, json.dumps(asdict(info), indent=2))
 
     def load(self, directory: Path) -> None:
@@ -301,6 +301,7 @@ class TrainedInfo:
     label_names: list[str] | None = None
     dataset: str | None = None  # the built-in dataset it was trained on, if any
     columns: dict[str, str | None] | None = None  # text_column, text_pair_column, label_column of the run
+    base_4bit: dict[str, Any] | None = None  # trained on a 4-bit base: {"quant_type", "double_quant"}
 
     @property
     def description(self) -> str:
@@ -360,6 +361,10 @@ def load_trained(directory: str | Path, model_path: str, info: TrainedInfo, task
         model, fresh = load_base_model_and_report(str(directory), task, num_labels)
         return model.eval(), fresh
     base, fresh = load_base_model_and_report(model_path, task, num_labels)
+    if info.base_4bit:  # the adapter was trained against the 4-bit base: evaluate it on the same one
+        from lora2_kernels.four_bit import quantize_model
+
+        quantize_model(base, info.base_4bit["quant_type"], bool(info.base_4bit["double_quant"]))
     if info.method == "lora2":
         model = LoRA2Model.from_pretrained(base, directory)
         restored = {f"{name}." for name in model.modules_to_save}

@@ -211,6 +211,9 @@ class LoRA2Model(nn.Module):
                            for n, l in self.lora2_layers().items() if l.is_4bit}
         model = self._unload(merge=True)
         if four_bit_layers:
+            from lora2_kernels.four_bit import dequantize_model
+
+            dequantize_model(model, torch.bfloat16)  # the 4-bit layers no adapter touched
             model.to(torch.bfloat16)
             logger.info("merged %d 4-bit layers into bf16 weights; the model is now bf16", len(four_bit_layers))
             if requantize:

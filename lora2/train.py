@@ -407,7 +407,9 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     method = build_method(cfg.method, base, settings, total_steps)
     method.data_info = {"dataset": cfg.dataset, "columns": {"text_column": cfg.text_column,
                                                             "text_pair_column": cfg.text_pair_column,
-                                                            "label_column": cfg.label_column}}
+                                                            "label_column": cfg.label_column},
+                        "base_4bit": {"quant_type": cfg.bnb_4bit_quant_type, "double_quant": cfg.double_quant}
+                        if cfg.load_in_4bit else None}
     if sharded:
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -151,3 +151,20 @@ def weight_bytes(model: nn.Module) -> int:
             if state.nested:
                 total += state.state2.absmax.numel() * 4 + state.state2.code.numel() * 4
     return total
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Replace every Linear4bit of ``model`` by an nn.Linear holding its dequantised weight in ``dtype``,
+    in place; the names replaced."""
+    names = [n for n, m in model.named_modules() if is_linear4bit(m)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        q = getattr(parent, child)
+        with torch.device("meta"):
+            linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+        linear.weight = nn.Parameter(dequantize(quant_of(q.weight), dtype), requires_grad=False)
+        if q.bias is not None:
+            linear.bias = nn.Parameter(q.bias.detach().to(dtype), requires_grad=False)
+        setattr(parent, child, linear)
+    return names

@@ -280,8 +280,8 @@ class LoRA2Linear(nn.Linear):
             weight = four_bit.dequantize(four_bit.quant_of(self.weight), torch.float32) + delta.to(self.weight.device)
             self.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
             _warn_once("LoRA2Linear.merge(): the 4-bit base weights become bf16 weights with ΔW folded in (a 4-bit "
-                       "weight cannot take ΔW without rounding it again); lora2 merge --requantize quantises them "
-                       "again and prints the error that adds.")
+                       "weight cannot take ΔW without rounding it again); merge_and_unload(requantize=True) quantises "
+                       "them again and logs the error that adds.")
             return
         if self.fan_in_fan_out:
             delta = delta.T

@@ -28,9 +28,13 @@ class Device:
     tensor_flops: float  # dense bf16 tensor-core FLOP/s
     bandwidth: float  # DRAM bytes/s
     launch_seconds: float  # fixed cost of a launch: its latency and its tail wave
+    alu_ops: float = 20e12  # CUDA-core integer / float instructions a second (dequantising 4-bit values)
 
 
 H100 = Device("H100 SXM (roofline)", 989e12, 3.35e12, 3e-6)
+# bitsandbytes' 4-bit: half a byte a value plus a fp32 absmax per 64 values (NF4 / FP4, no double quant)
+FOUR_BIT_BYTES = 0.5 + 4 / 64
+DEQUANT_OPS = 8  # instructions to dequantise one value: nibble, code and absmax lookups, scale, convert
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,11 @@ class Launch:
     flops: float
     bytes: float
 
+    alu: float = 0.0  # CUDA-core instructions (the 4-bit dequantisation), overlapping neither
+
     def seconds(self, device: Device) -> float:
-        return max(self.flops / device.tensor_flops, self.bytes / device.bandwidth) + device.launch_seconds
+        return (max(self.flops / device.tensor_flops, self.bytes / device.bandwidth) + self.alu / device.alu_ops
+                + device.launch_seconds)
 
 
 def floor_launches(tokens: int, in_f: int, out_f: int, element: int = 2) -> list[Launch]:
@@ -72,6 +79,29 @@ def lora2_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int 
             Launch("dx", dx_flops, dx_bytes), Launch("finish", 0.0, finish_bytes)]
 
 
+def qlora2_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int = 2, block_m: int = 128
+                    ) -> list[Launch]:
+    """The LoRA² step over a 4-bit W, as triton_kernels/lora_linear.py picks its path: up to
+    FUSED_DEQUANT_MAX_TOKENS (384) rows every row tile dequantises W in its K loop (W read at 0.56 B a
+    value, the dequantisation repeated per row tile on the CUDA cores, not overlapped: pessimistic);
+    above, one launch per direction dequantises W into a bf16 buffer and the bf16 kernels follow."""
+    from lora2_kernels.triton_kernels.lora_linear import FUSED_DEQUANT_MAX_TOKENS
+
+    launches = lora2_launches(tokens, in_f, out_f, k, element, block_m)
+    values = in_f * out_f
+    if tokens > FUSED_DEQUANT_MAX_TOKENS:
+        dequant = Launch("dequantize", 0.0, values * (FOUR_BIT_BYTES + element), alu=DEQUANT_OPS * values)
+        return [launches[0], dequant, launches[1], dequant, *launches[2:]]
+    m_tiles = math.ceil(tokens / block_m)
+    fused = []
+    for launch in launches:
+        if launch.name in ("forward", "dx"):
+            launch = Launch(launch.name, launch.flops, launch.bytes - values * (element - FOUR_BIT_BYTES),
+                            alu=DEQUANT_OPS * values * m_tiles)
+        fused.append(launch)
+    return fused
+
+
 @dataclass
 class LayerModel:
     shape: str
@@ -80,6 +110,7 @@ class LayerModel:
     out_f: int
     floor_us: float
     lora2_us: float
+    qlora2_us: float = 0.0  # the same step over a 4-bit W
 
     @property
     def ratio(self) -> float:
@@ -97,7 +128,8 @@ def layer_models(device: Device = H100, k: int = 8) -> list[LayerModel]:
     for name, tokens, in_f, out_f in SHAPES:
         floor = sum(launch.seconds(device) for launch in floor_launches(tokens, in_f, out_f))
         lora2 = sum(launch.seconds(device) for launch in lora2_launches(tokens, in_f, out_f, k))
-        rows.append(LayerModel(name, tokens, in_f, out_f, 1e6 * floor, 1e6 * lora2))
+        qlora2 = sum(launch.seconds(device) for launch in qlora2_launches(tokens, in_f, out_f, k))
+        rows.append(LayerModel(name, tokens, in_f, out_f, 1e6 * floor, 1e6 * lora2, 1e6 * qlora2))
     return rows
 
 
@@ -106,16 +138,18 @@ def model_table(rows: list[LayerModel], measured: dict[str, float] | None = None
     lines = [f"Model, not measured: {device.name}, bf16, {device.tensor_flops / 1e12:.0f} TFLOP/s, "
              f"{device.bandwidth / 1e12:.2f} TB/s, {device.launch_seconds * 1e6:.0f} µs a launch; k = 8.", "",
              "| projection | tokens × in → out | floor µs (model) | LoRA² µs (model) | LoRA² / floor (model) "
-             "| LoRA² / floor (measured) |", "|---|---|---:|---:|---:|---:|"]
+             "| LoRA² / floor (measured) | 4-bit LoRA² / bf16 floor (model) |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         seen = (measured or {}).get(r.shape)
         lines.append(f"| {r.shape} | {r.tokens} × {r.in_f} → {r.out_f} | {r.floor_us:.1f} | {r.lora2_us:.1f} | "
-                     f"{r.ratio:.3f} | {f'{seen:.3f}' if seen else '— (needs a GPU)'} |")
+                     f"{r.ratio:.3f} | {f'{seen:.3f}' if seen else '— (needs a GPU)'} | "
+                     f"{r.qlora2_us / r.floor_us:.3f} |")
     for model, layer in DECODER_LAYERS.items():
         floor = sum(n * r.floor_us for r in rows for shape, n in layer.items() if r.shape == shape)
         lora2 = sum(n * r.lora2_us for r in rows for shape, n in layer.items() if r.shape == shape)
+        qlora2 = sum(n * r.qlora2_us for r in rows for shape, n in layer.items() if r.shape == shape)
         lines.append(f"| **{model} layer** ({sum(layer.values())} projections) | | {floor:.1f} | {lora2:.1f} | "
-                     f"**{lora2 / floor:.3f}** | |")
+                     f"**{lora2 / floor:.3f}** | | **{qlora2 / floor:.3f}** |")
     return "\n".join(lines)
 
 

@@ -107,7 +107,8 @@ def device_description(device: torch.device) -> str:
 
 # --- layers ---------------------------------------------------------------------------------------------
 
-LAYER_PEERS = ("floor", "peft-lora", "lora2-reference", "lora2-triton")
+# the 4-bit peers: the same projection as bitsandbytes NF4 (QLoRA's base), under PEFT LoRA or LoRA²
+LAYER_PEERS = ("floor", "peft-lora", "lora2-reference", "lora2-triton", "peft-lora-4bit", "lora2-4bit")
 GPU_LAYER_SHAPES = [("llama q/o", 8192, 2048, 2048), ("llama k/v", 8192, 2048, 256),
                     ("llama gate/up", 8192, 2048, 5632), ("llama down", 8192, 5632, 2048),
                     ("deberta qkvo", 8192, 768, 768), ("deberta up", 8192, 768, 3072),
@@ -134,7 +135,16 @@ def _layer_peer(peer: str, in_f: int, out_f: int, device: torch.device, dtype: t
     base.requires_grad_(False)
     if peer == "floor":
         return base
-    if peer == "peft-lora":
+    if peer.endswith("-4bit"):
+        from lora2_kernels.four_bit import quantize_linear
+
+        base = quantize_linear(base, "nf4", compute_dtype=dtype, device=device)
+        if peer == "lora2-4bit":  # the fused 4-bit kernels on a GPU, the reference path on a CPU
+            layer = LoRA2Linear.from_linear(base, r=8, k=8)
+            with torch.no_grad():
+                layer.singular_values.normal_()
+            return layer
+    if peer in ("peft-lora", "peft-lora-4bit"):
         import peft
 
         # PEFT's own LoRA layer (fp32 adapters, as PEFT keeps them), on the same frozen projection
@@ -178,7 +188,8 @@ def measure_layer(name: str, tokens: int, in_f: int, out_f: int, peer: str, mode
 
 
 def layer_table(results: list[LayerResult]) -> str:
-    lines = ["| shape | tokens × in → out | mode | peer | fwd ms | fwd+bwd ms | fwd+bwd × floor | × PEFT LoRA |",
+    lines = ["| shape | tokens × in → out | mode | peer | fwd ms | fwd+bwd ms | fwd+bwd × floor (bf16) "
+             "| × PEFT LoRA (on the same base) |",
              "|---|---|---|---|---:|---:|---:|---:|"]
     for r in results:
         same = {x.peer: x for x in results if (x.shape, x.mode) == (r.shape, r.mode)}
@@ -193,7 +204,8 @@ def layer_table(results: list[LayerResult]) -> str:
             return f"{value:.3f}" if value is not None else (r.note or "—")
 
         lines.append(f"| {r.shape} | {r.tokens} × {r.in_features} → {r.out_features} | {r.mode} | {r.peer} | "
-                     f"{ms(r.forward_ms)} | {ms(r.forward_backward_ms)} | {ratio('floor')} | {ratio('peft-lora')} |")
+                     f"{ms(r.forward_ms)} | {ms(r.forward_backward_ms)} | {ratio('floor')} | "
+                     f"{ratio('peft-lora-4bit' if r.peer.endswith('-4bit') else 'peft-lora')} |")
     return "\n".join(lines)
 
 

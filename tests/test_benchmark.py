@@ -16,10 +16,12 @@ def test_every_layer_peer_measures_and_the_table_has_ratios():
     results = [throughput.measure_layer("tiny", 16, 24, 20, peer, "eager", device) for peer in throughput.LAYER_PEERS]
     by_peer = {r.peer: r for r in results}
     assert by_peer["lora2-triton"].note == "needs a GPU" and by_peer["lora2-triton"].forward_ms is None
-    for peer in ("floor", "peft-lora", "lora2-reference"):
+    for peer in ("floor", "peft-lora", "lora2-reference", "peft-lora-4bit", "lora2-4bit"):
         assert by_peer[peer].note is None and by_peer[peer].forward_ms > 0 and by_peer[peer].forward_backward_ms > 0
     rows = {line.split("|")[4].strip(): line.split("|") for line in throughput.layer_table(results).splitlines()[2:]}
     assert rows["floor"][7].strip() == "1.00" and rows["peft-lora"][8].strip() == "1.00"
+    assert rows["peft-lora-4bit"][8].strip() == "1.00"  # 4-bit peers are compared with PEFT on the same 4-bit base
+    assert rows["lora2-4bit"][8].strip() not in ("—", "1.00")
 
 
 def test_every_step_method_measures_and_the_table_has_ratios():

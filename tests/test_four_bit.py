@@ -52,19 +52,26 @@ def test_dequantize_is_bitsandbytes_dequantize_4bit(quant_type, double_quant):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("quant_type, double_quant", QUANTS, ids=QUANT_IDS)
-@pytest.mark.parametrize("case", [{}, {"r": 7, "k": 3, "mask": [1, 0, 1, 1, 0, 1, 0], "bias": False}],
-                         ids=["odd-sizes", "masked-no-bias"])
-def test_fused_4bit_kernels_match_the_oracle(case, quant_type, double_quant, dtype):
-    """Forward and every gradient through the fused 4-bit kernels (dX reads W transposed)."""
+@pytest.mark.parametrize("case, rows", [({}, 37), ({"r": 7, "k": 3, "mask": [1, 0, 1, 1, 0, 1, 0], "bias": False}, 37),
+                                        ({}, 530)], ids=["odd-sizes", "masked-no-bias", "dequantised-once"])
+def test_fused_4bit_kernels_match_the_oracle(case, rows, quant_type, double_quant, dtype, monkeypatch):
+    """Forward and every gradient through the 4-bit kernels (dX reads W transposed): up to
+    FUSED_DEQUANT_MAX_TOKENS rows dequantised in the K loops, above it once per launch."""
+    from lora2_kernels.triton_kernels import lora_linear
+
+    launched = []
+    real = lora_linear.dequantize_launch
+    monkeypatch.setattr(lora_linear, "dequantize_launch", lambda *a: launched.append(1) or real(*a))
     layer, raw = make_layer(**case)
     q4, raw = quantised(layer, raw, quant_type, double_quant)
     assert q4.is_4bit and q4.weight.dtype == torch.uint8  # stays packed: no full-precision copy
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(37, raw["weight"].shape[1], generator=g).to(dtype)
-    grad_y = torch.randn(37, raw["weight"].shape[0], generator=g).to(dtype)
+    x = torch.randn(rows, raw["weight"].shape[1], generator=g).to(dtype)
+    grad_y = torch.randn(rows, raw["weight"].shape[0], generator=g).to(dtype)
     expected = oracle(raw, x, grad_y)
     got = run_layer(q4, x, grad_y)
     assert got[0].dtype == dtype and q4.weight.grad is None
+    assert len(launched) == (2 if rows > lora_linear.FUSED_DEQUANT_MAX_TOKENS else 0)  # forward and dX
     assert_matches_oracle(got, expected, tolerances(raw, x, grad_y, dtype, expected), f"{quant_type} {dtype}")
 
 

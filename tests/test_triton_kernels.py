@@ -512,7 +512,7 @@ def test_every_kernel_and_config_compiles_for_hopper_and_ampere_without_spilling
             assert [r for r in kept if r["case"] == case and r["arch"] == arch], f"no config of {case} kept on sm_{arch}"
     assert {r["case"].split("/")[0] for r in results} == {"forward", "dx", "rank-only", "forward-no-bias",
                                                           "forward-dropout", "dx-dropout", "finish", "cast",
-                                                          "forward-4bit", "dx-4bit"}
+                                                          "forward-4bit", "dx-4bit", "dequantize-4bit"}
 
 
 def test_hopper_main_loops_keep_wgmmas_in_flight(compile_report):

@@ -128,6 +128,8 @@ def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
                             x, q.packed, (1, in_f), bias, f, a1, out_f, p, 1, q)[0]
                         cases[f"dx-{kind}/{tag}"] = kernels.dx_launch(
                             dy, x, q.packed, (in_f, 1), h, f, b2, p, 1, True, q)[0]
+                        if rank == 8 and not p:  # the large-batch path: W dequantised once, then the above
+                            cases[f"dequantize-{kind}/{tag}"] = kernels.dequantize_launch(q, dtype)[0]
                 if rank == 8 and dtype == torch.float32:  # fp32 where torch allows TF32: tensor-core tiles
                     before = torch.get_float32_matmul_precision()
                     torch.set_float32_matmul_precision("high")

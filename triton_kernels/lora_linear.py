@@ -136,6 +136,17 @@ def cast_factors_kernel(a_ptr, a_out_ptr, A_NUMEL, b_ptr, b_out_ptr, B_ROWS, B_C
 
 
 @triton.jit
+def dequantize_kernel(w_ptr, out_ptr, NUMEL, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset,
+                      QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BLOCK: tl.constexpr):
+    """A 4-bit W dequantised whole, row-major, in out's dtype: the large-batch path (see `lora2_forward`)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NUMEL
+    w = _load_weight(w_ptr, offs, ok, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset,
+                     out_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+    tl.store(out_ptr + offs, w, mask=ok)
+
+
+@triton.jit
 def _tile_ids(M, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped program order: GROUP_M row tiles share their weight column tiles while they sit in L2.
     pid = tl.program_id(0)
@@ -494,7 +505,8 @@ class Launch:
             return dict(config)
 
 
-KERNELS = {"forward": forward_kernel, "dx": dx_kernel, "finish": finish_kernel, "cast": cast_factors_kernel}
+KERNELS = {"forward": forward_kernel, "dx": dx_kernel, "finish": finish_kernel, "cast": cast_factors_kernel,
+           "dequantize": dequantize_kernel}
 CONFIGS = {"forward": ALL_CONFIGS, "dx": ALL_CONFIGS}
 AUTOTUNED = {"forward": None, "dx": None} if INTERPRET else {"forward": _forward, "dx": _dx}
 
@@ -576,6 +588,25 @@ NO_QUANT_FLAGS = {"QUANT": 0, "QBLOCK": 1, "QBLOCK2": 1}
 def _quant_args(weight: torch.Tensor, quant: Quant4 | None) -> tuple:
     """The 4-bit arguments of a launch; for a plain W, pointers the kernel never reads."""
     return quant.args() if quant is not None else (weight, weight, weight, weight, 0.0)
+
+
+# Where a 4-bit W is dequantised. Inside the K loop, every row tile dequantises the whole W again:
+# about 8 instructions a value a row tile on the CUDA cores (~0.4 ps a value on an H100, modelled),
+# while W is read at 0.56 B a value. Once per launch into a transient buffer, it costs a pass
+# (0.56 B read + 2 B written a value, plus the same instructions once) and the GEMM then reads 2 B a
+# value: ~1.8 ps a value. In-loop wins up to about three 128-row tiles (benchmarks/cost_model.py
+# models both). The buffer lives for one launch, never across steps.
+FUSED_DEQUANT_MAX_TOKENS = 384
+DEQUANT_BLOCK = 1024
+
+
+def dequantize_launch(quant: Quant4, dtype: torch.dtype) -> tuple[Launch, torch.Tensor]:
+    """W (out × in, ``dtype``) from a 4-bit weight in one launch: the launch and the buffer it fills."""
+    out = torch.empty(quant.shape, device=quant.packed.device, dtype=dtype)
+    numel = out.numel()
+    launch = Launch("dequantize", (quant.packed, out, numel, *quant.args()), {**quant.flags(), "BLOCK": DEQUANT_BLOCK},
+                    lambda meta: (triton.cdiv(numel, DEQUANT_BLOCK),), quant.packed.device)
+    return launch, out
 
 
 def cast_launch(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[Launch, torch.Tensor, torch.Tensor]:
@@ -692,6 +723,16 @@ def _weight_view(weight: torch.Tensor, quant: Quant4 | None, fan_in_fan_out: boo
     return weight, out_features, strides if fan_in_fan_out != backward else strides[::-1]
 
 
+def _dequantize_for(tokens: int, weight: torch.Tensor, quant: Quant4 | None, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, Quant4 | None, list[Launch]]:
+    """(weight, quant, launches): a 4-bit W stays packed for the kernels' K loops up to
+    FUSED_DEQUANT_MAX_TOKENS rows; above, one launch dequantises it into a buffer for this call."""
+    if quant is None or tokens <= FUSED_DEQUANT_MAX_TOKENS:
+        return weight, quant, []
+    launch, dense = dequantize_launch(quant, dtype)
+    return dense, None, [launch]
+
+
 def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, f: Factors,
                   fan_in_fan_out: bool = False, dropout_p: float = 0.0, seed: int = 0, quant: Quant4 | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -701,10 +742,11 @@ def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     With ``quant`` W is bitsandbytes' 4-bit weight, dequantised tile by tile inside the K loop."""
     x2 = _flat(x)
     casts, a1, b2 = in_activation_dtype(f, x.dtype)
+    weight, quant, dequant = _dequantize_for(x2.shape[0], weight, quant, x.dtype)
     weight, out_features, w_strides = _weight_view(weight, quant, fan_in_fan_out, backward=False)
     launch, y, h = forward_launch(x2, weight, w_strides, bias, f, a1, out_features, dropout_p, seed, quant)
     if x2.shape[0]:
-        for cast in casts:
+        for cast in casts + dequant:
             cast.run()
         launch.run()
     elif casts:
@@ -724,11 +766,14 @@ def lora2_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dy = _flat(grad_y)
     x2 = _flat(x)
     h = _flat(hidden)
+    weight, quant, dequant = _dequantize_for(dy.shape[0] if needs_input_grad else 0, weight, quant, dy.dtype)
     weight, _, w_strides = _weight_view(weight, quant, fan_in_fan_out, backward=True)
     launch, grad_x, partials = dx_launch(dy, x2, weight if needs_input_grad else None, w_strides, h, f, b2,
                                          dropout_p, seed, needs_input_grad, quant)
     tiles = 0
     if dy.shape[0]:
+        for step in dequant:
+            step.run()
         config = launch.run()
         tiles = triton.cdiv(dy.shape[0], config["BLOCK_M"])
     finish, grads = finish_launch(partials, tiles, f)

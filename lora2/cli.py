@@ -290,7 +290,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             text_pair_column=args.text_pair_column, label_column=args.label_column, max_length=args.max_length,
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-            grad_accum=args.grad_accum, learning_rate=args.learning_rate or preset.learning_rate,
+            grad_accum=args.grad_accum,
+            learning_rate=preset.learning_rate if args.learning_rate is None else args.learning_rate,
             head_learning_rate=args.head_learning_rate, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
             precision=args.precision, eval_every=args.eval_every, log_every=args.log_every, seed=args.seed,
             lora2=_lora2_fields(args), method_settings={} if args.method == "lora2" else dict(preset.settings),
@@ -381,8 +382,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     # a model merged from what was read, and the adapter lost
     check_output_folder(args.output, {"adapter": args.adapter, "base model": resolve_model_path(args.model)},
                         args.overwrite)
-    tokenizer_path, model, _, _ = _load(args, lora2_only=True)
+    tokenizer_path, model, info, _ = _load(args, lora2_only=True)
     merged = model.merge_and_unload()
+    if info.label_names:  # the run's label names, so from_pretrained of the merged model reports them
+        merged.config.id2label = dict(enumerate(info.label_names))
+        merged.config.label2id = {name: i for i, name in enumerate(info.label_names)}
 
     def fill(tmp: Path) -> None:
         merged.save_pretrained(tmp)

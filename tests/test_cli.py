@@ -66,6 +66,13 @@ def test_cli_bad_args(capsys, tmp_path):
     assert main(["train", "--resume", str(tmp_path / "never-ran")]) == 2
 
 
+def test_a_zero_learning_rate_is_refused_not_replaced_by_the_default(caplog, tmp_path):
+    """`--learning-rate 0` is a value, not "not given" (it used to become the method's 0.02)."""
+    assert main(["train", "--learning-rate", "0", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "learning_rate must be > 0, got 0.0" in caplog.text
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_bad_data_column(caplog, small_files, tmp_path):
     code = main(["train", "--train-file", str(small_files / "train.tsv"), "--validation-file",
                  str(small_files / "val.tsv"), "--text-column", "review", "--output-dir", str(tmp_path)])
@@ -92,6 +99,8 @@ def test_cli_train_report_merge_eval(small_files, tmp_path, capsys):
 
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert merged.config.num_labels == 2
+    labels = json.loads((out / "adapter" / "lora2_method.json").read_text())["label_names"]
+    assert [merged.config.id2label[i] for i in range(2)] == labels  # not LABEL_0 / LABEL_1
     from lora2.data import Collator, build_dataset
     from lora2.train import evaluate, load_tokenizer
 

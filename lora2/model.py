@@ -8,6 +8,7 @@ plus ``adapter_model.safetensors``, ``LoRA2Model.from_pretrained(base, dir)`` re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -65,6 +66,7 @@ class LoRA2Model(nn.Module):
         if any(isinstance(m, LoRA2Linear) for m in model.modules()):
             raise InputError("model already contains LoRA2Linear layers; load a fresh base model.")
         self.base_model = model
+        config = dataclasses.replace(config)  # a copy: filling in base_model_name_or_path must not write the caller's
         self.lora2_config = config
         self._regularizer: OrthogonalRegularizer | None = None
         self.last_regularizer_loss: torch.Tensor | None = None
@@ -289,11 +291,14 @@ class LoRA2Model(nn.Module):
         Everything is checked before anything is copied: on any error the model is left as it was.
         """
         meta = read_adapter_meta(Path(adapter_directory))
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}  # what the surgery will freeze
         wrapped = cls(model, LoRA2Config.from_dict(meta["lora2"]))
         try:
             wrapped.load_adapter(adapter_directory)
         except BaseException:
             wrapped.unload()  # undo the surgery: "nothing half-loaded"
+            for p in model.parameters():
+                p.requires_grad_(id(p) in trainable)
             raise
         if not is_trainable:
             for p in wrapped.parameters():

@@ -172,3 +172,31 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
     for f in (tmp_path / "adapter").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+
+
+def test_a_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path):
+    """An adapter for a 2-label head loaded into a 3-label model fails; the model keeps its modules and
+    which of its parameters train (issue: it used to be left frozen, 105 trainable tensors → 2)."""
+    _trained().save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    import transformers
+
+    from conftest import TINY
+
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY, num_labels=3))
+    before = {n: (type(m), m.weight.requires_grad if hasattr(m, "weight") and m.weight is not None else None)
+              for n, m in model.named_modules()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    with pytest.raises(ValueError):
+        LoRA2Model.from_pretrained(model, tmp_path)
+    assert {n: (type(m), m.weight.requires_grad if hasattr(m, "weight") and m.weight is not None else None)
+            for n, m in model.named_modules()} == before
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+
+
+def test_get_lora2_model_does_not_write_into_the_callers_config():
+    config = LoRA2Config(r=4, k=4, target_rank=2)
+    model = make_model("bert")
+    model.config.name_or_path = "some/base"
+    assert get_lora2_model(model, config).lora2_config.base_model_name_or_path == "some/base"
+    assert config.base_model_name_or_path is None  # reusing the config on another model records no wrong base

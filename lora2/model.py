@@ -9,6 +9,7 @@ plus ``adapter_model.safetensors``, ``LoRA2Model.from_pretrained(base, dir)`` re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -75,6 +76,11 @@ class LoRA2Model(nn.Module):
         self._inject()
         self.modules_to_save = self._resolve_modules_to_save()
         self._freeze()
+        # forward's signature is the base model's, as PEFT's wrappers do: HF Trainer's
+        # remove_unused_columns keeps the columns that signature names (with *args, **kwargs it
+        # would strip every input).
+        self.forward = functools.update_wrapper(functools.partial(LoRA2Model.forward, self), model.forward,
+                                                assigned=("__doc__",), updated=())
 
     # --- surgery -------------------------------------------------------------------------------
 

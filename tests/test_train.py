@@ -180,8 +180,8 @@ def test_hf_trainer_callback(small_files, tmp_path):
                             LoRA2Config(r=4, k=4, target_rank=2, init_warmup=1, final_warmup=2, mask_interval=1,
                                         beta1=0.9, beta2=0.5))
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
-                                          report_to=[], save_strategy="no", logging_steps=4, use_cpu=True,
-                                          remove_unused_columns=False)
+                                          report_to=[], save_strategy="no", logging_steps=4, use_cpu=True)
+    # default remove_unused_columns: the Trainer reads the inputs' names off LoRA2Model.forward's signature
     callback = LoRA2Callback(model)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data.examples,
                                    data_collator=transformers.DataCollatorWithPadding(tok), callbacks=[callback])

@@ -312,6 +312,22 @@ class LoRA2Linear(nn.Linear):
         base.train(self.training)
         return base
 
+    # --- state dict: whether W already holds ΔW ------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # A merged layer's W holds ΔW: without this flag, loading its state dict into a fresh layer would
+        # add ΔW a second time in the forward.
+        destination[prefix + "merged"] = torch.tensor(self.merged)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        merged = state_dict.pop(prefix + "merged", None)  # absent in state dicts older than the flag: unmerged
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if merged is not None:
+            self.merged = bool(merged)
+
     # --- accounting --------------------------------------------------------------------------------
 
     def adapter_parameter_count(self, kept: int | None = None) -> int:

@@ -200,3 +200,26 @@ def test_get_lora2_model_does_not_write_into_the_callers_config():
     model.config.name_or_path = "some/base"
     assert get_lora2_model(model, config).lora2_config.base_model_name_or_path == "some/base"
     assert config.base_model_name_or_path is None  # reusing the config on another model records no wrong base
+
+
+def test_a_merged_layers_state_dict_does_not_apply_delta_twice():
+    """merge(), state_dict, load into a fresh layer: the same outputs (W already holds ΔW, and the state
+    dict says so), and unmerge() there gives back the base."""
+    torch.manual_seed(0)
+    layer = LoRA2Linear(24, 16, r=4, k=4, backend="reference")
+    with torch.no_grad():
+        layer.singular_values.normal_()
+    x = torch.randn(5, 24)
+    adapted = layer(x)
+    base_weight = layer.weight.detach().clone()
+    layer.merge()
+    fresh = LoRA2Linear(24, 16, r=4, k=4, backend="reference")
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.merged
+    torch.testing.assert_close(fresh(x), adapted)
+    fresh.unmerge()
+    torch.testing.assert_close(fresh.weight, base_weight)
+    unmerged = LoRA2Linear(24, 16, r=4, k=4, backend="reference")
+    state = {k: v for k, v in LoRA2Linear(24, 16, r=4, k=4).state_dict().items() if k != "merged"}
+    unmerged.load_state_dict(state)  # a state dict from before the flag loads, as unmerged
+    assert not unmerged.merged

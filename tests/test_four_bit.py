@@ -50,10 +50,17 @@ def test_dequantize_is_bitsandbytes_dequantize_4bit(quant_type, double_quant):
     assert torch.equal(four_bit.dequantize(four_bit.quant_of(q.weight)), expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("quant_type, double_quant", QUANTS, ids=QUANT_IDS)
-@pytest.mark.parametrize("case, rows", [({}, 37), ({"r": 7, "k": 3, "mask": [1, 0, 1, 1, 0, 1, 0], "bias": False}, 37),
-                                        ({}, 530)], ids=["odd-sizes", "masked-no-bias", "dequantised-once"])
+MASKED = {"r": 7, "k": 3, "mask": [1, 0, 1, 1, 0, 1, 0], "bias": False}
+# Every quant type in fp32 and bf16 on odd sizes (the blocks of 64 straddle rows); the masked, bias-free
+# case and the dequantise-once path (530 rows) on a spread of them: each one costs interpreter seconds.
+KERNEL_CASES = [({}, 37, *q, dtype) for q in QUANTS for dtype in (torch.float32, torch.bfloat16)] + [
+    (MASKED, 37, "nf4", True, torch.float32), (MASKED, 37, "fp4", False, torch.bfloat16),
+    ({}, 530, "nf4", False, torch.bfloat16), ({}, 530, "fp4", True, torch.float32)]
+
+
+@pytest.mark.parametrize("case, rows, quant_type, double_quant, dtype", KERNEL_CASES,
+                         ids=[f"{'masked' if c else 'odd'}-{r}rows-{q}{'-dq' if d else ''}-{str(t)[6:]}"
+                              for c, r, q, d, t in KERNEL_CASES])
 def test_fused_4bit_kernels_match_the_oracle(case, rows, quant_type, double_quant, dtype, monkeypatch):
     """Forward and every gradient through the 4-bit kernels (dX reads W transposed): up to
     FUSED_DEQUANT_MAX_TOKENS rows dequantised in the K loops, above it once per launch."""

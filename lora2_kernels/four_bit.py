@@ -89,6 +89,28 @@ def dequantize(quant, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return values[: out_features * in_features].view(out_features, in_features).to(dtype)
 
 
+class _Linear4bit(torch.autograd.Function):
+    """x·Wᵀ + b with W dequantised in the forward and again in the backward, so autograd keeps the packed
+    weight rather than W: a step never holds more than one layer's full-precision W (bitsandbytes'
+    MatMul4Bit does the same). The reference path's base GEMM over a 4-bit weight."""
+
+    @staticmethod
+    def forward(ctx, x, bias, quant):
+        ctx.quant = quant
+        return torch.nn.functional.linear(x, dequantize(quant, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = grad_y @ dequantize(ctx.quant, grad_y.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None
+
+
+def linear_4bit(x: torch.Tensor, quant, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ + b for a 4-bit W (``Quant4``), W dequantised in x's dtype, never kept."""
+    return _Linear4bit.apply(x, bias, quant)
+
+
 def kernel_unsupported(quant) -> str | None:
     """Why the fused 4-bit kernels do not cover this weight, or None."""
     if quant.packed.numel() * 2 < quant.shape[0] * quant.shape[1]:

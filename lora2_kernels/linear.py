@@ -211,9 +211,9 @@ class LoRA2Linear(nn.Linear):
             weight = weight.to(dtype) if quant is None else weight
             bias = bias.to(dtype) if bias is not None else None
         if self.merged or not self._adapter_enabled:
-            if quant is not None:  # the layer as bitsandbytes computes it: W dequantised in x's dtype
-                weight = four_bit.dequantize(quant, x.dtype)
             with torch.autocast(device_type, enabled=False):
+                if quant is not None:  # the layer as bitsandbytes computes it: W dequantised in x's dtype
+                    return four_bit.linear_4bit(x, quant, bias)
                 return F.linear(x, reference.base_weight(weight, self.fan_in_fan_out), bias)
         with torch.autocast(device_type, enabled=False):
             return self._adapted_forward(x, weight, bias, quant)

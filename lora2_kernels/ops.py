@@ -202,14 +202,16 @@ def reference_forward(x, weight, bias, q_down, q_up, singular_values, p_down, p_
                       scale_by_kept: bool = False, fan_in_fan_out: bool = False, dropout_p: float = 0.0, quant=None):
     """The same layer through lora2_kernels/reference.py (plain autograd; torch's dropout RNG). A 4-bit
     weight (``quant``) is dequantised whole, in x's dtype, for this call."""
-    if quant is not None:
-        from .four_bit import dequantize
+    base = None
+    if quant is not None:  # W dequantised for the GEMM and again for dX, never kept by autograd
+        from .four_bit import linear_4bit
 
-        weight = dequantize(quant, x.dtype)
+        base = linear_4bit(x, quant, bias)
     scale = alpha / rank_mask.sum().clamp_min(1.0) if scale_by_kept else alpha / singular_values.shape[0]
     up = p_up @ reference.core(singular_values, rank_mask, q_up, p_down, scale)
     adapter_x = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
-    return reference.lora_linear_forward(x, weight, bias, q_down, up, fan_in_fan_out, adapter_x=adapter_x)[0]
+    return reference.lora_linear_forward(x, weight, bias, q_down, up, fan_in_fan_out, adapter_x=adapter_x,
+                                         base=base)[0]
 
 
 def lora2_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q_down: torch.Tensor,

@@ -58,17 +58,20 @@ def base_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.t() if fan_in_fan_out else weight
 
 
-def lora_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+def lora_linear_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, down: torch.Tensor,
                         up: torch.Tensor, fan_in_fan_out: bool = False,
-                        adapter_x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        adapter_x: torch.Tensor | None = None, base: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x·Wᵀ + b + (x·downᵀ)·upᵀ in x's dtype, and the hidden h = x·downᵀ in float32 (or float64).
 
     x: (..., in); weight: out × in (in × out with ``fan_in_fan_out``); down: k × in; up: out × k.
-    ``adapter_x``: the adapter's input where it differs from the base's (adapter dropout).
+    ``adapter_x``: the adapter's input where it differs from the base's (adapter dropout). ``base``:
+    x·Wᵀ + b computed by the caller (a 4-bit W: four_bit.linear_4bit); ``weight`` and ``bias`` unused.
     """
     acc = _accumulation_dtype(x)
     hidden = (x if adapter_x is None else adapter_x).to(acc) @ down.to(acc).t()  # (..., k)
-    base = F.linear(x, base_weight(weight, fan_in_fan_out), bias)
+    if base is None:
+        base = F.linear(x, base_weight(weight, fan_in_fan_out), bias)
     # y = base + h·upᵀ as one addmm: no out-sized temporary for the LoRA term
     y = torch.addmm(base.reshape(-1, base.shape[-1]).to(acc), hidden.reshape(-1, hidden.shape[-1]), up.to(acc).t())
     return y.to(x.dtype).view(base.shape), hidden

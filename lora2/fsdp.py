@@ -123,6 +123,17 @@ def shard(model: nn.Module, mesh, options: FSDPOptions, param_dtype: torch.dtype
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         model.to_empty(device="cpu" if options.cpu_offload else device)
         whole = trainable_parameters(model)  # to_empty replaced the meta Parameters with new ones
+    # fully_shard moved what it manages to the mesh's device; the whole tensors and the buffers are the
+    # caller's to place (rank 0 loaded them on the CPU): on the compute device, where the kernels and
+    # the broadcast (NCCL on GPUs) need them. `.data` keeps the Parameter objects.
+    with torch.no_grad():
+        for p in whole:
+            if p.device != device:
+                p.data = p.data.to(device)
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full_state
     # set_model_state_dict skips non-persistent buffers (rotary frequencies, position ids) and the whole

@@ -7,6 +7,7 @@ bitsandbytes' own ``dequantize_4bit`` returns. Runs under the Triton interpreter
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -239,3 +240,19 @@ def test_cli_refuses_wrong_4bit_combinations(tiny_bert_dir, small_files, tmp_pat
         _train_4bit(tiny_bert_dir, small_files, tmp_path / "run", "--load-in-4bit", "--bnb-4bit-quant-type", "int4")
     assert "invalid choice: 'int4'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_4bit_layout_the_kernels_do_not_cover_is_named():
+    """The kernels take bitsandbytes' 16-value codes and even blocksizes; anything else takes the
+    reference path, and the reason is what LoRA2Linear logs (once) on a GPU."""
+    from lora2_kernels import ops
+
+    quant = four_bit.quant_of(four_bit.quantize_linear(nn.Linear(70, 45), "nf4").weight)
+    x = torch.zeros(2, 70)
+    assert four_bit.kernel_unsupported(quant) is None
+    odd = dataclasses.replace(quant, blocksize=63)
+    assert "blocksize 63: the kernels take even blocksizes" in four_bit.kernel_unsupported(odd)
+    small_code = dataclasses.replace(quant, code=quant.code[:8])
+    if ops.triton_importable() and (ops.triton_interpreting() or x.is_cuda):
+        assert "a 4-bit code table has 16 values, this one 8" in ops.triton_unsupported(
+            x, quant.packed, torch.zeros(4, 70), 4, small_code)

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = t.add_argument_group("QLoRA²: a 4-bit base (bitsandbytes)")
     q.add_argument("--load-in-4bit", action="store_true",
                    help="quantise the base's linear layers (not the task head) to 4 bits; the adapter stays fp32")
-    q.add_argument("--bnb-4bit-quant-type", default="nf4", choices=["nf4", "fp4"], help="the 4-bit code (default nf4)")
+    q.add_argument("--bnb-4bit-quant-type", default="nf4", choices=["nf4", "fp4"], help="the 4-bit code (default: nf4)")
     q.add_argument("--double-quant", action="store_true", help="quantise the absmax values too (QLoRA's double quant)")
     f = t.add_argument_group("FSDP2 (under torchrun / accelerate launch; not saved with the run: --resume may change it)")
     f.add_argument("--fsdp", action="store_true",

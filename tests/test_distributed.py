@@ -23,7 +23,7 @@ from lora2.allocator import RankAllocator
 from lora2.train import TrainConfig, train
 
 STEPS = 8
-FSDP_STEPS = 5
+FSDP_STEPS = 4
 GLOBAL_BATCH = 8
 
 
@@ -154,7 +154,7 @@ def _user_fsdp_loop(rank: int, world_size: int, out: str) -> None:
     from lora2.fsdp import local_parameter_bytes, sync_gradients, trainable_parameters
 
     base = make_model("llama")  # seeded: every rank builds the same model
-    # two projections a block keep the interpreter's cost in CI bounds; 5 steps mask at steps 2, 3 and 4
+    # two projections a block keep the interpreter's cost in CI bounds; 4 steps mask at steps 2 and 3
     model = get_lora2_model(base, LoRA2Config(
         r=4, k=4, target_rank=2, total_steps=FSDP_STEPS, init_warmup=1, final_warmup=1, mask_interval=1, beta1=0.9,
         beta2=0.5, backend="triton", target_modules=["q_proj", "down_proj"]))

@@ -111,11 +111,11 @@ def one_process_run(tiny_bert_dir, small_files, tmp_path_factory) -> Path:
     return out
 
 
+# accelerate launch sets the same RANK / WORLD_SIZE / MASTER_* variables as torchrun. Its DDP launch was
+# a case here until 2026-12-02 (passing); its FSDP2 launch was run by hand that day and reached the same
+# accuracy as torchrun's. CI runs torchrun only, for its time budget.
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
-    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                   "{port}"],
 }
 
 

@@ -278,6 +278,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: --resume needs the output folder of an earlier run.")
         cfg = TrainConfig(**json.loads(path.read_text(encoding="utf-8")))
+        # the folder given is the run: a copied or moved run folder, or a relative output_dir recorded from
+        # another working directory, resumes (and writes) here, never where it was first started
+        if Path(cfg.output_dir).resolve() != Path(args.resume).resolve():
+            logger.info("resuming the run in %s (it was started with --output-dir %s)", args.resume, cfg.output_dir)
+        cfg = dataclasses.replace(cfg, output_dir=str(args.resume))
     else:
         from .compare import METHODS
 

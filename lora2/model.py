@@ -51,12 +51,6 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_supported_linear(m)]
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 class LoRA2Model(nn.Module):
     """A transformers model with LoRA² adapters injected; everything else is frozen."""
 
@@ -113,7 +107,7 @@ class LoRA2Model(nn.Module):
             layer = LoRA2Linear.from_linear(module, r=cfg.r, k=cfg.k, alpha=cfg.alpha, dropout=cfg.dropout,
                                             init=cfg.init, init_std=cfg.init_std, backend=cfg.backend,
                                             scale_by_kept=cfg.pruning == "monotone")
-            _set_submodule(self.base_model, name, layer)
+            self.base_model.set_submodule(name, layer)
         logger.info("LoRA²: adapted %d modules", len(matched))
 
     def _resolve_modules_to_save(self) -> list[str]:
@@ -233,7 +227,7 @@ class LoRA2Model(nn.Module):
                     q = quantize_linear(merged, quant_type, nested, torch.bfloat16, merged.weight.device)
                     err = (dequantize(quant_of(q.weight)) - merged.weight.float()).norm() / merged.weight.float().norm()
                     worst = max(worst, float(err))
-                    _set_submodule(model, name, q)
+                    model.set_submodule(name, q)
                 logger.warning("re-quantised %d merged layers to 4 bits: relative error added to the merged weights "
                                "up to %.2e (Frobenius, worst layer)", len(four_bit_layers), worst)
         elif requantize:
@@ -250,7 +244,7 @@ class LoRA2Model(nn.Module):
                 layer.merge()
             elif not merge and layer.merged:
                 layer.unmerge()
-            _set_submodule(self.base_model, name, layer.to_base_layer())
+            self.base_model.set_submodule(name, layer.to_base_layer())
         self._regularizer = None
         return self.base_model
 

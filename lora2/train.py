@@ -451,7 +451,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
             logger.info("before training: %s = %.4f", metric_name, state["metric_before"])
     # DDP in multi-process runs; under FSDP and in one process the model itself
     trained = model if sharded else wrap(model, ctx, device)
-    whole = fsdp_.trainable_parameters(model)  # under FSDP: the tensors sync_gradients averages
+    whole = fsdp_.trainable_parameters(model) if sharded else []  # what sync_gradients averages under FSDP
 
     stop = {"signal": None}
 

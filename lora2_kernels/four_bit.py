@@ -151,10 +151,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear
              and not any(n == s or n.endswith("." + s) or n.startswith(s + ".") or f".{s}." in n for s in skip)]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        setattr(parent, child, quantize_linear(linear, quant_type, double_quant, compute_dtype, device))
+        model.set_submodule(name, quantize_linear(model.get_submodule(name), quant_type, double_quant, compute_dtype,
+                                                  device))
     return names
 
 
@@ -180,13 +178,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> l
     in place; the names replaced."""
     names = [n for n, m in model.named_modules() if is_linear4bit(m)]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        q = getattr(parent, child)
+        q = model.get_submodule(name)
         with torch.device("meta"):
             linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
         linear.weight = nn.Parameter(dequantize(quant_of(q.weight), dtype), requires_grad=False)
         if q.bias is not None:
             linear.bias = nn.Parameter(q.bias.detach().to(dtype), requires_grad=False)
-        setattr(parent, child, linear)
+        model.set_submodule(name, linear)
     return names

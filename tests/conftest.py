@@ -160,3 +160,21 @@ def small_files(tmp_path_factory):
     (root / "train.tsv").write_text("\n".join(train_src.read_text(encoding="utf-8").splitlines()[:65]) + "\n")
     (root / "val.tsv").write_text("\n".join(val_src.read_text(encoding="utf-8").splitlines()[:33]) + "\n")
     return root
+
+
+def train_killed_at(step: int):
+    """``lora2.train.train`` wrapped to send its own process SIGTERM after optimiser step ``step``: the run
+    checkpoints and stops as on a real signal. Monkeypatch it over ``lora2.train.train``."""
+    import signal
+
+    import lora2.train
+
+    real_train = lora2.train.train
+
+    def train(cfg, **kwargs):
+        def kill(record):
+            if record["step"] == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_train(cfg, callbacks=[kill], **kwargs)
+
+    return train

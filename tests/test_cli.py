@@ -291,28 +291,20 @@ def test_eval_defaults_to_the_runs_own_data(runs, tiny_bert_dir, caplog):
 def test_resume_continues_the_folder_given_not_the_one_recorded(tiny_bert_dir, small_files, tmp_path, monkeypatch):
     """A killed run's folder, copied, resumes in the copy; the original stays at its step (issue 23,
     item 2: the run used to resume, and overwrite, the folder recorded in train_config.json)."""
-    import os
     import shutil
-    import signal
 
     import lora2.train
+    from conftest import train_killed_at
     from lora2.errors import EXIT_INTERRUPTED
 
-    real_train = lora2.train.train
-
-    def killed_at_step_2(cfg, **kwargs):
-        def kill(record):
-            if record["step"] == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real_train(cfg, callbacks=[kill], **kwargs)
-
     original, copy = tmp_path / "run", tmp_path / "copy"
-    monkeypatch.setattr(lora2.train, "train", killed_at_step_2)
-    assert main(["train", "--model", tiny_bert_dir, "--dataset", "none", "--train-file", str(small_files / "train.tsv"),
-                 "--validation-file", str(small_files / "val.tsv"), "--output-dir", str(original), "--max-steps", "4",
-                 "--batch-size", "8", "--max-length", "24", "--eval-every", "2", "--initial-rank", "4",
-                 "--inner-width", "4", "--target-rank", "2", "--no-progress"]) == EXIT_INTERRUPTED
-    monkeypatch.setattr(lora2.train, "train", real_train)
+    with monkeypatch.context() as patch:
+        patch.setattr(lora2.train, "train", train_killed_at(2))
+        assert main(["train", "--model", tiny_bert_dir, "--dataset", "none", "--train-file",
+                     str(small_files / "train.tsv"), "--validation-file", str(small_files / "val.tsv"), "--output-dir",
+                     str(original), "--max-steps", "4", "--batch-size", "8", "--max-length", "24", "--eval-every", "2",
+                     "--initial-rank", "4", "--inner-width", "4", "--target-rank", "2",
+                     "--no-progress"]) == EXIT_INTERRUPTED
     shutil.copytree(original, copy)
     before = sorted(p.name for p in original.iterdir())
     assert main(["train", "--resume", str(copy), "--no-progress"]) == 0

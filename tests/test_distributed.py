@@ -259,23 +259,14 @@ def test_fsdp_resumes_a_killed_run(tiny_bert_dir, small_files, tmp_path, monkeyp
     """Checkpoints do not depend on how the run was launched: a one-process run killed at step 3
     resumes under FSDP on 2 ranks and ends where the uninterrupted run does. Batches of 12 over 64
     rows: step 6 is the epoch's short last batch (4 rows, 2 a rank), which must not hang."""
-    import signal
-
     import lora2.train
+    from conftest import train_killed_at
     from lora2.cli import main
     from lora2.errors import EXIT_INTERRUPTED
 
-    real_train = lora2.train.train
-
-    def killed_at_step_3(cfg, **kwargs):
-        def kill(record):
-            if record["step"] == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real_train(cfg, callbacks=[kill], **kwargs)
-
     whole, out = tmp_path / "whole", tmp_path / "cut"
     assert main([*_train_args(tiny_bert_dir, small_files, whole), "--batch-size", "12"]) == 0
-    monkeypatch.setattr(lora2.train, "train", killed_at_step_3)
+    monkeypatch.setattr(lora2.train, "train", train_killed_at(3))
     assert main([*_train_args(tiny_bert_dir, small_files, out), "--batch-size", "12"]) == EXIT_INTERRUPTED
     assert not (out / "adapter").exists()
     _torchrun("train", "--resume", str(out), "--fsdp")

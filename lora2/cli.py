@@ -210,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "empty folder, never the adapter's or the base model's")
     mg.add_argument("--overwrite", action="store_true", help="replace --output if it is a folder that is not empty")
 
+    # --- export --------------------------------------------------------------------------------------
+    ex = _subcommand(
+        sub, "export", "write a LoRA² adapter as a PEFT LoRA adapter (PEFT, vLLM, SGLang, LoRAX, TGI)",
+        "A trained LoRA² adapter is exactly a rank-k LoRA: lora_A = A₁, lora_B = B₂·C with the k × k core\n"
+        "C = (α/r)·A₂·diag(λ⊙mask)·B₁. Writes it as a PEFT LoRA adapter (adapter_config.json +\n"
+        "adapter_model.safetensors, r = k for every module, lora_alpha = r), which PEFT and the multi-LoRA\n"
+        "servers load unmerged, many per base model. No base model is loaded. --compact gives each module\n"
+        "its core's rank instead (PEFT's rank_pattern; servers that stack layers, like LoRAX, need uniform\n"
+        "ranks). lora2 eval reads the result.",
+        "  lora2 export --adapter runs/lora2-sst2/adapter --output runs/lora2-sst2/peft-lora\n"
+        "  lora2 export --adapter runs/lora2-sst2/adapter --output peft-compact --compact --dtype bfloat16")
+    ex.add_argument("--adapter", required=True, help="a LoRA² adapter folder (adapter/ or best/ of a run)")
+    ex.add_argument("--output", required=True, help="folder for the PEFT adapter; a new or empty folder, never the "
+                                                    "adapter's")
+    ex.add_argument("--format", default="peft-lora", choices=["peft-lora"], help="the adapter format written")
+    ex.add_argument("--compact", action="store_true", help="per-module rank = the core's rank (exact, via its SVD)")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the written tensors")
+    ex.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier lora2 output")
+
     # --- report --------------------------------------------------------------------------------------
     rp = _subcommand(
         sub, "report", "parameter table and rank-allocation heatmap of a LoRA² adapter",
@@ -322,7 +342,7 @@ def _load(args: argparse.Namespace, lora2_only: bool = False):
     """(base model path, model in eval mode, what was trained, task) for --adapter, with a warning for
     parameters that neither the base model nor the adapter holds."""
     from .methods import load_trained, read_trained
-    from .train import resolve_model_path
+    from .loading import resolve_model_path
 
     info = read_trained(args.adapter)
     if lora2_only and info.method != "lora2":
@@ -344,7 +364,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .data import BUILTIN_DATASETS, Collator, build_dataset, builtin_dataset_files
-    from .train import evaluate, load_tokenizer
+    from .loading import load_tokenizer
+    from .train import evaluate
 
     tokenizer_path, model, info, task = _load(args)
     # columns: flags given > the --dataset's > what the run recorded > the defaults
@@ -381,7 +402,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .io import atomic_write_dir, check_output_folder
-    from .train import load_tokenizer, resolve_model_path
+    from .loading import load_tokenizer, resolve_model_path
 
     # before anything is loaded: an output over the adapter (or a folder holding it) would be replaced by
     # a model merged from what was read, and the adapter lost
@@ -399,6 +420,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     atomic_write_dir(args.output, fill)
     logger.info("merged model written to %s (load it with from_pretrained; no lora2 needed)", args.output)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_peft_lora
+
+    report = export_peft_lora(args.adapter, args.output, compact=args.compact, dtype=args.dtype,
+                              overwrite=args.overwrite)
+    ranks = sorted(set(report.ranks.values()))
+    logger.info("PEFT LoRA adapter written to %s: %d modules, rank %s%s; load it with "
+                "PeftModel.from_pretrained(base, %r) or lora2 eval --adapter %s", args.output, report.modules,
+                ranks[0] if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}",
+                f", modules_to_save {report.modules_to_save}" if report.modules_to_save else "", args.output,
+                args.output)
     return 0
 
 
@@ -442,7 +477,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval, "merge": _cmd_merge, "report": _cmd_report}
+COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval, "merge": _cmd_merge,
+            "export": _cmd_export, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,28 +103,43 @@ def recover_dir(target: str | os.PathLike[str]) -> Path:
     return target
 
 
-def check_output_folder(output: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str]],
-                        overwrite: bool, flag: str = "--output") -> None:
+# Files at the top of every folder a lora2 command writes: a run (train_config.json), an adapter or an
+# export (adapter_config.json, lora2_method.json), a merged model (config.json), a comparison
+# (results.json, sweep.json). --overwrite replaces only a folder holding one of them.
+LORA2_OUTPUT_MARKERS = ("train_config.json", "adapter_config.json", "lora2_method.json", "config.json",
+                        "results.json", "sweep.json")
+
+
+def check_output_folder(output: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str] | None],
+                        overwrite: bool, flag: str = "--output", own: Callable[[Path], bool] | None = None) -> None:
     """The output-folder policy of every lora2 command that writes a folder, checked before any work.
 
     Refused, whatever ``overwrite`` says: an output that is, contains or lies inside one of the
-    ``inputs`` (role → path), since writing it would destroy the input. Refused unless ``overwrite``:
-    a non-empty existing folder (someone's files, or another run's output), and a file.
+    ``inputs`` (role → path), since writing it would destroy the input; a file; and a non-empty
+    folder holding nothing lora2 writes (lora2 never deletes files it did not write). Refused
+    unless ``overwrite``: any other non-empty folder (another run's output) that ``own`` does not
+    accept as this command's own (the same run resumed, the same comparison continued).
     """
     from .errors import InputError
 
     out = Path(output).expanduser().resolve()
     for role, path in inputs.items():
+        if path is None:
+            continue
         src = Path(path).expanduser().resolve()
         relation = ("is" if out == src else "contains" if src.is_relative_to(out)
                     else "lies inside" if out.is_relative_to(src) else None)
         if relation:
             raise InputError(f"{flag} {output} {relation} the {role} {path}: writing there would destroy it. "
                              f"Choose a folder outside it, e.g. {Path(path).expanduser().parent / (out.name + '-out')}.")
-    if out.is_file() or (out.is_dir() and any(out.iterdir())):
-        if not overwrite:
-            what = "a file" if out.is_file() else "a folder that is not empty"
-            raise InputError(f"{flag} {output} is {what}; lora2 replaces its output as a whole, so it refuses "
-                             "to write over it. Choose a new folder, or pass --overwrite to replace it.")
-        if out.is_file():
-            raise InputError(f"{flag} {output} is a file, not a folder; choose a folder.")
+    if out.is_file():
+        raise InputError(f"{flag} {output} is a file, not a folder; choose a folder.")
+    if not out.is_dir() or not any(out.iterdir()) or (own is not None and own(out)):
+        return
+    if not any((out / marker).is_file() for marker in LORA2_OUTPUT_MARKERS):
+        shown = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise InputError(f"{flag} {output} holds files lora2 did not write ({shown}); lora2 never deletes those, "
+                         "with or without --overwrite. Choose a new folder.")
+    if not overwrite:
+        raise InputError(f"{flag} {output} holds another lora2 output; lora2 replaces its output as a whole, so it "
+                         "refuses to write over it. Choose a new folder, or pass --overwrite to replace it.")

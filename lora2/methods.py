@@ -25,6 +25,7 @@ from .allocator import RankAllocator
 from .config import LoRA2Config
 from .errors import InputError
 from .io import atomic_write_text
+from .loading import load_base_model_and_report
 from .model import CONFIG_NAME, DEFAULT_HEADS, LoRA2Model, get_lora2_model
 
 logger = logging.getLogger(__name__)
@@ -353,7 +354,6 @@ def _saved_head_labels(directory: Path) -> int | None:
 def load_trained(directory: str | Path, model_path: str, info: TrainedInfo, task: str) -> tuple[nn.Module, list[str]]:
     """The model ``directory`` describes, in eval mode, and the parameter names that are freshly
     initialised in it (neither in the base model nor in the folder: a problem worth a warning)."""
-    from .train import load_base_model_and_report
 
     directory = Path(directory)
     num_labels = int(info.num_labels or 2)

@@ -279,6 +279,7 @@ class LoRA2Model(nn.Module):
             "num_labels": getattr(getattr(self.base_model, "config", None), "num_labels", None),
             "adapted_modules": {n: [l.out_features, l.in_features] for n, l in self.lora2_layers().items()},
             "modules_to_save": self.modules_to_save,
+            "fan_in_fan_out": [n for n, layer in self.lora2_layers().items() if layer.fan_in_fan_out],
             "rank_pattern": self.rank_pattern(),
         }
         atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2))

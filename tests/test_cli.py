@@ -108,7 +108,13 @@ def test_cli_train_report_merge_eval(small_files, tmp_path, capsys):
     data = build_dataset(small_files / "val.tsv", tok, "classification", "sentence", "label", max_length=32)
     metrics = evaluate(merged, data, Collator(tok.pad_token_id, "classification"), 32, torch.device("cpu"))
     assert metrics["accuracy"] == pytest.approx(adapted["accuracy"])
-
+    # export → PEFT LoRA → lora2 eval, one command each way: the same scores as the LoRA² adapter
+    assert main(["export", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "peft")]) == 0
+    assert main(["eval", "--adapter", str(tmp_path / "peft"), "--validation-file", str(small_files / "val.tsv"),
+                 "--max-length", "32"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["method"] == "lora" and exported["rows"] == adapted["rows"]
+    assert {k: exported[k] for k in ("accuracy", "f1")} == pytest.approx({k: adapted[k] for k in ("accuracy", "f1")})
 
 
 
@@ -159,7 +165,7 @@ def test_report_and_merge_name_what_they_read(runs, tiny_bert_dir, tmp_path, cap
 def test_merge_never_writes_over_its_inputs_or_someone_elses_folder(runs, tiny_bert_dir, tmp_path, caplog):
     """lora2 merge used to replace --output whatever it held: the adapter itself (then a wrong model in
     its place), the run folder around it, or a folder of the user's files. Each is refused, exit 2,
-    before anything is loaded; --overwrite replaces a non-empty folder that is not an input."""
+    before anything is loaded, --overwrite or not; --overwrite replaces only an earlier lora2 output."""
     run, _ = runs["lora2"]
     adapter = run / "adapter"
     before = {p: p.read_bytes() for p in adapter.rglob("*") if p.is_file()}
@@ -167,17 +173,24 @@ def test_merge_never_writes_over_its_inputs_or_someone_elses_folder(runs, tiny_b
     (mydocs / "sub").mkdir(parents=True)
     (mydocs / "notes.txt").write_text("precious")
     cases = [(adapter, "is the adapter"), (run, "contains the adapter"), (adapter / "merged", "lies inside the adapter"),
-             (Path(tiny_bert_dir), "is the base model"), (mydocs, "not empty")]
+             (Path(tiny_bert_dir), "is the base model"), (mydocs, "did not write")]
     for output, message in cases:
-        caplog.clear()
-        assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(adapter), "--output", str(output)]) == 2
-        assert message in caplog.text, (output, caplog.text)
+        for overwrite in ([], ["--overwrite"]):
+            caplog.clear()
+            assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(adapter), "--output", str(output),
+                         *overwrite]) == 2
+            assert message in caplog.text, (output, caplog.text)
     assert {p: p.read_bytes() for p in adapter.rglob("*") if p.is_file()} == before
     assert (mydocs / "notes.txt").read_text() == "precious" and (mydocs / "sub").is_dir()
     assert not (adapter / "merged").exists()
-    assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(adapter), "--output", str(mydocs),
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(adapter), "--output", str(merged)]) == 0
+    caplog.clear()
+    assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(adapter), "--output", str(merged)]) == 2
+    assert "--overwrite" in caplog.text
+    assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(adapter), "--output", str(merged),
                  "--overwrite"]) == 0
-    assert (mydocs / "config.json").is_file() and not (mydocs / "notes.txt").exists()
+    assert (merged / "config.json").is_file()
 
 
 # --- output: quiet and true -------------------------------------------------------------------------------

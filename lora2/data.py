@@ -11,6 +11,7 @@ Bad input fails early with the file, the row and what to do.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -60,11 +61,19 @@ def builtin_dataset_files(name: str) -> tuple[Path, Path]:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a .csv / .tsv (header line) or .jsonl / .json (one object per line) file."""
+    """Rows of a .csv / .tsv (header line) or .jsonl / .json (one object per line) file.
+
+    Strict, so that a malformed row is an error and never a silent wrong example: every CSV / TSV row
+    has exactly the header's number of fields (a tab inside TSV text would otherwise shift the label),
+    header names are unique, CSV fields may be quoted (and then hold commas and newlines), TSV has no
+    quoting. Only "\n" / "\r\n" / "\r" end a line: U+2028, NEL or a form feed are text like any other.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist.")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise DataError(f"{path}: unsupported extension {suffix!r}; use .csv, .tsv or .jsonl.")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -73,27 +82,50 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                         f"`iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`.") from e
     if not text.strip():
         raise DataError(f"{path} is empty; it needs a header line and at least one row.")
-    if suffix in (".jsonl", ".json"):
-        rows = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {i} is not valid JSON ({e.msg}); JSON Lines needs one object per line.") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{path} line {i} is not a JSON object.")
-            rows.append(obj)
-    elif suffix in (".csv", ".tsv"):
-        delimiter = "\t" if suffix == ".tsv" else ","
-        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
-        reader = csv.DictReader(text.splitlines(), delimiter=delimiter, quoting=quoting)
-        rows = list(reader)
-    else:
-        raise DataError(f"{path}: unsupported extension {suffix!r}; use .csv, .tsv or .jsonl.")
+    rows = _read_json_lines(path, text) if suffix in (".jsonl", ".json") else _read_delimited(path, text, suffix)
     if not rows:
         raise DataError(f"{path} has a header but no rows.")
+    return rows
+
+
+def _read_json_lines(path: Path, text: str) -> list[dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 / NEL are valid inside JSON
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {i} is not valid JSON ({e.msg}); JSON Lines needs one object per line.") from e
+        if not isinstance(obj, dict):
+            raise DataError(f"{path} line {i} is not a JSON object.")
+        rows.append(obj)
+    return rows
+
+
+def _read_delimited(path: Path, text: str, suffix: str) -> list[dict[str, Any]]:
+    tsv = suffix == ".tsv"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL, strict=True)
+    try:
+        header = next(reader)
+        duplicated = sorted({name for name in header if header.count(name) > 1})
+        if duplicated:
+            raise DataError(f"{path}: the header names {duplicated} more than once; which copy is meant is "
+                            "ambiguous. Rename or drop the duplicate columns.")
+        rows = []
+        for fields in reader:
+            if not fields or fields == [""]:  # a blank line
+                continue
+            if len(fields) != len(header):
+                hint = ("a tab inside the text? TSV has no quoting: replace tabs in the text, or use CSV with "
+                        "quoted fields" if tsv else "quote fields that hold commas")
+                raise DataError(f"{path} line {reader.line_num} has {len(fields)} fields, the header has "
+                                f"{len(header)} ({hint}).")
+            rows.append(dict(zip(header, fields)))
+    except csv.Error as e:
+        raise DataError(f"{path} line {reader.line_num} is not valid {'TSV' if tsv else 'CSV'} ({e}).") from e
     return rows
 
 
@@ -156,7 +188,7 @@ def build_dataset(
     examples: list[dict[str, Any]] = [{k: encoded[k][i] for k in keys} for i in range(len(rows))]
     names: list[str] = []
     if task == "classification":
-        raw = [str(v).strip() for v in _column(rows, label_column, path, "label")]
+        raw = [normalise_label(v, path, i + 2) for i, v in enumerate(_column(rows, label_column, path, "label"))]
         names = list(label_names) if label_names is not None else _sorted_labels(set(raw))
         index = {n: i for i, n in enumerate(names)}
         unknown = sorted(set(raw) - set(index))
@@ -178,6 +210,22 @@ def build_dataset(
                 raise DataError(f"{path} line {i + 2}: label {value!r} is not finite.")
             ex["labels"] = target
     return TextDataset(examples=examples, task=task, label_names=names, truncated=len(long_rows))
+
+
+def normalise_label(value: Any, path: str | Path, line: int) -> str:
+    """A classification label as its class name. Numbers name the same class however they are written
+    (1, 1.0, "1.0" and " 1" are class "1"); NaN and infinities are not classes; other text is stripped."""
+    if isinstance(value, bool):
+        value = int(value)
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(number):
+        raise DataError(f"{path} line {line}: label {value!r} is not a class (not a finite number); fix or drop "
+                        "the row.")
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def _sorted_labels(values: set[str]) -> list[str]:

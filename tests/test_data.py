@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import MINILM_INSTALL, require
 
@@ -86,3 +88,61 @@ def test_built_in_datasets_have_disjoint_splits_read_back_verbatim(name, group):
     assert not seen["test"] & (seen["train"] | seen["validation"])
     if name != "sst2":  # SST-2's given validation split may share phrases with train; test is clean of both
         assert not seen["train"] & seen["validation"]
+
+
+# --- a malformed row is an error, never a silent wrong example (issue 23 items 6, 7, 8, 13) -------------
+
+
+def test_a_tab_inside_tsv_text_is_an_error_not_a_new_class(tmp_path, tokenizer):
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\ngood film\t1\ngreat\tmovie\t1\nbad film\t0\n")
+    with pytest.raises(DataError, match=r"line 3 has 3 fields, the header has 2 \(a tab inside the text"):
+        build_dataset(tmp_path / "t.tsv", tokenizer, "classification", "sentence")
+    (tmp_path / "short.tsv").write_text("sentence\tlabel\ngood film\n")
+    with pytest.raises(DataError, match="line 2 has 1 fields"):
+        read_rows(tmp_path / "short.tsv")
+
+
+def test_numeric_labels_name_one_class_however_written_and_nan_is_no_class(tmp_path, tokenizer):
+    (tmp_path / "t.jsonl").write_text('{"sentence": "a", "label": 1}\n{"sentence": "b", "label": 1.0}\n'
+                                      '{"sentence": "c", "label": 0}\n{"sentence": "d", "label": "0.0"}\n'
+                                      '{"sentence": "e", "label": " 1 "}\n')
+    data = build_dataset(tmp_path / "t.jsonl", tokenizer, "classification", "sentence")
+    assert data.label_names == ["0", "1"]
+    assert [ex["labels"] for ex in data.examples] == [1, 1, 0, 0, 1]
+    (tmp_path / "nan.jsonl").write_text('{"sentence": "a", "label": 1}\n{"sentence": "b", "label": NaN}\n'
+                                        '{"sentence": "c", "label": 0}\n')
+    with pytest.raises(DataError, match="line 3: label nan is not a class"):
+        build_dataset(tmp_path / "nan.jsonl", tokenizer, "classification", "sentence")
+
+
+def test_a_duplicated_header_column_is_an_error(tmp_path):
+    (tmp_path / "t.csv").write_text("sentence,label,label\ngood,1,0\nbad,0,1\n")
+    with pytest.raises(DataError, match=r"the header names \['label'\] more than once"):
+        read_rows(tmp_path / "t.csv")
+
+
+def test_only_real_line_ends_split_rows(tmp_path):
+    """U+2028, NEL and form feed are text inside a row; a quoted CSV field keeps its newline."""
+    texts = ["a\u2028b", "c\x85d", "e\x0cf"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"sentence": t, "label": 1}, ensure_ascii=False) + "\n"
+                                              for t in texts), encoding="utf-8")
+    assert [r["sentence"] for r in read_rows(tmp_path / "t.jsonl")] == texts
+    (tmp_path / "t.csv").write_text('sentence,label\n"line one\nline two",1\n"form\x0cfeed",0\r\nplain,1\n',
+                                    encoding="utf-8")
+    assert [(r["sentence"], r["label"]) for r in read_rows(tmp_path / "t.csv")] == [
+        ("line one\nline two", "1"), ("form\x0cfeed", "0"), ("plain", "1")]
+
+
+def test_a_validation_file_replaces_the_built_in_datasets_split(tmp_path, tokenizer):
+    """--validation-file without --train-file used to be ignored: the run scored SST-2's own validation
+    split while train_config.json recorded the file (issue 23, item 4)."""
+    from lora2.train import TrainConfig, load_datasets
+
+    (tmp_path / "v.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\n")
+    train_set, evaluation = load_datasets(TrainConfig(dataset="sst2", validation_file=str(tmp_path / "v.tsv"),
+                                                      max_train_samples=50), tokenizer)
+    assert len(evaluation) == 3 and len(train_set) == 50
+    (tmp_path / "unseen.tsv").write_text("sentence\tlabel\ngood\t1\nodd\tmaybe\n")
+    with pytest.raises(DataError, match=r"unseen.tsv has labels \['maybe'\] that the training set does not have"):
+        load_datasets(TrainConfig(dataset="sst2", validation_file=str(tmp_path / "unseen.tsv"),
+                                  max_train_samples=50), tokenizer)

@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lora2, or a baseline: PEFT LoRA r=8, PEFT AdaLoRA 12→8, full fine-tuning")
     t.add_argument("--output-dir", default="runs/lora2-sst2", help="folder for the adapter, checkpoints and logs")
     t.add_argument("--resume", metavar="OUTPUT_DIR",
-                   help="continue the killed run in OUTPUT_DIR from its checkpoint (its saved settings are used)")
+                   help="continue the killed run in OUTPUT_DIR from its checkpoint with its saved settings (a "
+                        "setting given that differs from them is refused)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in --output-dir although it holds another run (only that run's files are removed)")
     d = _add_data_args(t, evaluation_only=False)
     d.add_argument("--train-file", help="CSV / TSV / JSON Lines training file (overrides --dataset)")
     d.add_argument("--test-file", help="a labelled file the final model is scored on once, at the end; nothing is "
@@ -269,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=_positive_int,
                    help="runs at once, in separate processes (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars: log lines instead")
+    c.add_argument("--overwrite", action="store_true",
+                   help="write into --output-dir although it holds another lora2 output (an earlier comparison "
+                        "there is continued without it)")
     return parser
 
 
@@ -298,6 +304,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: --resume needs the output folder of an earlier run.")
         cfg = TrainConfig(**json.loads(path.read_text(encoding="utf-8")))
+        _refuse_settings_that_differ(args, cfg)
         # the folder given is the run: a copied or moved run folder, or a relative output_dir recorded from
         # another working directory, resumes (and writes) here, never where it was first started
         if Path(cfg.output_dir).resolve() != Path(args.resume).resolve():
@@ -327,7 +334,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if args.fsdp else False
         if not args.fsdp and (args.fsdp_wrap or args.fsdp_cpu_offload):
             raise InputError("--fsdp-wrap and --fsdp-cpu-offload configure --fsdp; add --fsdp.")
-        result = train(cfg, resume=bool(args.resume), progress=not args.no_progress, fsdp=fsdp)
+        result = train(cfg, resume=bool(args.resume), progress=not args.no_progress, fsdp=fsdp,
+                       overwrite=args.overwrite)
     except TrainingInterrupted as e:
         logger.error("%s", e)
         return EXIT_INTERRUPTED
@@ -336,6 +344,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 result.seconds, f"{result.trainable_parameters:,}")
     print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "history"}, indent=2))  # noqa: T201
     return 0
+
+
+# train options that say how to run, not what: --resume may give them anew
+LAUNCH_OPTIONS = {"command", "verbose", "resume", "overwrite", "no_progress", "fsdp", "fsdp_wrap", "fsdp_cpu_offload"}
+
+
+def _refuse_settings_that_differ(args: argparse.Namespace, saved: TrainConfig) -> None:
+    """--resume continues the run with its saved settings; a setting given on the command line that differs
+    from them would be silently ignored (or, honoured, would make one run of two), so it is an error."""
+    defaults = vars(build_parser().parse_args(["train"]))
+    saved_values = {**dataclasses.asdict(saved), **saved.lora2}
+    differing = []
+    for name, value in vars(args).items():
+        if name in LAUNCH_OPTIONS or value == defaults.get(name):
+            continue  # not given (or given as the default)
+        if name == "output_dir":
+            if Path(value).resolve() != Path(args.resume).resolve():
+                differing.append(f"--output-dir {value} (resuming writes {args.resume})")
+            continue
+        was = saved_values.get(name, "not set")
+        if value != was and not (name == "train_file" and saved.dataset is None and value == saved.train_file):
+            differing.append(f"--{name.replace('_', '-')} {value} (the run: {was})")
+    if differing:
+        raise InputError(f"--resume continues the run in {args.resume} with its saved settings, and these differ from "
+                         f"them: {'; '.join(differing)}. Drop them to resume, or start a new run in another "
+                         "--output-dir.")
 
 
 def _load(args: argparse.Namespace, lora2_only: bool = False):
@@ -467,7 +501,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         overrides["jobs"] = args.jobs
     cfg = CompareConfig.full(**overrides) if args.full else CompareConfig(**overrides)
     try:
-        compare(cfg, command="lora2 " + " ".join(sys.argv[1:]), progress=not args.no_progress, sweep=args.sweep)
+        compare(cfg, command="lora2 " + " ".join(sys.argv[1:]), progress=not args.no_progress, sweep=args.sweep,
+                overwrite=args.overwrite)
     except TrainingInterrupted as e:
         logger.error("%s", e)
         return EXIT_INTERRUPTED
@@ -496,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:  # diverged: the message names the step and the last good checkpoint
         logger.error("%s", e)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which handles its own): one line, no traceback
+        logger.error("interrupted; lora2 writes every output whole, so nothing was left half-written")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -212,7 +212,8 @@ def _train_one(tc: TrainConfig, threads: int, progress: bool = False) -> TrainRe
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
     try:
-        return train(tc, resume=_resumable(tc), progress=progress)
+        # the comparison owns its runs/ folders: a run made with other settings is replaced
+        return train(tc, resume=_resumable(tc), progress=progress, overwrite=True)
     except TrainingError as e:
         logger.warning("%s diverged: %s", tc.output_dir, e)
         atomic_write_text(Path(tc.output_dir) / DIVERGED_FILE, str(e))
@@ -335,10 +336,27 @@ def learning_rates(cfg: CompareConfig, sweep: bool, progress: bool) -> tuple[dic
 # --- stage 2: the comparison -------------------------------------------------------------------------------
 
 
-def compare(cfg: CompareConfig, command: str = "", progress: bool = True, sweep: bool = False) -> dict[str, Any]:
+def compare(cfg: CompareConfig, command: str = "", progress: bool = True, sweep: bool = False,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Run (or continue) the comparison in ``cfg.output_dir``: a new or empty folder, an earlier comparison
+    (its finished runs are read back), or, with ``overwrite``, another lora2 output. One process at a time."""
+    from .io import check_output_folder, folder_lock
+    from .loading import resolve_model_path
+
+    out = Path(cfg.output_dir)
+
+    def is_comparison(folder: Path) -> bool:
+        return (folder / "runs").is_dir() or (folder / "results.json").is_file() or (folder / SWEEP_FILE).is_file()
+
+    check_output_folder(out, {"base model": resolve_model_path(cfg.model)}, overwrite, flag="--output-dir",
+                        own=is_comparison)
+    with folder_lock(out):
+        return _compare(cfg, command, progress, sweep)
+
+
+def _compare(cfg: CompareConfig, command: str, progress: bool, sweep: bool) -> dict[str, Any]:
     specs = [m for m in METHODS if m.key in cfg.methods]
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     chosen, provenance = learning_rates(cfg, sweep, progress)
     plan = [(task, spec.key, seed, chosen["tasks"][task][spec.key]["chosen"])
             for task in cfg.tasks for spec in specs for seed in cfg.seeds]

@@ -103,6 +103,41 @@ def recover_dir(target: str | os.PathLike[str]) -> Path:
     return target
 
 
+LOCK_NAME = ".lora2.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a run or comparison folder) while lora2 writes it.
+
+    A second lora2 process asking for the same folder gets a clear error instead of interleaving its
+    log, adapter and checkpoints with the first one's. The lock is the kernel's (flock on
+    ``.lora2.lock``): it goes with the process, however that ends, so a killed run never leaves a
+    stale lock behind.
+    """
+    import fcntl
+    import socket
+
+    from .errors import InputError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise InputError(f"{folder} is in use by another lora2 process ({holder}): two runs writing one folder "
+                             "would mix their logs, adapters and checkpoints. Wait for it to end or stop it, or "
+                             "choose another output folder.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 # Files at the top of every folder a lora2 command writes: a run (train_config.json), an adapter or an
 # export (adapter_config.json, lora2_method.json), a merged model (config.json), a comparison
 # (results.json, sweep.json). --overwrite replaces only a folder holding one of them.
@@ -134,10 +169,11 @@ def check_output_folder(output: str | os.PathLike[str], inputs: dict[str, str | 
                              f"Choose a folder outside it, e.g. {Path(path).expanduser().parent / (out.name + '-out')}.")
     if out.is_file():
         raise InputError(f"{flag} {output} is a file, not a folder; choose a folder.")
-    if not out.is_dir() or not any(out.iterdir()) or (own is not None and own(out)):
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    if not held or (own is not None and own(out)):
         return
     if not any((out / marker).is_file() for marker in LORA2_OUTPUT_MARKERS):
-        shown = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        shown = ", ".join(held[:4])
         raise InputError(f"{flag} {output} holds files lora2 did not write ({shown}); lora2 never deletes those, "
                          "with or without --overwrite. Choose a new folder.")
     if not overwrite:

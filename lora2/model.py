@@ -337,6 +337,11 @@ class LoRA2Model(nn.Module):
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise InputError(f"adapter file holds non-finite values in {bad[:3]}; it is corrupted.")
+        not_binary = [k for k, v in state.items() if k.endswith(".rank_mask") and not ((v == 0) | (v == 1)).all()]
+        if not_binary:
+            values = sorted({float(x) for x in state[not_binary[0]].flatten() if x not in (0, 1)})
+            raise InputError(f"{not_binary[0]} holds {values[:3]}: a rank mask keeps (1) or prunes (0) each singular "
+                             "value, nothing between. The adapter file was edited or corrupted; re-save it.")
         with torch.no_grad():
             for name, layer in self.lora2_layers().items():
                 for t in _SAVED_ADAPTER_TENSORS:

@@ -13,7 +13,7 @@ written to a staging folder and swapped in by rename, so a crash mid-write keeps
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import hashlib
 import json
 import logging
 import math
@@ -21,11 +21,12 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from .data import (
 from . import fsdp as fsdp_
 from .distributed import fsdp_requested, init_from_env, wrap
 from .errors import InputError
-from .io import atomic_write_dir, atomic_write_text, recover_dir
+from .io import atomic_write_dir, atomic_write_text, check_output_folder, folder_lock, recover_dir
 from .loading import (  # noqa: F401 -- re-exported: lora2.train was their home
     DEFAULT_MODEL,
     load_base_model,
@@ -125,8 +126,16 @@ class TrainConfig:
                 raise InputError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
         if self.epochs <= 0 and not self.max_steps:
             raise InputError("TrainConfig.epochs must be > 0 (or set max_steps).")
-        if self.learning_rate <= 0:
+        if not self.learning_rate > 0:
             raise InputError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise InputError(f"--warmup-ratio is the share of the steps spent warming up, between 0 and 1; got "
+                             f"{self.warmup_ratio} (with more than 1 the learning rate would never reach its peak).")
+        if not self.weight_decay >= 0 or not self.max_grad_norm > 0:
+            raise InputError(f"--weight-decay must be >= 0 and max_grad_norm > 0; got {self.weight_decay} and "
+                             f"{self.max_grad_norm}.")
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise InputError(f"--head-learning-rate must be > 0, got {self.head_learning_rate}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise InputError(f"TrainConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
         if self.dataset is None and self.train_file is None:
@@ -149,8 +158,9 @@ class TrainConfig:
 
 def load_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[TextDataset, TextDataset]:
     train_file, validation_file = cfg.train_file, cfg.validation_file
-    if cfg.dataset is not None:
-        train_file, validation_file = (str(p) for p in builtin_dataset_files(cfg.dataset))
+    if cfg.dataset is not None:  # its training split; its validation split unless --validation-file names one
+        builtin_train, builtin_validation = builtin_dataset_files(cfg.dataset)
+        train_file, validation_file = str(builtin_train), validation_file or str(builtin_validation)
     if validation_file is None:
         raise InputError("give --validation-file (or a built-in dataset): lora2 evaluates before and after training.")
     label = None if cfg.task == "causal-lm" else cfg.label_column
@@ -289,13 +299,85 @@ class TrainResult:
 
 def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | None = None,
           callbacks: list[Callable[[dict[str, Any]], None]] | None = None, progress: bool = True,
-          fsdp: bool | fsdp_.FSDPOptions = False) -> TrainResult:
+          fsdp: bool | fsdp_.FSDPOptions = False, overwrite: bool = False) -> TrainResult:
     """Fine-tune ``cfg.model`` with ``cfg.method`` on ``cfg``'s data; see the module docstring for the flow.
 
     Under ``torchrun`` / ``accelerate launch`` every process runs this same function (see
     ``distributed.py``); ``cfg.batch_size`` is then the global batch, split across processes.
     ``fsdp`` (True or options) shards the frozen base across them with FSDP2 instead (``fsdp.py``).
+    ``cfg.output_dir`` must be new, empty, or this run's own (the same settings, or ``resume``);
+    ``overwrite`` replaces another run there (see ``_claim_output_dir``).
     """
+    hint = f"resume with `lora2 train --resume {cfg.output_dir}`" if resume else "nothing was trained: start it again"
+    with ExitStack() as stack:  # the run folder's lock, the signal handlers: released however train() ends
+        stop = stack.enter_context(_stop_on_signals(hint))
+        run = _set_up(cfg, resume, overwrite, device, progress, fsdp, stack, stop)
+        with run.bar, run.peak:
+            step = run.state["step"]
+            for micro_batches in _step_batches(run, step):
+                for micro, batch in enumerate(micro_batches, start=1):
+                    run.window[0] += _forward_backward(run, batch, last=micro == cfg.grad_accum)
+                step += 1
+                budget = _optimizer_step(run, step)
+                record: dict[str, Any] = {"step": step, "lr": run.scheduler.get_last_lr()[0], "budget": budget}
+                evaluating = step % cfg.eval_every == 0 or step == run.total_steps
+                # a signal is acted on at the end of a step; under DDP the ranks agree on it on check steps only
+                stopping = stop["signal"] is not None and not run.ctx.enabled
+                if step % cfg.log_every == 0 or evaluating or stopping:
+                    stopping = _check_in(run, step, record, stop) or stopping
+                if evaluating:
+                    _evaluate_and_checkpoint(run, step, record)
+                for callback in callbacks or []:
+                    callback(record)
+                if stopping or (stop["signal"] is not None and not run.ctx.enabled):
+                    _checkpoint_and_stop(run, step, stop)
+        return _finish(run)
+
+
+@dataclass
+class _Run:
+    """Everything the loop reads and updates, built once by ``_set_up``."""
+
+    cfg: TrainConfig
+    out: Path
+    ctx: Any  # distributed.DistributedContext
+    device: torch.device
+    precision: str
+    sharded: bool
+    method: Method
+    model: torch.nn.Module  # the adapted model (FSDP-sharded under fsdp)
+    trained: torch.nn.Module  # what the forward runs: DDP around the model, or the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    tokenizer: Any
+    train_set: TextDataset
+    eval_set: TextDataset
+    collate: Collator
+    steps_per_epoch: int
+    total_steps: int
+    metric_name: str
+    state: dict[str, Any]  # step, best, metric_before, history, data_sha256: saved in every checkpoint
+    evaluates: bool  # under FSDP every rank runs every forward, so every rank evaluates; else rank 0 alone
+    use_bar: bool
+    bar: Any
+    peak: PeakMemory
+    whole: list[torch.nn.Parameter]  # what sync_gradients averages under FSDP
+    start: float
+    first_step: int
+    # The host reads device values only on "check" steps (logging, evaluation, the last step): every
+    # float() of a CUDA tensor stalls the launch queue. Losses accumulate on the device in between.
+    window: torch.Tensor  # [loss sum since the last check, stop flag]
+    window_start: int
+    window_clock: float
+    eval_seconds: float = 0.0
+    final_metrics: dict[str, float] | None = None  # the evaluation at the last step, reused as the final one
+
+
+def _set_up(cfg: TrainConfig, resume: bool, overwrite: bool, device: str | torch.device | None, progress: bool,
+            fsdp: bool | fsdp_.FSDPOptions, stack: ExitStack, stop: dict[str, Any]) -> _Run:
+    """Everything before the first step: process group, output folder, data, model, optimiser, then the
+    checkpoint (resume) or the evaluation before training. A signal in here stops at once."""
     out = Path(cfg.output_dir)
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
     sharded = fsdp_requested(fsdp is not False)
@@ -308,46 +390,20 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     if cfg.batch_size % ctx.world_size:
         raise InputError(f"batch_size {cfg.batch_size} must be a multiple of the {ctx.world_size} processes "
                          "(it is the global batch, split evenly across them).")
-    if ctx.is_main:
-        _check_writable(out)
+    model_path = resolve_model_path(cfg.model)
+    _agree(ctx, lambda: _claim_output_dir(out, cfg, model_path, resume, overwrite, stack) if ctx.is_main else None)
     precision = _pick_precision(cfg.precision, device)
     _seed_everything(cfg.seed)
 
-    model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_datasets(cfg, tokenizer)
-    if sharded and not ctx.is_main:  # rank 0 reads the weights; the others wait for their shards (fsdp.py)
-        base, fresh = fsdp_.meta_copy_of(ctx.broadcast_object(None), cfg.task), []
-    else:
-        base, fresh = load_base_model_and_report(model_path, cfg.task, max(train_set.num_labels, 1))
-        if sharded:
-            ctx.broadcast_object(base.config)
-    if fresh and ctx.is_main:
-        heads = sorted({k.rsplit(".", 1)[0] for k in fresh})
-        logger.info("%s has no trained %s for this task: %s initialised fresh and trained with the %s",
-                    cfg.model, "head" if len(heads) == 1 else "layers", ", ".join(heads),
-                    "model" if cfg.method == "full" else "adapter")
+    base = _load_base(cfg, model_path, ctx, sharded, train_set, tokenizer)
     if cfg.load_in_4bit:
         _quantise_base(base, cfg, device, sharded)
-    if train_set.label_names:  # so merged models and reports show the dataset's label names
-        base.config.id2label = dict(enumerate(train_set.label_names))
-        base.config.label2id = {n: i for i, n in enumerate(train_set.label_names)}
-    if getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
     collate = Collator(tokenizer.pad_token_id, cfg.task)
-
-    epoch_batches = batches_per_epoch(len(train_set), cfg.batch_size, ctx.world_size)
-    if epoch_batches < cfg.grad_accum:
-        raise InputError(f"an epoch has {epoch_batches} batches of {cfg.batch_size}, fewer than --grad-accum "
-                         f"{cfg.grad_accum}: no optimiser step could be taken. Lower --grad-accum or --batch-size.")
-    steps_per_epoch = epoch_batches // cfg.grad_accum
-    if epoch_batches % cfg.grad_accum:
-        logger.info("each epoch has %d batches: the last %d, short of a full --grad-accum of %d, are skipped "
-                    "(their gradients would otherwise leak into the next epoch's first step)",
-                    epoch_batches, epoch_batches % cfg.grad_accum, cfg.grad_accum)
+    steps_per_epoch = _steps_per_epoch(cfg, len(train_set), ctx.world_size)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    settings = cfg.lora2 if cfg.method == "lora2" else cfg.method_settings
-    method = build_method(cfg.method, base, settings, total_steps)
+    method = build_method(cfg.method, base, cfg.lora2 if cfg.method == "lora2" else cfg.method_settings, total_steps)
     method.data_info = {"dataset": cfg.dataset, "columns": {"text_column": cfg.text_column,
                                                             "text_pair_column": cfg.text_pair_column,
                                                             "label_column": cfg.label_column},
@@ -361,9 +417,6 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                             param_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision))
     else:
         model = method.model.to(device)
-    # Under FSDP every rank runs every forward (each gathers the base's shards with the others), so
-    # every rank evaluates; otherwise rank 0 alone does.
-    evaluates = ctx.is_main or sharded
     if cfg.method == "lora2" and ctx.is_main:
         _log_kernel_plan(model, device, precision)
     if cfg.method == "lora2" and device.type == "cuda":  # autotune now, not inside the first training steps
@@ -376,177 +429,284 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    metric_name = PRIMARY_METRIC[cfg.task]
-
-    state: dict[str, Any] = {"step": 0, "best": -math.inf, "metric_before": None, "history": []}
+    data_sha256 = _data_fingerprint(cfg)
+    use_bar = progress and ctx.is_main and sys.stderr.isatty()
+    # A progress bar on a terminal; otherwise (a file, a CI log, nohup, --no-progress) one log line
+    # per log step, since a bar written to a file is a single line of carriage returns.
+    run = _Run(cfg=cfg, out=out, ctx=ctx, device=device, precision=precision, sharded=sharded, method=method,
+               model=model, trained=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, tokenizer=tokenizer,
+               train_set=train_set, eval_set=eval_set, collate=collate, steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, metric_name=PRIMARY_METRIC[cfg.task],
+               state={"step": 0, "best": -math.inf, "metric_before": None, "history": [], "data_sha256": data_sha256},
+               evaluates=ctx.is_main or sharded, use_bar=use_bar, bar=None, peak=PeakMemory(device),
+               whole=fsdp_.trainable_parameters(model) if sharded else [], start=0.0, first_step=0,
+               window=torch.zeros(2, device=device), window_start=0, window_clock=0.0)
     if resume:
-        state = _load_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler)
-        logger.info("resumed from %s at step %d", out / CHECKPOINT_DIR, state["step"])
+        run.state = _load_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler)
+        _check_same_data(run.state.get("data_sha256"), data_sha256, out)
+        logger.info("resumed from %s at step %d", out / CHECKPOINT_DIR, run.state["step"])
     else:
         if ctx.is_main:
             atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-            (out / "log.jsonl").unlink(missing_ok=True)
-        if evaluates:
-            state["metric_before"] = evaluate(model, eval_set, collate, cfg.eval_batch_size, device,
-                                              precision)[metric_name]
+        if run.evaluates:
+            run.state["metric_before"] = _evaluate(run)[run.metric_name]
         if ctx.is_main:
-            _log(out, {"step": 0, "event": "eval", metric_name: state["metric_before"]})
-            logger.info("before training: %s = %.4f", metric_name, state["metric_before"])
-    # DDP in multi-process runs; under FSDP and in one process the model itself
-    trained = model if sharded else wrap(model, ctx, device)
-    whole = fsdp_.trainable_parameters(model) if sharded else []  # what sync_gradients averages under FSDP
-
-    stop = {"signal": None}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop["signal"] = signum  # acted on at the end of the current step, never mid-update
-
-    handlers = _install_signal_handlers(on_signal)
-    start = time.perf_counter()
-    eval_seconds = 0.0
+            _log(out, {"step": 0, "event": "eval", run.metric_name: run.state["metric_before"]})
+            logger.info("before training: %s = %.4f", run.metric_name, run.state["metric_before"])
+    run.trained = model if sharded else wrap(model, ctx, device)  # DDP in multi-process runs
+    stop["phase"] = "training"  # from here a signal finishes the current step and checkpoints
+    run.first_step = run.window_start = run.state["step"]
+    run.bar = tqdm(total=total_steps, initial=run.first_step, disable=not use_bar, desc=f"{cfg.method} train",
+                   dynamic_ncols=True)
     model.train()
-    # A progress bar on a terminal; otherwise (a file, a CI log, nohup, --no-progress) one log line
-    # per log step, since a bar written to a file is a single line of carriage returns.
-    use_bar = progress and ctx.is_main and sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not use_bar, desc=f"{cfg.method} train",
-               dynamic_ncols=True)
-    window_clock = time.perf_counter()
-    peak = PeakMemory(device)
-    final_metrics = None  # the evaluation at the last step, reused as the final one
-    # The host reads device values only on "check" steps (logging, evaluation, the last step): every
-    # float() of a CUDA tensor stalls the launch queue. Losses accumulate on the device in between.
-    # Without DDP a signal is seen at the end of any step; under DDP the ranks agree on it (an
-    # all-reduce that the host must read) on check steps only.
-    window = torch.zeros(2, device=device)  # [loss sum since the last check, stop flag]
-    window_start = state["step"]
-    try:
-        with peak:
-            step = first_step = state["step"]
-            epoch = step // steps_per_epoch
-            while step < total_steps:
-                generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-                done = (step - epoch * steps_per_epoch) * cfg.grad_accum
-                micro = 0
-                epoch_micro_batches = steps_per_epoch * cfg.grad_accum  # leftovers short of a step: not run
-                for batch in itertools.islice(batches(train_set, cfg.batch_size, collate, generator, skip=done,
-                                                      shard=ctx.shard), epoch_micro_batches - done):
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    micro += 1
-                    sync = micro == cfg.grad_accum or not ctx.enabled or sharded
-                    with nullcontext() if sync else trained.no_sync():  # all-reduce once per optimiser step
-                        with autocast_context(device, precision):
-                            loss = trained(**batch).loss / cfg.grad_accum
-                        scaler.scale(loss).backward()
-                    if sharded and micro == cfg.grad_accum:
-                        fsdp_.sync_gradients(whole, ctx.world_size)
-                    window[0] += loss.detach()
-                    if micro < cfg.grad_accum:
-                        continue
-                    micro = 0
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                   cfg.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    step += 1
-                    budget = method.after_optimizer_step(step)
-                    optimizer.zero_grad(set_to_none=True)
-                    bar.update(1)
-                    record: dict[str, Any] = {"step": step, "lr": scheduler.get_last_lr()[0], "budget": budget}
-                    evaluating = step % cfg.eval_every == 0 or step == total_steps
-                    stopping = stop["signal"] is not None and not ctx.enabled
-                    if step % cfg.log_every == 0 or evaluating or stopping:
-                        window[1] = float(stop["signal"] is not None)
-                        loss_sum, stop_votes = (float(v) for v in ctx.all_reduce_sum(window))
-                        loss_value = loss_sum / ctx.world_size / (step - window_start)
-                        stopping = stopping or stop_votes > 0
-                        if not math.isfinite(loss_value):  # checked before anything below is saved
-                            last = out / CHECKPOINT_DIR
-                            when = f"at step {step}" if step - window_start == 1 else \
-                                f"at step {step} (in steps {window_start + 1}–{step})"
-                            raise TrainingError(
-                                f"loss became {loss_value} {when}; stopped without saving. Last good checkpoint: "
-                                f"{last if last.exists() else 'none yet'} (resume with --resume and a lower "
-                                "learning rate).")
-                        seconds_per_step = (time.perf_counter() - window_clock) / (step - window_start)
-                        window_clock = time.perf_counter()
-                        window.zero_()
-                        window_start = step
-                        record["loss"] = loss_value
-                        regularizer = method.regularizer_loss()
-                        if regularizer is not None:
-                            record["orth_reg"] = regularizer
-                        if ctx.is_main:
-                            _log(out, {"event": "train", **record, "seconds_per_step": seconds_per_step})
-                            if use_bar:
-                                bar.set_postfix(loss=f"{loss_value:.4f}",
-                                                **({"budget": budget} if budget is not None else {}),
-                                                **({metric_name: f"{state['best']:.4f}"} if state["history"] else {}))
-                            else:
-                                logger.info("step %d/%d  loss %.4f  lr %.2e%s  %.2f s/step", step, total_steps,
-                                            loss_value, record["lr"],
-                                            f"  budget {budget}" if budget is not None else "", seconds_per_step)
-                    if evaluates and evaluating:
-                        tick = time.perf_counter()
-                        metrics = evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
-                        final_metrics = metrics if step == total_steps else None
-                    if ctx.is_main and evaluating:
-                        if not use_bar:
-                            logger.info("step %d/%d  eval %s %.4f", step, total_steps, metric_name, metrics[metric_name])
-                        record.update({f"eval_{k}": v for k, v in metrics.items()})
-                        _log(out, {"step": step, "event": "eval", **metrics})
-                        state["history"].append({"step": step, metric_name: metrics[metric_name], "budget": budget})
-                        improved = metrics[metric_name] > state["best"]
-                        state["best"] = max(state["best"], metrics[metric_name])
-                        state["step"] = step
-                        if cfg.save_checkpoints:
-                            if improved:
-                                atomic_write_dir(out / "best", method.save)
-                            _save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state)
-                        eval_seconds += time.perf_counter() - tick
-                    for callback in callbacks or []:
-                        callback(record)
-                    if stopping or (stop["signal"] is not None and not ctx.enabled):
-                        state["step"] = step
-                        if ctx.is_main:
-                            _save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state)
-                        ctx.barrier()  # no rank exits (and gets its peers killed) before the checkpoint is on disk
-                        raise TrainingInterrupted(
-                            f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; resume with "
-                            f"`lora2 train --resume {out}`.")
-                    if step >= total_steps:
-                        break
-                epoch += 1
-    finally:
-        bar.close()
-        _restore_signal_handlers(handlers)
+    run.start = run.window_clock = time.perf_counter()
+    return run
 
-    seconds = time.perf_counter() - start
+
+def _step_batches(run: _Run, step: int):
+    """From optimiser step ``step`` to the last one: each step's micro-batches. Each epoch has its own
+    seeded order, so a resumed run continues mid-epoch at the very batch it stopped before; the last
+    micro-batches of an epoch, short of a full --grad-accum, are not run."""
+    cfg = run.cfg
+    while step < run.total_steps:
+        epoch, into = divmod(step, run.steps_per_epoch)
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        micro = batches(run.train_set, cfg.batch_size, run.collate, generator, skip=into * cfg.grad_accum,
+                        shard=run.ctx.shard)
+        for _ in range(min(run.steps_per_epoch - into, run.total_steps - step)):
+            yield [next(micro) for _ in range(cfg.grad_accum)]
+            step += 1
+
+
+def _forward_backward(run: _Run, batch: dict[str, torch.Tensor], last: bool) -> torch.Tensor:
+    """One micro-batch's forward and backward; its loss stays on the device."""
+    batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+    sync = last or not run.ctx.enabled or run.sharded
+    with nullcontext() if sync else run.trained.no_sync():  # DDP all-reduces once per optimiser step
+        with autocast_context(run.device, run.precision):
+            loss = run.trained(**batch).loss / run.cfg.grad_accum
+        run.scaler.scale(loss).backward()
+    if run.sharded and last:
+        fsdp_.sync_gradients(run.whole, run.ctx.world_size)
+    return loss.detach()
+
+
+def _optimizer_step(run: _Run, step: int) -> int | None:
+    """Clip, step, schedule; then the rank allocator, which reads this step's gradients. Returns its budget."""
+    run.scaler.unscale_(run.optimizer)
+    torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
+                                   run.cfg.max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    budget = run.method.after_optimizer_step(step)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.bar.update(1)
+    return budget
+
+
+def _check_in(run: _Run, step: int, record: dict[str, Any], stop: dict[str, Any]) -> bool:
+    """A check step: read the loss window (and, under DDP, every rank's stop vote), refuse a non-finite
+    loss before anything is saved, log. Returns whether any rank was asked to stop."""
+    run.window[1] = float(stop["signal"] is not None)
+    loss_sum, stop_votes = (float(v) for v in run.ctx.all_reduce_sum(run.window))
+    steps = step - run.window_start
+    loss_value = loss_sum / run.ctx.world_size / steps
+    if not math.isfinite(loss_value):
+        last = run.out / CHECKPOINT_DIR
+        when = f"at step {step}" if steps == 1 else f"at step {step} (in steps {run.window_start + 1}–{step})"
+        raise TrainingError(f"loss became {loss_value} {when}; stopped without saving. Last good checkpoint: "
+                            f"{last if last.exists() else 'none yet'} (resume with --resume and a lower "
+                            "learning rate).")
+    seconds_per_step = (time.perf_counter() - run.window_clock) / steps
+    run.window_clock = time.perf_counter()
+    run.window.zero_()
+    run.window_start = step
+    record["loss"] = loss_value
+    regularizer = run.method.regularizer_loss()
+    if regularizer is not None:
+        record["orth_reg"] = regularizer
+    if run.ctx.is_main:
+        _log(run.out, {"event": "train", **record, "seconds_per_step": seconds_per_step})
+        budget = record["budget"]
+        if run.use_bar:
+            run.bar.set_postfix(loss=f"{loss_value:.4f}", **({"budget": budget} if budget is not None else {}),
+                                **({run.metric_name: f"{run.state['best']:.4f}"} if run.state["history"] else {}))
+        else:
+            logger.info("step %d/%d  loss %.4f  lr %.2e%s  %.2f s/step", step, run.total_steps, loss_value,
+                        record["lr"], f"  budget {budget}" if budget is not None else "", seconds_per_step)
+    return stop_votes > 0
+
+
+def _evaluate(run: _Run, dataset: TextDataset | None = None) -> dict[str, float]:
+    return evaluate(run.model, dataset or run.eval_set, run.collate, run.cfg.eval_batch_size, run.device,
+                    run.precision)
+
+
+def _evaluate_and_checkpoint(run: _Run, step: int, record: dict[str, Any]) -> None:
+    tick = time.perf_counter()
+    if run.evaluates:
+        metrics = _evaluate(run)
+        run.final_metrics = metrics if step == run.total_steps else None
+    if not run.ctx.is_main:
+        return
+    if not run.use_bar:
+        logger.info("step %d/%d  eval %s %.4f", step, run.total_steps, run.metric_name, metrics[run.metric_name])
+    record.update({f"eval_{k}": v for k, v in metrics.items()})
+    _log(run.out, {"step": step, "event": "eval", **metrics})
+    state = run.state
+    state["history"].append({"step": step, run.metric_name: metrics[run.metric_name], "budget": record["budget"]})
+    improved = metrics[run.metric_name] > state["best"]
+    state["best"] = max(state["best"], metrics[run.metric_name])
+    state["step"] = step
+    if run.cfg.save_checkpoints:
+        if improved:
+            atomic_write_dir(run.out / "best", run.method.save)
+        _save_checkpoint(run.out / CHECKPOINT_DIR, run.method, run.optimizer, run.scheduler, run.scaler, state)
+    run.eval_seconds += time.perf_counter() - tick
+
+
+def _checkpoint_and_stop(run: _Run, step: int, stop: dict[str, Any]) -> None:
+    run.state["step"] = step
+    if run.ctx.is_main:
+        _save_checkpoint(run.out / CHECKPOINT_DIR, run.method, run.optimizer, run.scheduler, run.scaler, run.state)
+    run.ctx.barrier()  # no rank exits (and gets its peers killed) before the checkpoint is on disk
+    raise TrainingInterrupted(f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; resume with "
+                              f"`lora2 train --resume {run.out}`.")
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The final evaluation (and the test file, once), the adapter, result.json; every rank returns rank 0's result."""
+    cfg = run.cfg
+    seconds = time.perf_counter() - run.start
     result = test_metrics = None
-    if evaluates:
-        final_metrics = final_metrics or evaluate(model, eval_set, collate, cfg.eval_batch_size, device, precision)
+    if run.evaluates:
+        run.final_metrics = run.final_metrics or _evaluate(run)
         if cfg.test_file is not None:
             label = None if cfg.task == "causal-lm" else cfg.label_column
-            test_set = build_dataset(cfg.test_file, tokenizer, cfg.task, cfg.text_column, label, cfg.text_pair_column,
-                                     cfg.max_length, label_names=train_set.label_names or None)
-            test_metrics = evaluate(model, test_set, collate, cfg.eval_batch_size, device, precision)
-    if ctx.is_main:
-        atomic_write_dir(out / "adapter", method.save)
-        final = final_metrics[metric_name]
+            test_set = build_dataset(cfg.test_file, run.tokenizer, cfg.task, cfg.text_column, label,
+                                     cfg.text_pair_column, cfg.max_length,
+                                     label_names=run.train_set.label_names or None)
+            test_metrics = _evaluate(run, test_set)
+    if run.ctx.is_main:
+        atomic_write_dir(run.out / "adapter", run.method.save)
+        final = run.final_metrics[run.metric_name]
         if test_metrics is not None:
-            _log(out, {"step": total_steps, "event": "test", "rows": len(test_set), **test_metrics})
-            logger.info("test (%d rows of %s): %s %.4f", len(test_set), cfg.test_file, metric_name,
-                        test_metrics[metric_name])
+            _log(run.out, {"step": run.total_steps, "event": "test", "rows": len(test_set), **test_metrics})
+            logger.info("test (%d rows of %s): %s %.4f", len(test_set), cfg.test_file, run.metric_name,
+                        test_metrics[run.metric_name])
         result = TrainResult(
-            output_dir=str(out), method=cfg.method, metric_name=metric_name, metric_before=state["metric_before"],
-            metric_after=final, best_metric=max(state["best"], final), steps=total_steps,
-            steps_per_epoch=steps_per_epoch, seconds=time.perf_counter() - start,
-            train_seconds=seconds - eval_seconds, steps_timed=total_steps - first_step, peak_memory_mb=peak.mebibytes,
-            trainable_parameters=trainable_parameter_count(model), total_parameters=total_parameter_count(model),
-            history=state["history"], test_metrics=test_metrics)
-        atomic_write_text(out / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
-    return ctx.broadcast_object(result)  # every rank returns rank 0's result
+            output_dir=str(run.out), method=cfg.method, metric_name=run.metric_name,
+            metric_before=run.state["metric_before"], metric_after=final, best_metric=max(run.state["best"], final),
+            steps=run.total_steps, steps_per_epoch=run.steps_per_epoch, seconds=time.perf_counter() - run.start,
+            train_seconds=seconds - run.eval_seconds, steps_timed=run.total_steps - run.first_step,
+            peak_memory_mb=run.peak.mebibytes, trainable_parameters=trainable_parameter_count(run.model),
+            total_parameters=total_parameter_count(run.model), history=run.state["history"],
+            test_metrics=test_metrics)
+        atomic_write_text(run.out / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
+    return run.ctx.broadcast_object(result)
+
+
+# --- set-up helpers ------------------------------------------------------------------------------------
+
+
+def _agree(ctx: Any, check: Callable[[], None]) -> None:
+    """Run ``check`` (on rank 0) and raise its InputError on every rank, so no rank waits for a peer that quit."""
+    problem = None
+    try:
+        check()
+    except InputError as e:
+        problem = e
+    message = ctx.broadcast_object(str(problem) if problem is not None else None)
+    if problem is not None:
+        raise problem
+    if message is not None:
+        raise InputError(message)
+
+
+# What a run writes into its folder: a fresh start (of this run again, or over another one with
+# --overwrite) clears exactly these, and never anything else in the folder.
+RUN_FILES = ("train_config.json", "log.jsonl", "result.json", "diverged.txt", "adapter", "best", CHECKPOINT_DIR,
+             f".{CHECKPOINT_DIR}.old", ".adapter.old", ".best.old")
+
+
+def _claim_output_dir(out: Path, cfg: TrainConfig, model_path: str, resume: bool, overwrite: bool,
+                      stack: ExitStack) -> None:
+    """Lock the run folder for this process, then apply the output-folder policy (``io.check_output_folder``):
+    never an input's folder; a non-empty folder only if it is this run's own (``--resume``, or a start
+    with the very settings it records) or with ``overwrite``."""
+    _check_writable(out)
+    stack.enter_context(folder_lock(out))
+    if resume:
+        return
+
+    def same_run(folder: Path) -> bool:
+        try:
+            saved = json.loads((folder / "train_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return saved == json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+    inputs = {"training file": cfg.train_file, "validation file": cfg.validation_file, "test file": cfg.test_file,
+              "base model": model_path}
+    check_output_folder(out, inputs, overwrite, flag="--output-dir", own=same_run)
+    for name in RUN_FILES:  # a fresh start: nothing of an earlier run may mix into this one
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _data_fingerprint(cfg: TrainConfig) -> dict[str, str]:
+    """SHA-256 of every data file the run reads, so a resume notices a file changed under it."""
+    files = {"training file": cfg.train_file, "validation file": cfg.validation_file, "test file": cfg.test_file}
+    if cfg.dataset is not None:
+        builtin_train, builtin_validation = builtin_dataset_files(cfg.dataset)
+        files["training file"] = str(builtin_train)
+        files["validation file"] = cfg.validation_file or str(builtin_validation)
+    return {role: hashlib.sha256(Path(path).read_bytes()).hexdigest() for role, path in files.items() if path}
+
+
+def _check_same_data(saved: dict[str, str] | None, now: dict[str, str], out: Path) -> None:
+    changed = [role for role in now if saved is not None and saved.get(role) not in (None, now[role])]
+    if changed:
+        raise CheckpointError(f"the {' and '.join(changed)} changed since the run in {out} started (SHA-256 differs): "
+                              "resuming would train one run on two datasets. Restore the file, or start a new run "
+                              "(another --output-dir).")
+
+
+def _load_base(cfg: TrainConfig, model_path: str, ctx: Any, sharded: bool, train_set: TextDataset,
+               tokenizer: Any) -> torch.nn.Module:
+    if sharded and not ctx.is_main:  # rank 0 reads the weights; the others wait for their shards (fsdp.py)
+        base, fresh = fsdp_.meta_copy_of(ctx.broadcast_object(None), cfg.task), []
+    else:
+        base, fresh = load_base_model_and_report(model_path, cfg.task, max(train_set.num_labels, 1))
+        if sharded:
+            ctx.broadcast_object(base.config)
+    if fresh and ctx.is_main:
+        heads = sorted({k.rsplit(".", 1)[0] for k in fresh})
+        logger.info("%s has no trained %s for this task: %s initialised fresh and trained with the %s",
+                    cfg.model, "head" if len(heads) == 1 else "layers", ", ".join(heads),
+                    "model" if cfg.method == "full" else "adapter")
+    if train_set.label_names:  # so merged models and reports show the dataset's label names
+        base.config.id2label = dict(enumerate(train_set.label_names))
+        base.config.label2id = {n: i for i, n in enumerate(train_set.label_names)}
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    return base
+
+
+def _steps_per_epoch(cfg: TrainConfig, examples: int, world_size: int) -> int:
+    epoch_batches = batches_per_epoch(examples, cfg.batch_size, world_size)
+    if epoch_batches < cfg.grad_accum:
+        raise InputError(f"an epoch has {epoch_batches} batches of {cfg.batch_size}, fewer than --grad-accum "
+                         f"{cfg.grad_accum}: no optimiser step could be taken. Lower --grad-accum or --batch-size.")
+    if epoch_batches % cfg.grad_accum:
+        logger.info("each epoch has %d batches: the last %d, short of a full --grad-accum of %d, are skipped "
+                    "(their gradients would otherwise leak into the next epoch's first step)",
+                    epoch_batches, epoch_batches % cfg.grad_accum, cfg.grad_accum)
+    return epoch_batches // cfg.grad_accum
 
 
 def _quantise_base(base: torch.nn.Module, cfg: TrainConfig, device: torch.device, sharded: bool) -> None:
@@ -653,16 +813,26 @@ def _log(out: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps({"time": time.time(), **record}) + "\n")
 
 
-def _install_signal_handlers(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+@contextmanager
+def _stop_on_signals(hint: str) -> Iterator[dict[str, Any]]:
+    """SIGINT / SIGTERM: during set-up (loading, the first evaluation) stop at once, since there is nothing
+    to save; from the first step on (``stop["phase"] = "training"``) only note it: the loop finishes the
+    step, checkpoints and stops, never mid-update. Either way the CLI exits 130 with one line."""
+    stop: dict[str, Any] = {"signal": None, "phase": "set-up"}
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+        if stop["phase"] == "set-up":
+            raise TrainingInterrupted(f"stopped by signal {signum} before the first step; {hint}.")
+
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread: leave signals alone
             pass
-    return previous
-
-
-def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -301,7 +301,8 @@ def test_eval_defaults_to_the_runs_own_data(runs, tiny_bert_dir, caplog):
     assert "give --validation-file (the run in" in caplog.text
 
 
-def test_resume_continues_the_folder_given_not_the_one_recorded(tiny_bert_dir, small_files, tmp_path, monkeypatch):
+def test_resume_continues_the_folder_given_not_the_one_recorded(tiny_bert_dir, small_files, tmp_path, monkeypatch,
+                                                                 caplog):
     """A killed run's folder, copied, resumes in the copy; the original stays at its step (issue 23,
     item 2: the run used to resume, and overwrite, the folder recorded in train_config.json)."""
     import shutil
@@ -311,15 +312,32 @@ def test_resume_continues_the_folder_given_not_the_one_recorded(tiny_bert_dir, s
     from lora2.errors import EXIT_INTERRUPTED
 
     original, copy = tmp_path / "run", tmp_path / "copy"
+    data = tmp_path / "train.tsv"
+    shutil.copy(small_files / "train.tsv", data)
     with monkeypatch.context() as patch:
         patch.setattr(lora2.train, "train", train_killed_at(2))
         assert main(["train", "--model", tiny_bert_dir, "--dataset", "none", "--train-file",
-                     str(small_files / "train.tsv"), "--validation-file", str(small_files / "val.tsv"), "--output-dir",
+                     str(data), "--validation-file", str(small_files / "val.tsv"), "--output-dir",
                      str(original), "--max-steps", "4", "--batch-size", "8", "--max-length", "24", "--eval-every", "2",
                      "--initial-rank", "4", "--inner-width", "4", "--target-rank", "2",
                      "--no-progress"]) == EXIT_INTERRUPTED
     shutil.copytree(original, copy)
     before = sorted(p.name for p in original.iterdir())
+    # item 9: settings given with --resume that differ from the run's are refused, not silently ignored ...
+    caplog.clear()
+    assert main(["train", "--resume", str(copy), "--max-steps", "100", "--learning-rate", "0.5", "--seed", "7",
+                 "--r", "2", "--batch-size", "8", "--no-progress"]) == 2
+    for given in ("--max-steps 100 (the run: 4)", "--learning-rate 0.5 (the run: 0.02)", "--seed 7 (the run: 0)",
+                  "--r 2 (the run: 4)"):
+        assert given in caplog.text
+    assert "--batch-size" not in caplog.text  # the run's own value: no conflict
+    # ... and so is a training file that changed between the kill and the resume
+    text = data.read_text()
+    data.write_text(text.replace("\t1\n", "\tX\n").replace("\t0\n", "\t1\n").replace("\tX\n", "\t0\n"))
+    caplog.clear()
+    assert main(["train", "--resume", str(copy), "--no-progress"]) == 2
+    assert "the training file changed since the run" in caplog.text
+    data.write_text(text)
     assert main(["train", "--resume", str(copy), "--no-progress"]) == 0
     assert (copy / "adapter").is_dir() and json.loads((copy / "result.json").read_text())["steps"] == 4
     assert sorted(p.name for p in original.iterdir()) == before and not (original / "adapter").exists()

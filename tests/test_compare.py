@@ -180,3 +180,21 @@ def test_a_stopped_parallel_comparison_leaves_no_worker_training(tiny_bert_dir, 
                 process.kill()
             except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
+
+
+def test_compare_keeps_to_its_own_folders(tiny_bert_dir, tmp_path, caplog):
+    """The output-folder policy: a folder of someone's files is refused even with --overwrite, another
+    lora2 output without it, before anything trains (a comparison continues in its own folder)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    assert main(["compare", "--model", tiny_bert_dir, "--output-dir", str(mine), "--overwrite"]) == 2
+    assert "holds files lora2 did not write (notes.txt)" in caplog.text
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")
+    caplog.clear()
+    assert main(["compare", "--model", tiny_bert_dir, "--output-dir", str(run)]) == 2
+    assert "holds another lora2 output" in caplog.text and "--overwrite" in caplog.text
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and sorted(p.name for p in run.iterdir()) == [
+        "train_config.json"]

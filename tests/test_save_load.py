@@ -87,6 +87,21 @@ def test_truncated_weights_refused(tmp_path):
     assert not any(isinstance(m, LoRA2Linear) for m in base.modules())
 
 
+def test_a_rank_mask_edited_to_a_fraction_is_refused(tmp_path):
+    """A mask keeps or prunes a value; 0.5 used to load and silently halve it (issue 23, item 15)."""
+    from safetensors.torch import load_file, save_file
+
+    _trained().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / WEIGHTS_NAME))
+    key = next(k for k in state if k.endswith(".rank_mask"))
+    state[key][1] = 0.5
+    save_file(state, str(tmp_path / WEIGHTS_NAME))
+    base = make_model("bert")
+    with pytest.raises(ValueError, match=r"rank_mask holds \[0.5\]: a rank mask keeps \(1\) or prunes \(0\)"):
+        LoRA2Model.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, LoRA2Linear) for m in base.modules())
+
+
 def test_garbage_weights_refused(tmp_path):
     _trained().save_pretrained(tmp_path)
     (tmp_path / WEIGHTS_NAME).write_bytes(b"\x00" * 64)

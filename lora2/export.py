@@ -146,8 +146,11 @@ def export_peft_lora(adapter: str | Path, output: str | Path, compact: bool = Fa
 
 def _peft_config(cfg: dict[str, Any], info: TrainedInfo, target_modules: list[str] | str, modules_to_save: list[str],
                  fan_in_fan_out: bool, k: int, ranks: dict[str, int] | None):
-    import peft
-
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError("lora2 export writes the adapter config with PEFT's own LoraConfig: "
+                          "pip install 'lora2[export]' (or pip install peft).") from e
     rank = max(ranks.values()) if ranks else k
     pattern = {n: r for n, r in ranks.items() if r != rank} if ranks else {}
     return peft.LoraConfig(

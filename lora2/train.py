@@ -5,6 +5,11 @@
     optimiser step → rank allocator (score λ, B₁, A₂; prune to the cubic budget) → log / eval /
     checkpoint. Under torchrun the same loop runs in every process (see distributed.py).
 
+``train()`` is that loop and nothing else; each stage is a named helper below it, in the order it
+runs: ``_set_up`` (folder lock and policy, data, model, optimiser, checkpoint or first evaluation),
+``_step_batches``, ``_forward_backward``, ``_optimizer_step``, ``_check_in`` (read the loss, refuse
+NaN, log), ``_evaluate_and_checkpoint``, ``_checkpoint_and_stop`` (a signal), ``_finish``.
+
 A checkpoint (``OUTPUT/checkpoint``) holds everything a killed run needs to continue to the very
 same result: adapter, allocator EMAs and masks, optimiser, scheduler, RNG state, step. It is
 written to a staging folder and swapped in by rename, so a crash mid-write keeps the previous one.

@@ -74,6 +74,7 @@ def atomic_write_dir(target: str | os.PathLike[str], fill: Callable[[Path], None
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                _chmod_default(f, directory=False)  # safetensors writes 0600: a shared model folder must be readable
         _chmod_default(staging, directory=True)
         old = None
         if target.exists():
@@ -177,5 +178,5 @@ def check_output_folder(output: str | os.PathLike[str], inputs: dict[str, str | 
         raise InputError(f"{flag} {output} holds files lora2 did not write ({shown}); lora2 never deletes those, "
                          "with or without --overwrite. Choose a new folder.")
     if not overwrite:
-        raise InputError(f"{flag} {output} holds another lora2 output; lora2 replaces its output as a whole, so it "
-                         "refuses to write over it. Choose a new folder, or pass --overwrite to replace it.")
+        raise InputError(f"{flag} {output} holds another lora2 output (another run, model or export); lora2 refuses "
+                         "to write over it. Choose a new folder, or pass --overwrite to replace it.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -116,6 +117,9 @@ def test_the_uniform_export_keeps_the_serving_stacks_rules(family, tmp_path):
     assert all(dtype == "BF16" for _, dtype in lora.values())
     assert {shape[0] for key, (shape, _) in lora.items() if key.endswith("lora_A.weight")} == {4}
     assert {shape[1] for key, (shape, _) in lora.items() if key.endswith("lora_B.weight")} == {4}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "peft").iterdir()} == {0o666 & ~umask}  # not 0600
     notes = serving_notes(tmp_path / "peft")
     if family == "llama":
         assert others == [] and notes == []

@@ -67,7 +67,8 @@ def quant_of(weight: torch.Tensor):
         packed=weight.data.reshape(-1), absmax=state.absmax, code=state.code.float(), blocksize=int(state.blocksize),
         shape=(int(out_features), int(in_features)),
         absmax2=state.state2.absmax.float() if nested else None, code2=state.state2.code.float() if nested else None,
-        blocksize2=int(state.state2.blocksize) if nested else 256, offset=float(state.offset) if nested else 0.0)
+        # the offset stays a tensor: float() here would be a host sync (and a graph break under torch.compile)
+        blocksize2=int(state.state2.blocksize) if nested else 256, offset=state.offset if nested else 0.0)
 
 
 def dequantize(quant, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -121,22 +121,48 @@ class LoRA2Function(torch.autograd.Function):
 # --- torch.compile: custom ops ------------------------------------------------------------------------
 
 
+# A 4-bit W enters the ops as its tensors (custom ops take tensors and scalars, not a Quant4): weight is
+# the packed bytes, then absmax, code, the double quantisation's absmax2 / code2 / offset (None when
+# not nested), its blocksizes, and the layer's out_features (the packed shape does not say it).
+def _quant(weight, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, in_features):
+    if absmax is None:
+        return None
+    return triton_kernels().Quant4(packed=weight, absmax=absmax, code=code, blocksize=blocksize,
+                                   shape=(out_features, in_features), absmax2=absmax2, code2=code2,
+                                   blocksize2=blocksize2, offset=offset if offset is not None else 0.0)
+
+
+def _quant_tensors(quant) -> tuple:
+    """The op arguments of a Quant4 (or of none), in _quant's order after weight."""
+    if quant is None:
+        return (None, None, None, None, None, 0, 256, 0)
+    offset = quant.offset if isinstance(quant.offset, torch.Tensor) else None
+    return (quant.absmax, quant.code, quant.absmax2, quant.code2, offset, int(quant.blocksize),
+            int(quant.blocksize2), int(quant.shape[0]))
+
+
 @torch.library.custom_op("lora2::lora2_linear", mutates_args=())
 def lora2_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q_down: torch.Tensor,
                     q_up: torch.Tensor, singular_values: torch.Tensor, p_down: torch.Tensor, p_up: torch.Tensor,
                     rank_mask: torch.Tensor, alpha: float, scale_by_kept: bool, fan_in_fan_out: bool,
-                    dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    dropout_p: float, seed: torch.Tensor | None, absmax: torch.Tensor | None = None,
+                    code: torch.Tensor | None = None, absmax2: torch.Tensor | None = None,
+                    code2: torch.Tensor | None = None, offset: torch.Tensor | None = None, blocksize: int = 0,
+                    blocksize2: int = 256, out_features: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, B₂ᵀ in x's dtype), the last an empty tensor where B₂ already has that dtype (an output
     may not alias an input)."""
     f = _factors(q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept)
-    y, hidden, b2 = triton_kernels().lora2_forward(x, weight, bias, f, fan_in_fan_out, dropout_p, _seed(seed))
+    quant = _quant(weight, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, x.shape[-1])
+    y, hidden, b2 = triton_kernels().lora2_forward(x, weight, bias, f, fan_in_fan_out, dropout_p, _seed(seed), quant)
     return y, hidden, (b2 if b2 is not p_up else x.new_empty(0))
 
 
 @lora2_linear_op.register_fake
 def _lora2_linear_fake(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept,
-                       fan_in_fan_out, dropout_p, seed):
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+                       fan_in_fan_out, dropout_p, seed, absmax=None, code=None, absmax2=None, code2=None, offset=None,
+                       blocksize=0, blocksize2=256, out_features=0):
+    if absmax is None:
+        out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     cast = q_down.dtype != x.dtype or p_up.dtype != x.dtype
     return (x.new_empty((*x.shape[:-1], out_features)), x.new_empty((*x.shape[:-1], q_down.shape[0]),
                                                                     dtype=torch.float32),
@@ -149,22 +175,29 @@ def lora2_linear_backward_op(
     singular_values: torch.Tensor, p_down: torch.Tensor, p_up: torch.Tensor, rank_mask: torch.Tensor,
     hidden: torch.Tensor, b2: torch.Tensor, alpha: float, scale_by_kept: bool, fan_in_fan_out: bool, dropout_p: float,
     seed: torch.Tensor | None, needs_input_grad: bool, needs_weight_grad: bool, needs_bias_grad: bool,
+    absmax: torch.Tensor | None = None, code: torch.Tensor | None = None, absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None, offset: torch.Tensor | None = None, blocksize: int = 0, blocksize2: int = 256,
+    out_features: int = 0,
 ) -> list[torch.Tensor]:
     """[dX, dW, db, dA₁, dB₁, dλ, dA₂, dB₂]; a gradient that was not asked for is an empty tensor
     (custom ops cannot return None). Every output is a fresh contiguous tensor, as the fake says."""
     params = (q_down, q_up, singular_values, p_down, p_up)
     f = _factors(*params, rank_mask, alpha, scale_by_kept)
+    quant = _quant(weight, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, x.shape[-1])
     grad_x, grad_w, grad_b, grads = triton_kernels().lora2_backward(
         grad_y, x, weight, f, hidden, b2 if b2.numel() else p_up, fan_in_fan_out, dropout_p, _seed(seed),
-        needs_input_grad=needs_input_grad, needs_weight_grad=needs_weight_grad, needs_bias_grad=needs_bias_grad)
+        needs_input_grad=needs_input_grad, needs_weight_grad=needs_weight_grad, needs_bias_grad=needs_bias_grad,
+        quant=quant)
     return [t if t is not None else x.new_empty(0) for t in (grad_x, grad_w, grad_b)] + _gradients(grads, params)
 
 
 @lora2_linear_backward_op.register_fake
 def _lora2_linear_backward_fake(grad_y, x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2,
                                 alpha, scale_by_kept, fan_in_fan_out, dropout_p, seed, needs_input_grad,
-                                needs_weight_grad, needs_bias_grad):
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+                                needs_weight_grad, needs_bias_grad, absmax=None, code=None, absmax2=None, code2=None,
+                                offset=None, blocksize=0, blocksize2=256, out_features=0):
+    if absmax is None:
+        out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     return [x.new_empty(x.shape) if needs_input_grad else x.new_empty(0),
             weight.new_empty(weight.shape) if needs_weight_grad else x.new_empty(0),
             grad_y.new_empty((out_features,)) if needs_bias_grad else x.new_empty(0),
@@ -173,23 +206,29 @@ def _lora2_linear_backward_fake(grad_y, x, weight, q_down, q_up, singular_values
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, *settings = inputs
-    alpha, scale_by_kept, fan_in_fan_out, dropout_p, seed = settings
+    alpha, scale_by_kept, fan_in_fan_out, dropout_p, seed, *quant = settings
+    absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features = quant or _quant_tensors(None)
     ctx.save_for_backward(x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, output[1], output[2],
-                          seed)
-    ctx.settings = (alpha, scale_by_kept, fan_in_fan_out, dropout_p, bias is not None)
+                          seed, absmax, code, absmax2, code2, offset)
+    ctx.settings = (alpha, scale_by_kept, fan_in_fan_out, dropout_p, bias is not None, blocksize, blocksize2,
+                    out_features)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward_op(ctx, grad_y, grad_hidden, grad_b2):
-    x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2, seed = ctx.saved_tensors
-    alpha, scale_by_kept, fan_in_fan_out, dropout_p, has_bias = ctx.settings
+    (x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2, seed,
+     *quant_tensors) = ctx.saved_tensors
+    alpha, scale_by_kept, fan_in_fan_out, dropout_p, has_bias, *quant_sizes = ctx.settings
     needs = ctx.needs_input_grad
+    four_bit = quant_tensors[0] is not None
     grads = torch.ops.lora2.lora2_linear_backward(
         grad_y.contiguous(), x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2, alpha,
-        scale_by_kept, fan_in_fan_out, dropout_p, seed, needs[0], needs[1], needs[2] and has_bias)
+        scale_by_kept, fan_in_fan_out, dropout_p, seed, needs[0], needs[1] and not four_bit, needs[2] and has_bias,
+        *quant_tensors, *quant_sizes)
     grad_x, grad_w, grad_b, *factor_grads = grads
-    return (grad_x if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] and has_bias else None,
-            *(g if need else None for g, need in zip(factor_grads, needs[3:8])), None, None, None, None, None, None)
+    return (grad_x if needs[0] else None, grad_w if needs[1] and not four_bit else None,
+            grad_b if needs[2] and has_bias else None,
+            *(g if need else None for g, need in zip(factor_grads, needs[3:8])), *([None] * (len(needs) - 8)))
 
 
 lora2_linear_op.register_autograd(_backward_op, setup_context=_setup_context)
@@ -255,11 +294,8 @@ def lora2_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if dropout_p > 0 and seed is None:  # drawn on the host from torch's generator: no device launch
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
     if torch.compiler.is_compiling():
-        if quant is not None:
-            raise NotImplementedError("torch.compile of a LoRA² layer over a 4-bit base is not supported yet: run it "
-                                      "eagerly (the fused 4-bit kernels run the same either way).")
         return torch.ops.lora2.lora2_linear(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask,
                                             float(alpha), bool(scale_by_kept), fan_in_fan_out, float(dropout_p),
-                                            seed)[0]
+                                            seed, *_quant_tensors(quant))[0]
     return LoRA2Function.apply(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha,
                                scale_by_kept, fan_in_fan_out, dropout_p, seed, quant)

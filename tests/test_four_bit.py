@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +83,83 @@ def test_fused_4bit_kernels_match_the_oracle(case, rows, quant_type, double_quan
     assert got[0].dtype == dtype and q4.weight.grad is None
     assert len(launched) == (2 if rows > lora_linear.FUSED_DEQUANT_MAX_TOKENS else 0)  # forward and dX
     assert_matches_oracle(got, expected, tolerances(raw, x, grad_y, dtype, expected), f"{quant_type} {dtype}")
+
+
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)], ids=["nf4-double-quant", "fp4"])
+def test_torch_compile_fullgraph_over_a_4bit_base(quant_type, double_quant):
+    """Inductor, forward and backward, through the custom ops with the 4-bit tables as their tensors
+    (the double quantisation's offset too: no float() of it, no graph break): the oracle, and bit for
+    bit what the eager path computes."""
+    layer, raw = make_layer(r=4, k=4)
+    q4, raw = quantised(layer, raw, quant_type, double_quant)
+    graphs = []
+
+    def inductor_recording(gm, example_inputs):
+        graphs.append(gm.code)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(q4, fullgraph=True, backend=inductor_recording)
+    g = torch.Generator().manual_seed(1)
+    x, grad_y = torch.randn(2, 9, 70, generator=g), torch.randn(2, 9, 45, generator=g)
+    expected = oracle(raw, x, grad_y)
+    got = run_layer(compiled, x, grad_y)
+    assert_matches_oracle(got, expected, tolerances(raw, x, grad_y, torch.float32, expected), "compiled 4-bit")
+    eager = run_layer(q4, x, grad_y)
+    assert all(torch.equal(a, b) for a, b in zip(got, eager) if a is not None)
+    assert len(graphs) == 1 and "torch.ops.lora2.lora2_linear(" in graphs[0] and "quant_state_absmax" in graphs[0]
+
+
+def test_a_double_quantised_layer_never_reads_a_device_value_on_the_host(monkeypatch):
+    """bitsandbytes keeps the double quantisation's offset as a device tensor; float() of it in every
+    forward (and again for each launch) stalled the launch queue. The kernels read it themselves."""
+    from lora2_kernels.triton_kernels import lora_linear
+
+    layer, raw = make_layer(r=4, k=4)
+    q4, raw = quantised(layer, raw, "nf4", True)
+    assert isinstance(four_bit.quant_of(q4.weight).offset, torch.Tensor)
+    ours = (str(Path(lora_linear.__file__).parent), str(Path(four_bit.__file__).parent))
+    reads = []
+    real_float, real_item = torch.Tensor.__float__, torch.Tensor.item
+
+    def counted(real):
+        def read(self):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(ours):
+                reads.append(f"{caller.co_name} ({Path(caller.co_filename).name})")
+            return real(self)
+        return read
+
+    x = torch.randn(6, 70, device=KERNEL_DEVICE)
+    monkeypatch.setattr(torch.Tensor, "__float__", counted(real_float))
+    monkeypatch.setattr(torch.Tensor, "item", counted(real_item))
+    run_layer(q4, x, torch.randn(6, 45, device=KERNEL_DEVICE))
+    monkeypatch.undo()
+    assert reads == []
+
+
+def test_the_4bit_custom_ops_pass_opcheck():
+    """Schema, fake (shapes, dtypes, strides: out_features comes from the layer, not the packed bytes)
+    against the real outputs, and the autograd registration, with double-quantised tables."""
+    from lora2_kernels.ops import _quant_tensors
+
+    layer, raw = make_layer(r=6, k=4)
+    q4, raw = quantised(layer, raw, "nf4", True)
+    quant = four_bit.quant_of(q4.weight)
+    torch.manual_seed(0)
+    x = torch.randn(5, 70, device=KERNEL_DEVICE, requires_grad=True)
+    factors = [getattr(q4, n).detach().clone().requires_grad_(True) for n in PARAMS]
+    args = (x, quant.packed, q4.bias.detach(), *factors, q4.rank_mask, ALPHA, False, False, 0.0, None,
+            *_quant_tensors(quant))
+    torch.library.opcheck(torch.ops.lora2.lora2_linear.default, args)
+    with torch.no_grad():
+        y, hidden, b2 = torch.ops.lora2.lora2_linear(*args)
+    assert y.shape == (5, 45)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    backward_args = (torch.randn_like(y), detached[0], detached[1], *detached[3:9], hidden, b2, *detached[9:14])
+    torch.library.opcheck(torch.ops.lora2.lora2_linear_backward.default,
+                          (*backward_args, True, False, True, *_quant_tensors(quant)))
 
 
 def test_reference_path_matches_the_oracle_and_the_quantisation_is_visible():

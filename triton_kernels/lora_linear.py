@@ -85,14 +85,15 @@ def _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha,
 
 
 @triton.jit
-def _load_weight(w_ptr, offsets, ok, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset, dtype: tl.constexpr,
+def _load_weight(w_ptr, offsets, ok, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, dtype: tl.constexpr,
                  QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr):
     """A tile of W at element ``offsets`` of its row-major (out × in) layout, in ``dtype``.
 
     QUANT 0: W itself. QUANT 1 / 2: bitsandbytes' 4-bit W (NF4 or FP4, whichever ``code`` holds),
     dequantised here, inside the K loop, so no full-precision W is ever written: two values a byte
     (high nibble first), value = code[nibble] · absmax[element // QBLOCK]. With 2 (double
-    quantisation) absmax is itself 8-bit: absmax = code2[absmax_q] · absmax2[block // QBLOCK2] + offset.
+    quantisation) absmax is itself 8-bit: absmax = code2[absmax_q] · absmax2[block // QBLOCK2] + offset (read from the
+    device: a float argument would make the host read it, a sync every launch).
     fp32 products rounded once to ``dtype``: what bitsandbytes' dequantize_4bit computes."""
     if QUANT == 0:
         return tl.load(w_ptr + offsets, mask=ok, other=0.0)
@@ -103,7 +104,7 @@ def _load_weight(w_ptr, offsets, ok, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
     block = offsets // QBLOCK
     if QUANT == 2:
         scale = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32))
-        scale = scale * tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0) + w_offset
+        scale = scale * tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0) + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
     return (value * scale).to(dtype)
@@ -136,12 +137,12 @@ def cast_factors_kernel(a_ptr, a_out_ptr, A_NUMEL, b_ptr, b_out_ptr, B_ROWS, B_C
 
 
 @triton.jit
-def dequantize_kernel(w_ptr, out_ptr, NUMEL, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset,
+def dequantize_kernel(w_ptr, out_ptr, NUMEL, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                       QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BLOCK: tl.constexpr):
     """A 4-bit W dequantised whole, row-major, in out's dtype: the large-batch path (see `lora2_forward`)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < NUMEL
-    w = _load_weight(w_ptr, offs, ok, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset,
+    w = _load_weight(w_ptr, offs, ok, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                      out_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
     tl.store(out_ptr + offs, w, mask=ok)
 
@@ -165,7 +166,7 @@ def forward_kernel(
     x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr,
     M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
-    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset,
+    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     HAS_BIAS: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -190,7 +191,7 @@ def forward_kernel(
         x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn, k_ok[:, None] & n_ok[None, :],
-                         absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset, x_ptr.dtype.element_ty, QUANT,
+                         absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, x_ptr.dtype.element_ty, QUANT,
                          QBLOCK, QBLOCK2)
         a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = _dot(x, w, acc, PRECISION)
@@ -219,7 +220,7 @@ def dx_kernel(
     dx_ptr, part_b2_ptr, part_a1_ptr, part_core_ptr,
     M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed,
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_xm, stride_xn, stride_dxm, stride_dxn, stride_b2k, stride_b2r,
-    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, w_offset,
+    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     COMPUTE_DX: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -273,7 +274,7 @@ def dx_kernel(
             if COMPUTE_DX:
                 wt = _load_weight(w_ptr, rows[:, None] * stride_wk + rn[None, :] * stride_wn,
                                   k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
-                                  w_offset, dy_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+                                  offset_ptr, dy_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
                 acc = _dot(dy, wt, acc, PRECISION)
             grad_b = _dot(dy, b2, grad_b, PRECISION)
         g = tl.dot(grad_b, core, input_precision="ieee")  # dL/dh, M × k
@@ -568,7 +569,7 @@ class Quant4:
     absmax2: torch.Tensor | None = None  # double quantisation: fp32 per block of ``blocksize2`` absmax
     code2: torch.Tensor | None = None  # 256 fp32 values
     blocksize2: int = 256
-    offset: float = 0.0
+    offset: float | torch.Tensor = 0.0  # bitsandbytes' is a device tensor: never read on the host
 
     @property
     def nested(self) -> bool:
@@ -576,7 +577,16 @@ class Quant4:
 
     def args(self) -> tuple:
         return (self.absmax, self.code, self.absmax2 if self.nested else self.absmax,
-                self.code2 if self.nested else self.code, float(self.offset))
+                self.code2 if self.nested else self.code, self.offset_pointer())
+
+    def offset_pointer(self) -> torch.Tensor:
+        """The double quantisation's offset as a 1-element device tensor (bitsandbytes keeps it as one);
+        without double quantisation a pointer the kernels never read."""
+        if not self.nested:
+            return self.absmax
+        if isinstance(self.offset, torch.Tensor):
+            return self.offset.reshape(1).to(torch.float32)
+        return torch.tensor([self.offset], dtype=torch.float32, device=self.absmax.device)
 
     def flags(self) -> dict[str, int]:
         return {"QUANT": 2 if self.nested else 1, "QBLOCK": int(self.blocksize), "QBLOCK2": int(self.blocksize2)}
@@ -587,7 +597,7 @@ NO_QUANT_FLAGS = {"QUANT": 0, "QBLOCK": 1, "QBLOCK2": 1}
 
 def _quant_args(weight: torch.Tensor, quant: Quant4 | None) -> tuple:
     """The 4-bit arguments of a launch; for a plain W, pointers the kernel never reads."""
-    return quant.args() if quant is not None else (weight, weight, weight, weight, 0.0)
+    return quant.args() if quant is not None else (weight, weight, weight, weight, weight)
 
 
 # Where a 4-bit W is dequantised. Inside the K loop, every row tile dequantises the whole W again:

@@ -348,24 +348,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # train options that say how to run, not what: --resume may give them anew
 LAUNCH_OPTIONS = {"command", "verbose", "resume", "overwrite", "no_progress", "fsdp", "fsdp_wrap", "fsdp_cpu_offload"}
+PATH_OPTIONS = {"model", "train_file", "validation_file", "test_file", "output_dir"}
+
+
+def _train_options_given(argv: list[str]) -> tuple[dict[str, object], dict[str, str]]:
+    """({dest: value} of the train options on the command line, not their defaults; {dest: flag})."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    for action in sub._actions:
+        action.default = argparse.SUPPRESS
+    flags = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}
+    return vars(parser.parse_args(argv)), flags
 
 
 def _refuse_settings_that_differ(args: argparse.Namespace, saved: TrainConfig) -> None:
     """--resume continues the run with its saved settings; a setting given on the command line that differs
     from them would be silently ignored (or, honoured, would make one run of two), so it is an error."""
-    defaults = vars(build_parser().parse_args(["train"]))
-    saved_values = {**dataclasses.asdict(saved), **saved.lora2}
-    differing = []
-    for name, value in vars(args).items():
-        if name in LAUNCH_OPTIONS or value == defaults.get(name):
-            continue  # not given (or given as the default)
-        if name == "output_dir":
-            if Path(value).resolve() != Path(args.resume).resolve():
-                differing.append(f"--output-dir {value} (resuming writes {args.resume})")
-            continue
-        was = saved_values.get(name, "not set")
-        if value != was and not (name == "train_file" and saved.dataset is None and value == saved.train_file):
-            differing.append(f"--{name.replace('_', '-')} {value} (the run: {was})")
+    given, flags = _train_options_given(args.argv)
+    saved_values = {**dataclasses.asdict(saved), **saved.lora2, "output_dir": args.resume}
+
+    def same(name: str, value: object, was: object) -> bool:
+        if name == "dataset" and value == "none":
+            value = None
+        if name in PATH_OPTIONS and isinstance(value, str) and isinstance(was, str) and value != "minilm":
+            return Path(value).resolve() == Path(was).resolve()
+        return value == was
+
+    differing = [f"{flags[name]} {value} (the run: {saved_values.get(name)})" for name, value in given.items()
+                 if name not in LAUNCH_OPTIONS and not same(name, value, saved_values.get(name))]
     if differing:
         raise InputError(f"--resume continues the run in {args.resume} with its saved settings, and these differ from "
                          f"them: {'; '.join(differing)}. Drop them to resume, or start a new run in another "
@@ -437,6 +447,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .io import atomic_write_dir, check_output_folder
     from .loading import load_tokenizer, resolve_model_path
+    from .methods import METHOD_FILE
 
     # before anything is loaded: an output over the adapter (or a folder holding it) would be replaced by
     # a model merged from what was read, and the adapter lost
@@ -451,6 +462,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     def fill(tmp: Path) -> None:
         merged.save_pretrained(tmp)
         load_tokenizer(tokenizer_path).save_pretrained(tmp)
+        # what the model was trained for (lora2 eval reads it), and the mark of a folder lora2 wrote
+        (tmp / METHOD_FILE).write_text(json.dumps(dataclasses.asdict(
+            dataclasses.replace(info, method="full", base_4bit=None)), indent=2), encoding="utf-8")
 
     atomic_write_dir(args.output, fill)
     logger.info("merged model written to %s (load it with from_pretrained; no lora2 needed)", args.output)
@@ -521,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what was given, not defaulted (train --resume)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

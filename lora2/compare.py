@@ -345,12 +345,17 @@ def compare(cfg: CompareConfig, command: str = "", progress: bool = True, sweep:
 
     out = Path(cfg.output_dir)
 
-    def is_comparison(folder: Path) -> bool:
-        return (folder / "runs").is_dir() or (folder / "results.json").is_file() or (folder / SWEEP_FILE).is_file()
+    def is_comparison(folder: Path) -> bool:  # its tables, its sweep, or runs it started (runs/TASK/METHOD/lrLR/seedN)
+        return ((folder / "results.json").is_file() or (folder / SWEEP_FILE).is_file()
+                or any(folder.glob("runs/*/*/lr*/seed*/train_config.json")))
 
-    check_output_folder(out, {"base model": resolve_model_path(cfg.model)}, overwrite, flag="--output-dir",
-                        own=is_comparison)
+    def check() -> None:
+        check_output_folder(out, {"base model": resolve_model_path(cfg.model)}, overwrite, flag="--output-dir",
+                            own=is_comparison, whole=False)
+
+    check()  # before the lock creates the folder (an input must not get one)
     with folder_lock(out):
+        check()  # again, now that no other lora2 process can change it
         return _compare(cfg, command, progress, sweep)
 
 

@@ -15,6 +15,8 @@ import io
 import json
 import logging
 import math
+import re
+from decimal import Decimal
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -188,8 +190,14 @@ def build_dataset(
     examples: list[dict[str, Any]] = [{k: encoded[k][i] for k in keys} for i in range(len(rows))]
     names: list[str] = []
     if task == "classification":
-        raw = [normalise_label(v, path, i + 2) for i, v in enumerate(_column(rows, label_column, path, "label"))]
-        names = list(label_names) if label_names is not None else _sorted_labels(set(raw))
+        raw = [normalise_label(v, path, i + 1) for i, v in enumerate(_column(rows, label_column, path, "label"))]
+        if label_names is not None:  # the training set's (or a saved adapter's, maybe from before normalising)
+            names = [normalise_label(n, "the known labels", i + 1) for i, n in enumerate(label_names)]
+            if len(set(names)) != len(names):
+                raise DataError(f"the known labels {list(label_names)} name one class twice once numbers are "
+                                f"normalised ({names}); retrain with distinct labels.")
+        else:
+            names = _sorted_labels(set(raw))
         index = {n: i for i, n in enumerate(names)}
         unknown = sorted(set(raw) - set(index))
         if unknown:
@@ -212,20 +220,31 @@ def build_dataset(
     return TextDataset(examples=examples, task=task, label_names=names, truncated=len(long_rows))
 
 
-def normalise_label(value: Any, path: str | Path, line: int) -> str:
-    """A classification label as its class name. Numbers name the same class however they are written
-    (1, 1.0, "1.0" and " 1" are class "1"); NaN and infinities are not classes; other text is stripped."""
+_DECIMAL = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.[0-9]+)?")  # ASCII digits, no leading zeros: "007" stays a name
+_NOT_A_NUMBER = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+
+
+def normalise_label(value: Any, path: str | Path, row: int) -> str:
+    """A classification label as its class name. A number names the same class however it is written
+    (JSON 1 and 1.0, text "1.0" and " +1" are class "1"; "1.50" is "1.5"); NaN and infinities are no
+    class; any other text is a name, only stripped ("007", "1_0" and "٣" stay as they are)."""
     if isinstance(value, bool):
         value = int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DataError(f"{path} row {row}: label {value!r} is not a class (not a finite number); fix or drop "
+                            "the row.")
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
     text = str(value).strip()
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    if not math.isfinite(number):
-        raise DataError(f"{path} line {line}: label {value!r} is not a class (not a finite number); fix or drop "
-                        "the row.")
-    return str(int(number)) if number.is_integer() else repr(number)
+    if text.lower() in _NOT_A_NUMBER:
+        raise DataError(f"{path} row {row}: label {value!r} is not a class (a missing or invalid number); fix or "
+                        "drop the row.")
+    if _DECIMAL.fullmatch(text):
+        number = Decimal(text)  # exact: no float rounding of long integers
+        return str(int(number)) if number == number.to_integral_value() else format(number.normalize(), "f")
+    return text
 
 
 def _sorted_labels(values: set[str]) -> list[str]:

@@ -32,7 +32,15 @@ from .config import LoRA2Config
 from .errors import InputError
 from .io import atomic_write_dir, atomic_write_text, check_output_folder
 from .methods import METHOD_FILE, TrainedInfo, read_trained
-from .model import _ADAPTER_PREFIX, _SAVED_PREFIX, CONFIG_NAME, WEIGHTS_NAME, _read_weights, read_adapter_meta
+from .model import (
+    _ADAPTER_PREFIX,
+    _SAVED_PREFIX,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    _read_weights,
+    check_adapter_values,
+    read_adapter_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # fan_in_fan_out=True for them. Adapters saved by lora2 >= 0.3 name those modules themselves.
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt")
 TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+PEFT_HEADS = ("classifier", "score")  # PEFT's SEQ_CLS models train modules named so whole
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 # the singular values of C below this fraction of its largest are rounding noise of a lower-rank
 # product (fp64 arithmetic on fp32 factors); --compact drops them
@@ -97,8 +106,19 @@ def export_peft_lora(adapter: str | Path, output: str | Path, compact: bool = Fa
     check_output_folder(output, {"adapter": adapter}, overwrite)
     meta = read_adapter_meta(adapter)
     state = _read_weights(adapter / WEIGHTS_NAME)
+    check_adapter_values(state)  # what loading the adapter refuses, export refuses too
     cfg = meta["lora2"]
     modules = list(meta["adapted_modules"])
+    task_type = TASK_TYPES.get(info.task or "")
+    in_head = [n for n in modules if any(part.endswith(PEFT_HEADS) for part in n.split("."))]
+    if task_type == "SEQ_CLS" and in_head:
+        raise InputError(f"{adapter} adapts {in_head[0]}, inside a classification head: a PEFT SEQ_CLS adapter trains "
+                         f"every module named like {PEFT_HEADS} whole (modules_to_save) and would drop that LoRA. "
+                         "This adapter has no exact PEFT LoRA form.")
+    if info.base_4bit:
+        logger.warning("%s was trained on a 4-bit base (%s): load the export on that 4-bit base (e.g. transformers' "
+                       "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=%r)) to reproduce it", adapter,
+                       info.base_4bit, info.base_4bit.get("quant_type"))
     k = int(cfg["k"])
     if cfg.get("pruning") == "monotone":  # lora2 0.1's scale: α / kept values, per module
         def scale(mask: torch.Tensor) -> torch.Tensor:
@@ -122,9 +142,7 @@ def export_peft_lora(adapter: str | Path, output: str | Path, compact: bool = Fa
     conv1d = meta.get("fan_in_fan_out")
     if conv1d is None:  # adapters saved before lora2 recorded it
         conv1d = modules if meta.get("model_type") in CONV1D_MODEL_TYPES else []
-    if conv1d and len(conv1d) != len(modules):
-        raise InputError(f"{adapter} adapts both Conv1D ({conv1d[0]}) and nn.Linear modules; a PEFT LoRA config has "
-                         "one fan_in_fan_out for all of them, so this adapter cannot be exported as one PEFT adapter.")
+    # (one flag for the config; PEFT sets it per module where a model mixes Conv1D and nn.Linear)
     # The same names LoRA² matched when it adapted the base: PEFT matches a list the same way (the whole
     # name or a "."-suffix) and a string as a full regex match, so it adapts the very same modules.
     target_modules = LoRA2Config.from_dict(cfg).resolved_target_modules(meta.get("model_type"))

@@ -139,23 +139,33 @@ def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-# Files at the top of every folder a lora2 command writes: a run (train_config.json), an adapter or an
-# export (adapter_config.json, lora2_method.json), a merged model (config.json), a comparison
-# (results.json, sweep.json). --overwrite replaces only a folder holding one of them.
-LORA2_OUTPUT_MARKERS = ("train_config.json", "adapter_config.json", "lora2_method.json", "config.json",
-                        "results.json", "sweep.json")
+# Files at the top of every folder a lora2 command writes: a run (train_config.json), an adapter, an
+# export or a merged model (lora2_method.json), a comparison (results.json, sweep.json).
+LORA2_OUTPUT_MARKERS = ("train_config.json", "lora2_method.json", "results.json", "sweep.json")
+# Everything `merge` and `export` write (a merged model: transformers' save_pretrained and the
+# tokenizer's files). They replace their output folder as a whole, so --overwrite lets them replace
+# only a folder holding lora2_method.json and nothing outside these names.
+WHOLE_OUTPUT_ENTRIES = ("lora2_method.json", "adapter_config.json", "adapter_model.safetensors", "config.json",
+                        "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                        "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.*", "merges.txt", "spiece.model", "sentencepiece*.model", "chat_template.*",
+                        "rank_allocation.png", LOCK_NAME)
 
 
 def check_output_folder(output: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str] | None],
-                        overwrite: bool, flag: str = "--output", own: Callable[[Path], bool] | None = None) -> None:
+                        overwrite: bool, flag: str = "--output", own: Callable[[Path], bool] | None = None,
+                        whole: bool = True) -> None:
     """The output-folder policy of every lora2 command that writes a folder, checked before any work.
 
     Refused, whatever ``overwrite`` says: an output that is, contains or lies inside one of the
-    ``inputs`` (role → path), since writing it would destroy the input; a file; and a non-empty
-    folder holding nothing lora2 writes (lora2 never deletes files it did not write). Refused
-    unless ``overwrite``: any other non-empty folder (another run's output) that ``own`` does not
-    accept as this command's own (the same run resumed, the same comparison continued).
+    ``inputs`` (role → path), since writing it would destroy the input; a file; a non-empty folder
+    lora2 did not write (lora2 never deletes files it did not write). ``whole`` (merge, export: the
+    folder is replaced as a whole) makes that strict: every entry must be one such a command writes.
+    Refused unless ``overwrite``: any other non-empty folder (another lora2 output) that ``own``
+    does not accept as this command's own (the same run started again, a comparison continued).
     """
+    from fnmatch import fnmatch
+
     from .errors import InputError
 
     out = Path(output).expanduser().resolve()
@@ -173,10 +183,16 @@ def check_output_folder(output: str | os.PathLike[str], inputs: dict[str, str | 
     held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
     if not held or (own is not None and own(out)):
         return
-    if not any((out / marker).is_file() for marker in LORA2_OUTPUT_MARKERS):
-        shown = ", ".join(held[:4])
-        raise InputError(f"{flag} {output} holds files lora2 did not write ({shown}); lora2 never deletes those, "
-                         "with or without --overwrite. Choose a new folder.")
+    foreign = held if not any((out / marker).is_file() for marker in LORA2_OUTPUT_MARKERS) else \
+        [name for name in held if whole and not any(fnmatch(name, pattern) for pattern in WHOLE_OUTPUT_ENTRIES)]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (" …" if len(foreign) > 4 else "")
+        if whole:
+            raise InputError(f"{flag} {output} holds files this command does not write ({shown}): replacing the "
+                             "folder would delete them. lora2 replaces only a folder that holds nothing but an earlier "
+                             "output of the same kind, with or without --overwrite: choose a new folder.")
+        raise InputError(f"{flag} {output} holds files lora2 did not write ({shown}) and no lora2 output; lora2 does "
+                         "not write among someone's files, with or without --overwrite: choose a new folder.")
     if not overwrite:
         raise InputError(f"{flag} {output} holds another lora2 output (another run, model or export); lora2 refuses "
                          "to write over it. Choose a new folder, or pass --overwrite to replace it.")

@@ -334,14 +334,7 @@ class LoRA2Model(nn.Module):
                 f"this adapter does not fit this model ({'; '.join(problems)}). It was saved from base model "
                 f"{base!r} (model_type {meta.get('model_type')!r}); load it on that base model."
             )
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise InputError(f"adapter file holds non-finite values in {bad[:3]}; it is corrupted.")
-        not_binary = [k for k, v in state.items() if k.endswith(".rank_mask") and not ((v == 0) | (v == 1)).all()]
-        if not_binary:
-            values = sorted({float(x) for x in state[not_binary[0]].flatten() if x not in (0, 1)})
-            raise InputError(f"{not_binary[0]} holds {values[:3]}: a rank mask keeps (1) or prunes (0) each singular "
-                             "value, nothing between. The adapter file was edited or corrupted; re-save it.")
+        check_adapter_values(state)
         with torch.no_grad():
             for name, layer in self.lora2_layers().items():
                 for t in _SAVED_ADAPTER_TENSORS:
@@ -350,6 +343,18 @@ class LoRA2Model(nn.Module):
                 module = self.base_model.get_submodule(name)
                 prefix = f"{_SAVED_PREFIX}{name}."
                 module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def check_adapter_values(state: dict[str, torch.Tensor]) -> None:
+    """Values no trained adapter holds: non-finite numbers, a rank mask other than 0 / 1."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"adapter file holds non-finite values in {bad[:3]}; it is corrupted.")
+    not_binary = [k for k, v in state.items() if k.endswith(".rank_mask") and not ((v == 0) | (v == 1)).all()]
+    if not_binary:
+        values = sorted({float(x) for x in state[not_binary[0]].flatten() if x not in (0, 1)})
+        raise InputError(f"{not_binary[0]} holds {values[:3]}: a rank mask keeps (1) or prunes (0) each singular "
+                         "value, nothing between. The adapter file was edited or corrupted; re-save it.")
 
 
 def read_adapter_meta(directory: Path) -> dict[str, Any]:

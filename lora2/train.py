@@ -336,6 +336,9 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
                     callback(record)
                 if stopping or (stop["signal"] is not None and not run.ctx.enabled):
                     _checkpoint_and_stop(run, step, stop)
+        # the final evaluation and writes: a signal now stops at once (the adapter is written whole or not at all)
+        stop.update(phase="finishing", hint=f"resume with `lora2 train --resume {cfg.output_dir}` to finish it"
+                    if cfg.save_checkpoints else "start it again to finish it")
         return _finish(run)
 
 
@@ -452,6 +455,7 @@ def _set_up(cfg: TrainConfig, resume: bool, overwrite: bool, device: str | torch
         logger.info("resumed from %s at step %d", out / CHECKPOINT_DIR, run.state["step"])
     else:
         if ctx.is_main:
+            _clear_run_files(out)
             atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         if run.evaluates:
             run.state["metric_before"] = _evaluate(run)[run.metric_name]
@@ -616,11 +620,11 @@ def _finish(run: _Run) -> TrainResult:
 
 
 def _agree(ctx: Any, check: Callable[[], None]) -> None:
-    """Run ``check`` (on rank 0) and raise its InputError on every rank, so no rank waits for a peer that quit."""
+    """Run ``check`` (on rank 0) and raise its error on every rank, so no rank waits for a peer that quit."""
     problem = None
     try:
         check()
-    except InputError as e:
+    except (InputError, OSError) as e:
         problem = e
     message = ctx.broadcast_object(str(problem) if problem is not None else None)
     if problem is not None:
@@ -654,8 +658,17 @@ def _claim_output_dir(out: Path, cfg: TrainConfig, model_path: str, resume: bool
 
     inputs = {"training file": cfg.train_file, "validation file": cfg.validation_file, "test file": cfg.test_file,
               "base model": model_path}
-    check_output_folder(out, inputs, overwrite, flag="--output-dir", own=same_run)
-    for name in RUN_FILES:  # a fresh start: nothing of an earlier run may mix into this one
+    check_output_folder(out, inputs, overwrite, flag="--output-dir", own=same_run, whole=False)
+    stopped = (out / CHECKPOINT_DIR / STATE_FILE).is_file() and not (out / "result.json").is_file()
+    if stopped and not overwrite:
+        raise InputError(f"{out} holds a run that was stopped before its end, with a checkpoint: "
+                         f"`lora2 train --resume {out}` continues it; --overwrite starts over and deletes it.")
+
+
+def _clear_run_files(out: Path) -> None:
+    """A fresh start in a folder ``_claim_output_dir`` accepted: nothing of an earlier run may mix into
+    this one. Called once set-up has succeeded, so a failed start leaves the earlier run as it was."""
+    for name in RUN_FILES:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -670,7 +683,12 @@ def _data_fingerprint(cfg: TrainConfig) -> dict[str, str]:
         builtin_train, builtin_validation = builtin_dataset_files(cfg.dataset)
         files["training file"] = str(builtin_train)
         files["validation file"] = cfg.validation_file or str(builtin_validation)
-    return {role: hashlib.sha256(Path(path).read_bytes()).hexdigest() for role, path in files.items() if path}
+    digests = {}
+    for role, path in files.items():
+        if path:
+            with open(path, "rb") as f:
+                digests[role] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
 
 
 def _check_same_data(saved: dict[str, str] | None, now: dict[str, str], out: Path) -> None:
@@ -820,15 +838,17 @@ def _log(out: Path, record: dict[str, Any]) -> None:
 
 @contextmanager
 def _stop_on_signals(hint: str) -> Iterator[dict[str, Any]]:
-    """SIGINT / SIGTERM: during set-up (loading, the first evaluation) stop at once, since there is nothing
-    to save; from the first step on (``stop["phase"] = "training"``) only note it: the loop finishes the
-    step, checkpoints and stops, never mid-update. Either way the CLI exits 130 with one line."""
-    stop: dict[str, Any] = {"signal": None, "phase": "set-up"}
+    """SIGINT / SIGTERM: during set-up (loading, the first evaluation) and after the last step (the final
+    evaluation, the outputs) stop at once, since there is nothing to save; during training
+    (``stop["phase"] = "training"``) only note it: the loop finishes the step, checkpoints and stops,
+    never mid-update. Either way the CLI exits 130 with one line."""
+    stop: dict[str, Any] = {"signal": None, "phase": "set-up", "hint": hint}
 
     def handler(signum: int, _frame: Any) -> None:
         stop["signal"] = signum
-        if stop["phase"] == "set-up":
-            raise TrainingInterrupted(f"stopped by signal {signum} before the first step; {hint}.")
+        if stop["phase"] != "training":
+            when = "before the first step" if stop["phase"] == "set-up" else "after the last step, before its outputs"
+            raise TrainingInterrupted(f"stopped by signal {signum} {when}; {stop['hint']}.")
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):

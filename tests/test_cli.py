@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,8 +173,16 @@ def test_merge_never_writes_over_its_inputs_or_someone_elses_folder(runs, tiny_b
     mydocs = tmp_path / "mydocs"
     (mydocs / "sub").mkdir(parents=True)
     (mydocs / "notes.txt").write_text("precious")
+    model_and_notes = tmp_path / "model-and-notes"  # someone's model folder, with their notes in it
+    model_and_notes.mkdir()
+    (model_and_notes / "config.json").write_text("{}")
+    (model_and_notes / "notes.txt").write_text("precious")
+    other_run = tmp_path / "other-run"  # a whole run: merge would replace its checkpoint and logs
+    shutil.copytree(run, other_run)
     cases = [(adapter, "is the adapter"), (run, "contains the adapter"), (adapter / "merged", "lies inside the adapter"),
-             (Path(tiny_bert_dir), "is the base model"), (mydocs, "did not write")]
+             (Path(tiny_bert_dir), "is the base model"), (mydocs, "this command does not write (notes.txt, sub)"),
+             (model_and_notes, "this command does not write (config.json, notes.txt)"),
+             (other_run, "this command does not write (adapter, best")]
     for output, message in cases:
         for overwrite in ([], ["--overwrite"]):
             caplog.clear()
@@ -182,6 +191,7 @@ def test_merge_never_writes_over_its_inputs_or_someone_elses_folder(runs, tiny_b
             assert message in caplog.text, (output, caplog.text)
     assert {p: p.read_bytes() for p in adapter.rglob("*") if p.is_file()} == before
     assert (mydocs / "notes.txt").read_text() == "precious" and (mydocs / "sub").is_dir()
+    assert (model_and_notes / "notes.txt").read_text() == "precious" and (other_run / "checkpoint").is_dir()
     assert not (adapter / "merged").exists()
     merged = tmp_path / "merged"
     assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(adapter), "--output", str(merged)]) == 0
@@ -191,6 +201,7 @@ def test_merge_never_writes_over_its_inputs_or_someone_elses_folder(runs, tiny_b
     assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(adapter), "--output", str(merged),
                  "--overwrite"]) == 0
     assert (merged / "config.json").is_file()
+    assert json.loads((merged / "lora2_method.json").read_text())["method"] == "full"  # lora2 eval reads it
 
 
 # --- output: quiet and true -------------------------------------------------------------------------------
@@ -326,11 +337,13 @@ def test_resume_continues_the_folder_given_not_the_one_recorded(tiny_bert_dir, s
     # item 9: settings given with --resume that differ from the run's are refused, not silently ignored ...
     caplog.clear()
     assert main(["train", "--resume", str(copy), "--max-steps", "100", "--learning-rate", "0.5", "--seed", "7",
-                 "--r", "2", "--batch-size", "8", "--no-progress"]) == 2
+                 "--r", "2", "--batch-size", "8", "--max-length", "64", "--kernel-backend", "reference",
+                 "--train-file", str(tmp_path / ".." / tmp_path.name / "train.tsv"), "--no-progress"]) == 2
     for given in ("--max-steps 100 (the run: 4)", "--learning-rate 0.5 (the run: 0.02)", "--seed 7 (the run: 0)",
-                  "--r 2 (the run: 4)"):
+                  "--r 2 (the run: 4)", "--max-length 64 (the run: 24)",  # 64 is the default: given all the same
+                  "--kernel-backend reference (the run: auto)"):
         assert given in caplog.text
-    assert "--batch-size" not in caplog.text  # the run's own value: no conflict
+    assert "--batch-size" not in caplog.text and "--train-file" not in caplog.text  # the run's own values
     # ... and so is a training file that changed between the kill and the resume
     text = data.read_text()
     data.write_text(text.replace("\t1\n", "\tX\n").replace("\t0\n", "\t1\n").replace("\tX\n", "\t0\n"))

@@ -198,3 +198,11 @@ def test_compare_keeps_to_its_own_folders(tiny_bert_dir, tmp_path, caplog):
     assert "holds another lora2 output" in caplog.text and "--overwrite" in caplog.text
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and sorted(p.name for p in run.iterdir()) == [
         "train_config.json"]
+    project = tmp_path / "project"  # lora2 train's runs/ (not a comparison's) in someone's project
+    (project / "runs" / "lora2-sst2").mkdir(parents=True)
+    (project / "runs" / "lora2-sst2" / "train_config.json").write_text("{}")
+    (project / "results.md").write_text("my results")
+    caplog.clear()
+    assert main(["compare", "--model", tiny_bert_dir, "--output-dir", str(project), "--overwrite"]) == 2
+    assert "did not write (results.md, runs)" in caplog.text
+    assert (project / "results.md").read_text() == "my results"

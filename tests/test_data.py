@@ -111,8 +111,17 @@ def test_numeric_labels_name_one_class_however_written_and_nan_is_no_class(tmp_p
     assert [ex["labels"] for ex in data.examples] == [1, 1, 0, 0, 1]
     (tmp_path / "nan.jsonl").write_text('{"sentence": "a", "label": 1}\n{"sentence": "b", "label": NaN}\n'
                                         '{"sentence": "c", "label": 0}\n')
-    with pytest.raises(DataError, match="line 3: label nan is not a class"):
+    with pytest.raises(DataError, match="row 2: label nan is not a class"):
         build_dataset(tmp_path / "nan.jsonl", tokenizer, "classification", "sentence")
+    # only numbers are normalised: names that look numeric stay names, long integers stay exact
+    names = ["007", "7", "1_0", "10", "\u0663", "3", "9007199254740993", "9007199254740992", "1.50", "1.5"]
+    rows = "".join(f'{{"sentence": "s{i}", "label": "{n}"}}\n' for i, n in enumerate(names))
+    (tmp_path / "names.jsonl").write_text(rows, encoding="utf-8")
+    data = build_dataset(tmp_path / "names.jsonl", tokenizer, "classification", "sentence")
+    assert len(data.label_names) == len(names) - 1 and "1.5" in data.label_names  # only 1.50 = 1.5 merge
+    # an adapter saved before normalisation (labels "0.0" / "1.0") still evaluates, with the same ids
+    old = build_dataset(tmp_path / "t.jsonl", tokenizer, "classification", "sentence", label_names=["0.0", "1.0"])
+    assert [ex["labels"] for ex in old.examples] == [1, 1, 0, 0, 1]
 
 
 def test_a_duplicated_header_column_is_an_error(tmp_path):

@@ -142,7 +142,7 @@ def test_export_refuses_to_write_over_its_input_or_a_folder_it_did_not_write(tmp
     (mine / "notes.txt").write_text("precious")
     with pytest.raises(InputError, match="--overwrite"):
         export_peft_lora(tmp_path / "run" / "adapter", mine)
-    with pytest.raises(InputError, match="did not write"):
+    with pytest.raises(InputError, match=r"does not write \(notes.txt\)"):
         export_peft_lora(tmp_path / "run" / "adapter", mine, overwrite=True)
     assert (mine / "notes.txt").read_text() == "precious"
     export_peft_lora(tmp_path / "run" / "adapter", tmp_path / "out")

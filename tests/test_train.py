@@ -444,6 +444,49 @@ def test_a_finished_run_is_not_replaced_without_overwrite(tiny_bert_dir, small_f
             train(_cfg(small_files, output, model=tiny_bert_dir), progress=False, overwrite=True)
 
 
+def test_a_stopped_run_is_resumed_not_restarted_and_a_failed_start_deletes_nothing(tiny_bert_dir, small_files,
+                                                                                    tmp_path, monkeypatch):
+    """The same command again after a kill (without --resume) used to delete the checkpoint at once; a start
+    with --overwrite that then failed (bad data) used to leave neither the old run nor a new one."""
+    import lora2.train as train_module
+    from conftest import train_killed_at
+
+    cfg = _cfg(small_files, tmp_path, model=tiny_bert_dir, max_steps=4, eval_every=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "train", train_killed_at(2))
+        with pytest.raises(TrainingInterrupted):
+            train_module.train(cfg, progress=False)
+    with pytest.raises(InputError, match=rf"stopped before its end, with a checkpoint: `lora2 train --resume {tmp_path}`"):
+        train(cfg, progress=False)
+    bad = tmp_path.parent / f"{tmp_path.name}-bad.tsv"
+    bad.write_text("sentence\tlabel\ngood\t1\nodd\tmaybe\n")
+    with pytest.raises(InputError, match="labels \\['maybe'\\]"):
+        train(_cfg(small_files, tmp_path, model=tiny_bert_dir, validation_file=str(bad)), progress=False, overwrite=True)
+    assert (tmp_path / "checkpoint" / "trainer_state.pt").is_file() and (tmp_path / "train_config.json").is_file()
+    assert train(cfg, resume=True, progress=False).steps == 4
+
+
+def test_a_signal_after_the_last_step_stops_at_once_and_resumes(tiny_bert_dir, small_files, tmp_path, monkeypatch):
+    """The final evaluation and writes used to run with the handlers of the loop: a SIGTERM there was only
+    noted, and the run went on to exit 0 as if nothing had happened."""
+    import lora2.train as train_module
+
+    real = train_module.atomic_write_dir
+
+    def signalled(target, fill):
+        if Path(target).name == "adapter":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(target, fill)
+
+    cfg = _cfg(small_files, tmp_path, model=tiny_bert_dir, max_steps=2, eval_every=2)
+    monkeypatch.setattr(train_module, "atomic_write_dir", signalled)
+    with pytest.raises(TrainingInterrupted, match="after the last step, before its outputs; resume with"):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "result.json").exists()
+    assert train(cfg, resume=True, progress=False).steps == 2 and (tmp_path / "adapter").is_dir()
+
+
 def test_two_runs_on_one_folder_are_refused(small_files, tmp_path, caplog):
     """Two lora2 train on one --output-dir used to interleave their logs (steps 0, 0, 2, 2, ...)."""
     from lora2.io import folder_lock

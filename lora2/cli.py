@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=_positive_int,
                    help="runs at once, in separate processes (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars: log lines instead")
+    c.add_argument("--load-in-4bit", action="store_true",
+                   help="every run on the base quantised to NF4 (QLoRA² vs PEFT QLoRA; not with full or, on the CPU, "
+                        "adalora)")
     c.add_argument("--overwrite", action="store_true",
                    help="write into --output-dir although it holds another lora2 output (an earlier comparison "
                         "there is continued without it)")
@@ -513,6 +516,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         overrides["max_steps"] = args.max_steps
     if args.jobs:
         overrides["jobs"] = args.jobs
+    if args.load_in_4bit:
+        overrides["load_in_4bit"] = True
     cfg = CompareConfig.full(**overrides) if args.full else CompareConfig(**overrides)
     try:
         compare(cfg, command="lora2 " + " ".join(sys.argv[1:]), progress=not args.no_progress, sweep=args.sweep,

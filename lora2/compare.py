@@ -122,6 +122,7 @@ class CompareConfig:
     # Runs at once, in separate processes. MiniLM's small batches keep two CPU threads busy poorly:
     # on 2 cores two single-thread runs do 1.4x the work of one two-thread run. One on a GPU.
     jobs: int = field(default_factory=lambda: 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1))
+    load_in_4bit: bool = False  # QLoRA² vs PEFT QLoRA: every run on the base quantised to NF4 (train --load-in-4bit)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in BUILTIN_DATASETS]
@@ -134,6 +135,13 @@ class CompareConfig:
             raise InputError("give at least one seed.")
         if self.jobs < 1:
             raise InputError(f"jobs must be >= 1, got {self.jobs}.")
+        if self.load_in_4bit:
+            cannot = [m for m in self.methods if _spec(m).method == "full"
+                      or (_spec(m).method == "adalora" and not torch.cuda.is_available())]
+            if cannot:
+                raise InputError(f"--load-in-4bit: {cannot} cannot train on a 4-bit base here (full fine-tuning would "
+                                 "train the 4-bit weights; PEFT's AdaLoRA needs a GPU over bitsandbytes' layers). "
+                                 "Choose --methods among the others.")
 
     @classmethod
     def full(cls, **overrides: Any) -> CompareConfig:
@@ -145,7 +153,8 @@ class CompareConfig:
     def training_settings(self) -> dict[str, Any]:
         """What decides a run's outcome besides task, method, lr and seed: a sweep is valid for these."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("output_dir", "tasks", "methods", "seeds", "jobs")}
+                if k not in ("output_dir", "tasks", "methods", "seeds", "jobs")
+                and not (k == "load_in_4bit" and not v)}  # a sweep from before the option exists ran without it
 
 
 def run_config(cfg: CompareConfig, task: str, spec: MethodSpec, seed: int, lr: float) -> TrainConfig:
@@ -164,7 +173,7 @@ def run_config(cfg: CompareConfig, task: str, spec: MethodSpec, seed: int, lr: f
         precision=cfg.precision, eval_every=eval_every, log_every=max(1, eval_every // 5), seed=seed,
         save_checkpoints=cfg.max_steps is None,  # short runs restart whole; --full runs resume mid-run
         lora2=dict(spec.settings) if spec.method == "lora2" else TrainConfig().lora2,
-        method_settings={} if spec.method == "lora2" else dict(spec.settings))
+        method_settings={} if spec.method == "lora2" else dict(spec.settings), load_in_4bit=cfg.load_in_4bit)
 
 
 def _finished(tc: TrainConfig) -> TrainResult | None:
@@ -493,7 +502,8 @@ def results_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# LoRA² vs baselines — {meta['date']}, {meta['machine']}", "",
         f"Command: `{meta['command']}`", "",
-        f"Model `{cfg['model']}`; {sizes}, whole test sets; {steps} of batch {cfg['batch_size']}, max "
+        f"Model `{cfg['model']}`{' quantised to 4-bit NF4 (every method on the same 4-bit base)' if cfg.get('load_in_4bit') else ''}; "
+        f"{sizes}, whole test sets; {steps} of batch {cfg['batch_size']}, max "
         f"{cfg['max_length']} tokens; seeds {cfg['seeds']}. Learning rates: each method's grid tried on the first "
         f"seed, the final model's **validation** score decides (from {meta['learning_rates_from']}). Reported: the "
         "final model of every seed on the **test** split, which nothing was chosen on, mean ± std. **best**: its mean "

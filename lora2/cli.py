@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora2_adapter_args(mg)
     mg.add_argument("--output", required=True, help="folder for the merged model (save_pretrained format); a new or "
                                                     "empty folder, never the adapter's or the base model's")
-    mg.add_argument("--overwrite", action="store_true", help="replace --output if it is a folder that is not empty")
+    mg.add_argument("--overwrite", action="store_true",
+                    help="replace --output if it holds an earlier merge or export (never a folder with other files)")
 
     # --- export --------------------------------------------------------------------------------------
     ex = _subcommand(
@@ -231,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--compact", action="store_true", help="per-module rank = the core's rank (exact, via its SVD)")
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the written tensors")
-    ex.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier lora2 output")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace --output if it holds an earlier export or merge (never a folder with other files)")
 
     # --- report --------------------------------------------------------------------------------------
     rp = _subcommand(

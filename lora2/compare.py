@@ -48,7 +48,16 @@ import torch
 from .data import BUILTIN_DATASETS, builtin_split_file, read_rows
 from .errors import EXIT_INTERRUPTED, InputError
 from .io import atomic_path, atomic_write_text
-from .train import CHECKPOINT_DIR, STATE_FILE, TrainConfig, TrainingError, TrainingInterrupted, TrainResult, train
+from .train import (
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    TrainConfig,
+    TrainingError,
+    TrainingInterrupted,
+    TrainResult,
+    records_config,
+    train,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,22 +187,17 @@ def run_config(cfg: CompareConfig, task: str, spec: MethodSpec, seed: int, lr: f
 
 def _finished(tc: TrainConfig) -> TrainResult | None:
     out = Path(tc.output_dir)
+    if not records_config(out, tc):
+        return None  # not run yet, or made with other settings: run again
     try:
-        saved = json.loads((out / "train_config.json").read_text(encoding="utf-8"))
-        result = json.loads((out / "result.json").read_text(encoding="utf-8"))
+        return TrainResult(**json.loads((out / "result.json").read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return None
-    if saved != json.loads(json.dumps(dataclasses.asdict(tc))):
-        return None  # made with other settings: run again
-    return TrainResult(**result)
 
 
 def _resumable(tc: TrainConfig) -> bool:
     out = Path(tc.output_dir)
-    if not (out / CHECKPOINT_DIR / STATE_FILE).is_file():
-        return False
-    saved = json.loads((out / "train_config.json").read_text(encoding="utf-8"))
-    return saved == json.loads(json.dumps(dataclasses.asdict(tc)))
+    return (out / CHECKPOINT_DIR / STATE_FILE).is_file() and records_config(out, tc)
 
 
 def _curves(out: Path, metric_name: str) -> dict[str, list[list[float]]]:

@@ -161,11 +161,20 @@ class TrainConfig:
 # --- data ------------------------------------------------------------------------------------------
 
 
-def load_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[TextDataset, TextDataset]:
-    train_file, validation_file = cfg.train_file, cfg.validation_file
-    if cfg.dataset is not None:  # its training split; its validation split unless --validation-file names one
+def data_files(cfg: TrainConfig) -> dict[str, str | None]:
+    """The files a run reads, by role. A built-in dataset gives its training split, and its validation
+    split unless --validation-file names one."""
+    files = {"training file": cfg.train_file, "validation file": cfg.validation_file, "test file": cfg.test_file}
+    if cfg.dataset is not None:
         builtin_train, builtin_validation = builtin_dataset_files(cfg.dataset)
-        train_file, validation_file = str(builtin_train), validation_file or str(builtin_validation)
+        files["training file"] = str(builtin_train)
+        files["validation file"] = cfg.validation_file or str(builtin_validation)
+    return files
+
+
+def load_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[TextDataset, TextDataset]:
+    files = data_files(cfg)
+    train_file, validation_file = files["training file"], files["validation file"]
     if validation_file is None:
         raise InputError("give --validation-file (or a built-in dataset): lora2 evaluates before and after training.")
     label = None if cfg.task == "causal-lm" else cfg.label_column
@@ -649,20 +658,22 @@ def _claim_output_dir(out: Path, cfg: TrainConfig, model_path: str, resume: bool
     if resume:
         return
 
-    def same_run(folder: Path) -> bool:
-        try:
-            saved = json.loads((folder / "train_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return saved == json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-    inputs = {"training file": cfg.train_file, "validation file": cfg.validation_file, "test file": cfg.test_file,
-              "base model": model_path}
-    check_output_folder(out, inputs, overwrite, flag="--output-dir", own=same_run, whole=False)
+    inputs = {**data_files(cfg), "base model": model_path}
+    check_output_folder(out, inputs, overwrite, flag="--output-dir", own=lambda folder: records_config(folder, cfg),
+                        whole=False)
     stopped = (out / CHECKPOINT_DIR / STATE_FILE).is_file() and not (out / "result.json").is_file()
     if stopped and not overwrite:
         raise InputError(f"{out} holds a run that was stopped before its end, with a checkpoint: "
                          f"`lora2 train --resume {out}` continues it; --overwrite starts over and deletes it.")
+
+
+def records_config(folder: Path, cfg: TrainConfig) -> bool:
+    """Whether ``folder`` holds a run started with exactly ``cfg`` (its train_config.json; False if unreadable)."""
+    try:
+        saved = json.loads((Path(folder) / "train_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return saved == json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def _clear_run_files(out: Path) -> None:
@@ -678,13 +689,8 @@ def _clear_run_files(out: Path) -> None:
 
 def _data_fingerprint(cfg: TrainConfig) -> dict[str, str]:
     """SHA-256 of every data file the run reads, so a resume notices a file changed under it."""
-    files = {"training file": cfg.train_file, "validation file": cfg.validation_file, "test file": cfg.test_file}
-    if cfg.dataset is not None:
-        builtin_train, builtin_validation = builtin_dataset_files(cfg.dataset)
-        files["training file"] = str(builtin_train)
-        files["validation file"] = cfg.validation_file or str(builtin_validation)
     digests = {}
-    for role, path in files.items():
+    for role, path in data_files(cfg).items():
         if path:
             with open(path, "rb") as f:
                 digests[role] = hashlib.file_digest(f, "sha256").hexdigest()

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "is not a terminal)")
     q = t.add_argument_group("QLoRA²: a 4-bit base (bitsandbytes)")
     q.add_argument("--load-in-4bit", action="store_true",
-                   help="quantise the base's linear layers (not the task head) to 4 bits; the adapter stays fp32")
+                   help="quantise the linear layers the adapter adapts to 4 bits (the task head and layers no "
+                        "adapter touches keep their precision); the adapter stays fp32")
     q.add_argument("--bnb-4bit-quant-type", default="nf4", choices=["nf4", "fp4"], help="the 4-bit code (default: nf4)")
     q.add_argument("--double-quant", action="store_true", help="quantise the absmax values too (QLoRA's double quant)")
     f = t.add_argument_group("FSDP2 (under torchrun / accelerate launch; not saved with the run: --resume may change it)")
@@ -538,6 +540,9 @@ COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval, "me
 
 
 def main(argv: list[str] | None = None) -> int:
+    # lora2 reads local folders only: nothing it imports may reach out to a model hub (bitsandbytes' CPU
+    # backend otherwise asks one for an optional kernel at import). Read when huggingface_hub is imported.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .train import TrainingError
 
     parser = build_parser()

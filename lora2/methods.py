@@ -302,7 +302,8 @@ class TrainedInfo:
     label_names: list[str] | None = None
     dataset: str | None = None  # the built-in dataset it was trained on, if any
     columns: dict[str, str | None] | None = None  # text_column, text_pair_column, label_column of the run
-    base_4bit: dict[str, Any] | None = None  # trained on a 4-bit base: {"quant_type", "double_quant"}
+    # trained on a 4-bit base: {"quant_type", "double_quant", "modules": the names quantised}
+    base_4bit: dict[str, Any] | None = None
 
     @property
     def description(self) -> str:
@@ -364,7 +365,9 @@ def load_trained(directory: str | Path, model_path: str, info: TrainedInfo, task
     if info.base_4bit:  # the adapter was trained against the 4-bit base: evaluate it on the same one
         from lora2_kernels.four_bit import quantize_model
 
-        quantize_model(base, info.base_4bit["quant_type"], bool(info.base_4bit["double_quant"]))
+        # the very layers training quantised (adapters before lora2 0.2.1 recorded none: every linear but the heads)
+        quantize_model(base, info.base_4bit["quant_type"], bool(info.base_4bit["double_quant"]),
+                       modules=info.base_4bit.get("modules"))
     if info.method == "lora2":
         model = LoRA2Model.from_pretrained(base, directory)
         restored = {f"{name}." for name in model.modules_to_save}

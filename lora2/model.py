@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora2_kernels import LoRA2Linear, is_supported_linear
-from lora2_kernels.four_bit import unsupported_linear
+from lora2_kernels.four_bit import keep_standard_layout, unsupported_linear
 
 from .config import READABLE_FORMAT_VERSIONS, LoRA2Config
 from .errors import InputError
@@ -68,6 +68,7 @@ class LoRA2Model(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
         self._inject()
+        keep_standard_layout(model)  # 4-bit layers no adapter wraps: bitsandbytes must not repack them on eval
         self.modules_to_save = self._resolve_modules_to_save()
         self._freeze()
         # forward's signature is the base model's, as PEFT's wrappers do: HF Trainer's

@@ -118,7 +118,7 @@ class TrainConfig:
     lora2: dict[str, Any] = field(default_factory=lambda: {"r": 8, "k": 8, "target_rank": 6, "alpha": 16.0})
     # settings of a baseline method (LoraConfig / AdaLoraConfig fields); LoRA² reads ``lora2``
     method_settings: dict[str, Any] = field(default_factory=dict)
-    # QLoRA²: the base's linear layers (not the task head) as bitsandbytes 4-bit weights
+    # QLoRA²: the base's adapted linear layers as bitsandbytes 4-bit weights
     load_in_4bit: bool = False
     bnb_4bit_quant_type: str = "nf4"  # or fp4
     double_quant: bool = False  # quantise the absmax too (about 0.37 bits a value less)
@@ -415,8 +415,7 @@ def _set_up(cfg: TrainConfig, resume: bool, overwrite: bool, device: str | torch
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_datasets(cfg, tokenizer)
     base = _load_base(cfg, model_path, ctx, sharded, train_set, tokenizer)
-    if cfg.load_in_4bit:
-        _quantise_base(base, cfg, device, sharded)
+    quantised = _quantise_base(base, cfg, device, sharded) if cfg.load_in_4bit else None
     collate = Collator(tokenizer.pad_token_id, cfg.task)
     steps_per_epoch = _steps_per_epoch(cfg, len(train_set), ctx.world_size)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
@@ -424,8 +423,8 @@ def _set_up(cfg: TrainConfig, resume: bool, overwrite: bool, device: str | torch
     method.data_info = {"dataset": cfg.dataset, "columns": {"text_column": cfg.text_column,
                                                             "text_pair_column": cfg.text_pair_column,
                                                             "label_column": cfg.label_column},
-                        "base_4bit": {"quant_type": cfg.bnb_4bit_quant_type, "double_quant": cfg.double_quant}
-                        if cfg.load_in_4bit else None}
+                        "base_4bit": {"quant_type": cfg.bnb_4bit_quant_type, "double_quant": cfg.double_quant,
+                                      "modules": quantised} if cfg.load_in_4bit else None}
     if sharded:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -738,10 +737,14 @@ def _steps_per_epoch(cfg: TrainConfig, examples: int, world_size: int) -> int:
     return epoch_batches // cfg.grad_accum
 
 
-def _quantise_base(base: torch.nn.Module, cfg: TrainConfig, device: torch.device, sharded: bool) -> None:
-    """--load-in-4bit: the base's linears as bitsandbytes 4-bit weights, quantised with bitsandbytes
-    directly (transformers' BitsAndBytesConfig loader wants a CUDA GPU; this works on the CPU too)."""
+def _quantise_base(base: torch.nn.Module, cfg: TrainConfig, device: torch.device, sharded: bool) -> list[str]:
+    """--load-in-4bit: the linears the adapter targets as bitsandbytes 4-bit weights, quantised with
+    bitsandbytes directly (transformers' BitsAndBytesConfig loader wants a CUDA GPU; this works on the CPU
+    too). Layers no adapter touches (BERT's pooler, the task head) keep their precision. Returns the names
+    quantised, which the adapter records so eval and merge rebuild the very same base."""
     from lora2_kernels.four_bit import quantize_model, weight_bytes
+
+    from .config import LoRA2Config
 
     if sharded:
         raise InputError("--load-in-4bit with --fsdp is not supported yet (FSDP2 would shard the packed 4-bit "
@@ -751,10 +754,17 @@ def _quantise_base(base: torch.nn.Module, cfg: TrainConfig, device: torch.device
                          "to bitsandbytes' output (a view autograd forbids). PEFT LoRA and LoRA² run here.")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     before = weight_bytes(base)
-    names = quantize_model(base, cfg.bnb_4bit_quant_type, cfg.double_quant, compute_dtype=half, device=device)
-    logger.info("quantised %d linear layers to 4-bit %s%s with bitsandbytes directly (the task head stays in full "
-                "precision): linear weights %.1f MiB, were %.1f MiB", len(names), cfg.bnb_4bit_quant_type,
-                " with double quantisation" if cfg.double_quant else "", weight_bytes(base) / 2**20, before / 2**20)
+    settings = cfg.lora2 if cfg.method == "lora2" else cfg.method_settings
+    targets = settings.get("target_modules")
+    if targets is None:  # every method's default targets are LoRA²'s (methods.py)
+        targets = LoRA2Config().resolved_target_modules(getattr(base.config, "model_type", None))
+    names = quantize_model(base, cfg.bnb_4bit_quant_type, cfg.double_quant, compute_dtype=half, device=device,
+                           modules=targets)
+    logger.info("quantised the %d adapted linear layers to 4-bit %s%s with bitsandbytes directly (the others and "
+                "the task head keep their precision): linear weights %.1f MiB, were %.1f MiB", len(names),
+                cfg.bnb_4bit_quant_type, " with double quantisation" if cfg.double_quant else "",
+                weight_bytes(base) / 2**20, before / 2**20)
+    return names
 
 
 # --- checkpoints, logs, signals ------------------------------------------------------------------------

@@ -13,10 +13,32 @@ plain (out × in) floating-point tensor; ``unsupported_linear`` says why the oth
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
-BNB_INSTALL = "pip install bitsandbytes>=0.46 (its CPU backend runs without a GPU)"
+logger = logging.getLogger(__name__)
+
+BNB_INSTALL = "pip install 'bitsandbytes>=0.46,<0.51' (its CPU backend runs without a GPU)"
+BLOCKSIZE = 64  # values per absmax block: what quantize_model uses (bitsandbytes' default for 4 bits)
+
+
+class _DropOptionalKernelNotice(logging.Filter):
+    """bitsandbytes >= 0.50 tries, when it is imported on a CPU with AVX512-BF16 (peft imports it even for a
+    run without a 4-bit base), to fetch an optional CPU inference kernel from a hub through the ``kernels``
+    package, which logs about the hub, and bitsandbytes logs a warning when it cannot. That kernel serves only
+    the repacked inference layout, which lora2 switches off (see ``keep_standard_layout``), so both notices
+    are noise a newcomer reads as an error. Only these two messages are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Failed to load CPU gemm_4bit_forward")
+                    or "kernels-community/quantization-bitsandbytes" in message)
+
+
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_name).addFilter(_DropOptionalKernelNotice())
 
 
 def bnb():
@@ -56,10 +78,56 @@ def unsupported_linear(module: nn.Module) -> str | None:
     return None
 
 
+def keep_standard_layout(module: nn.Module) -> None:
+    """Keep every bitsandbytes Linear4bit in ``module`` in the standard packed layout the kernels read.
+
+    bitsandbytes >= 0.48, on a CPU with AVX512-BF16, repacks a Linear4bit's weight into a CPU inference
+    layout on its first eval-mode forward without gradients, and rounds its absmax to bf16 while at it: the
+    layer's values change, the packed tensor no longer holds (out·in/2) values in order, and the next
+    training forward fails inside bitsandbytes. lora2 switches that off per layer (bitsandbytes reads the
+    instance flag in every forward) and brings a layer already repacked back to the standard layout (its
+    absmax keeps the bf16 rounding bitsandbytes gave it, which is logged)."""
+    for name, layer in module.named_modules():
+        if not is_linear4bit(layer):
+            continue
+        layer.support_avx512bf16_for_cpu = False
+        if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+            standard_layout(layer.weight)
+            logger.warning("%s had been repacked by bitsandbytes into its CPU inference layout (an eval forward); "
+                           "it is back in the standard layout, with the absmax bitsandbytes rounded to bf16",
+                           name or type(layer).__name__)
+
+
+def standard_layout(weight: torch.Tensor) -> None:
+    """Undo bitsandbytes' CPU inference repacking of a ``Params4bit`` in place (see keep_standard_layout)."""
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    nested = bool(getattr(state, "original_nested", False))
+    data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if not nested:  # the inverse re-flattens a nested absmax only; a plain one is still (in/64 × out) bf16
+        state.absmax = state.absmax.T.reshape(-1).float().contiguous()
+    weight.data, weight.quant_state = data, state
+
+
+def as_params4bit(weight: torch.Tensor) -> nn.Parameter:
+    """A ``Params4bit`` again for a Parameter that lost its class in pickling (torch.save of a whole module
+    rebuilds every Parameter as a plain one, keeping its attributes, quant_state among them)."""
+    if is_4bit_weight(weight) or getattr(weight, "quant_state", None) is None:
+        return weight
+    state = weight.quant_state
+    return bnb().nn.Params4bit(weight.data, requires_grad=False, quant_state=state, blocksize=int(state.blocksize),
+                               compress_statistics=bool(state.nested), quant_type=state.quant_type,
+                               quant_storage=weight.dtype, bnb_quantized=True)
+
+
 def quant_of(weight: torch.Tensor):
     """The kernels' view (``Quant4``) of a quantised ``Params4bit``."""
     from .ops import triton_kernels
 
+    standard_layout(weight)  # a layer the caller let bitsandbytes repack (keep_standard_layout prevents it)
     state = weight.quant_state
     nested = bool(getattr(state, "nested", False))
     out_features, in_features = state.shape
@@ -131,26 +199,59 @@ def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", double_quant: bo
                         compute_dtype=compute_dtype or torch.float32, compress_statistics=double_quant,
                         quant_type=quant_type, device="meta")
     q.weight = b.nn.Params4bit(linear.weight.data.float().cpu(), requires_grad=False, quant_type=quant_type,
-                               compress_statistics=double_quant, blocksize=64)
+                               compress_statistics=double_quant, blocksize=BLOCKSIZE)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q.to(device)
+    q = q.to(device)
+    keep_standard_layout(q)
+    return q
+
+
+def too_narrow(linear: nn.Linear) -> bool:
+    """A linear narrower than one absmax block: each of its rows would share blocks with the next, which
+    bitsandbytes' CPU layout cannot hold, and its weight is too small for 4 bits to save anything."""
+    return linear.in_features < BLOCKSIZE
+
+
+def _named(name: str, patterns: list[str] | str) -> bool:
+    """The surgery's rule (lora2.model._matches): a regex matched whole, or a list of names / name suffixes."""
+    import re
+
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool = False,
                    skip: tuple[str, ...] = ("lm_head", "classifier", "score"),
-                   compute_dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> list[str]:
-    """Replace every plain nn.Linear of ``model`` (but the heads in ``skip``: a trained head or a tied
-    LM head stays in full precision, as transformers' BitsAndBytesConfig does) by a bitsandbytes
-    Linear4bit, in place, one layer at a time. Returns the names quantised.
+                   compute_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                   modules: list[str] | str | None = None) -> list[str]:
+    """Replace plain nn.Linear layers of ``model`` by bitsandbytes Linear4bit layers, in place, one layer at a
+    time. Returns the names quantised.
+
+    Which: ``modules`` (names or name suffixes, or one regex, as ``target_modules``; lora2 train passes the
+    adapter's target modules, so a layer nobody adapts, e.g. BERT's pooler, keeps its precision), or with
+    ``modules=None`` every linear but the heads in ``skip`` (a trained head or a tied LM head stays in full
+    precision, as transformers' BitsAndBytesConfig does). Never a layer narrower than one block (``too_narrow``).
 
     This is what ``BitsAndBytesConfig(load_in_4bit=True)`` does to a loaded model, done directly with
     bitsandbytes, so it works where transformers' bitsandbytes path wants a GPU (e.g. the CPU)."""
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type {quant_type!r}: bitsandbytes' 4-bit types are 'nf4' and 'fp4'.")
     bnb()
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear
-             and not any(n == s or n.endswith("." + s) or n.startswith(s + ".") or f".{s}." in n for s in skip)]
+
+    def wanted(name: str) -> bool:
+        if modules is not None:
+            return _named(name, modules)
+        return not any(name == s or name.endswith("." + s) or name.startswith(s + ".") or f".{s}." in name
+                       for s in skip)
+
+    chosen = [n for n, m in model.named_modules() if n and type(m) is nn.Linear and wanted(n)]
+    narrow = [n for n in chosen if too_narrow(model.get_submodule(n))]
+    if narrow:
+        logger.info("not quantised (narrower than one %d-value block): %s", BLOCKSIZE, ", ".join(narrow[:4]) +
+                    (f" and {len(narrow) - 4} more" if len(narrow) > 4 else ""))
+    names = [n for n in chosen if n not in narrow]
     for name in names:
         model.set_submodule(name, quantize_linear(model.get_submodule(name), quant_type, double_quant, compute_dtype,
                                                   device))

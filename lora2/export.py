@@ -30,7 +30,8 @@ from lora2_kernels import reference
 
 from .config import LoRA2Config
 from .errors import InputError
-from .io import atomic_write_dir, atomic_write_text, check_output_folder
+from .io import atomic_write_dir, atomic_write_text
+from .run_folder import check_output_folder
 from .methods import METHOD_FILE, TrainedInfo, read_trained
 from .model import (
     _ADAPTER_PREFIX,
@@ -93,7 +94,7 @@ def export_peft_lora(adapter: str | Path, output: str | Path, compact: bool = Fa
                      overwrite: bool = False) -> ExportReport:
     """Write the LoRA² adapter in ``adapter`` as a PEFT LoRA adapter folder ``output``.
 
-    ``output`` follows lora2's output-folder policy (``io.check_output_folder``): never the adapter or a
+    ``output`` follows lora2's output-folder policy (``run_folder.check_output_folder``): never the adapter or a
     folder around it, and a non-empty folder only with ``overwrite``. It is written whole or not at all.
     """
     adapter = Path(adapter)

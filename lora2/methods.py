@@ -338,6 +338,20 @@ def read_trained(directory: str | Path) -> TrainedInfo:
                      "adapter/ or best/ folder of a lora2 train run.")
 
 
+def recorded_base_model(directory: str | Path) -> str | None:
+    """The base model an adapter folder records (LoRA²: its config's base_model_name_or_path; PEFT: the same
+    field of adapter_config.json), or None."""
+    try:
+        meta = json.loads((Path(directory) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    recorded = meta.get("lora2", {}).get("base_model_name_or_path") if "lora2" in meta else \
+        meta.get("base_model_name_or_path")
+    return recorded if isinstance(recorded, str) and recorded else None
+
+
 def _saved_head_labels(directory: Path) -> int | None:
     """Rows of the classification head PEFT saved with the adapter (its modules_to_save)."""
     from safetensors import safe_open

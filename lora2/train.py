@@ -18,15 +18,10 @@ written to a staging folder and swapped in by rename, so a crash mid-write keeps
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import os
-import pickle
 import random
-import re
-import shutil
 import signal
 import sys
 import time
@@ -40,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import fsdp as fsdp_
 from .data import (
     BUILTIN_DATASETS,
     Collator,
@@ -49,10 +45,9 @@ from .data import (
     build_dataset,
     builtin_dataset_files,
 )
-from . import fsdp as fsdp_
 from .distributed import fsdp_requested, init_from_env, wrap
 from .errors import InputError
-from .io import atomic_write_dir, atomic_write_text, check_output_folder, folder_lock, recover_dir
+from .io import atomic_write_text
 from .loading import (  # noqa: F401 -- re-exported: lora2.train was their home
     DEFAULT_MODEL,
     load_base_model,
@@ -63,11 +58,25 @@ from .loading import (  # noqa: F401 -- re-exported: lora2.train was their home
 from .memory import PeakMemory
 from .methods import METHODS, Method, build_method, total_parameter_count, trainable_parameter_count
 from .metrics import PRIMARY_METRIC, classification_metrics, lm_metrics, regression_metrics
+from .run_folder import (  # noqa: F401 -- CheckpointError, records_config: re-exported, lora2.train was their home
+    CHECKPOINT_DIR,
+    RESULT_FILE,
+    STATE_FILE,
+    CheckpointError,
+    absolute_paths,
+    check_same_inputs,
+    claim_output_dir,
+    clear_run_files,
+    finished_result,
+    input_fingerprints,
+    load_checkpoint,
+    normalised,
+    records_config,
+    save_checkpoint,
+    write_whole,
+)
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "trainer_state.pt"
 
 
 class TrainingError(RuntimeError):
@@ -76,10 +85,6 @@ class TrainingError(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT / SIGTERM arrived; a resumable checkpoint was written first."""
-
-
-class CheckpointError(InputError):
-    """A checkpoint that cannot be resumed from; the message says why and what to do."""
 
 
 @dataclass
@@ -235,27 +240,6 @@ def evaluate(model: torch.nn.Module, dataset: TextDataset, collate: Collator, ba
 # --- the loop ----------------------------------------------------------------------------------------
 
 
-def _rng_state() -> dict[str, Any]:
-    """Every RNG's state as tensors and plain Python values, so a checkpoint loads with weights_only=True."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
-                       "has_gauss": has_gauss, "cached_gaussian": cached_gaussian}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["bit_generator"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -320,8 +304,14 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     ``distributed.py``); ``cfg.batch_size`` is then the global batch, split across processes.
     ``fsdp`` (True or options) shards the frozen base across them with FSDP2 instead (``fsdp.py``).
     ``cfg.output_dir`` must be new, empty, or this run's own (the same settings, or ``resume``);
-    ``overwrite`` replaces another run there (see ``_claim_output_dir``).
+    ``overwrite`` replaces another run there (the rules: ``run_folder.py``). ``resume`` of a finished run
+    returns its result and changes nothing.
     """
+    cfg = dataclasses.replace(absolute_paths(cfg), output_dir=str(normalised(cfg.output_dir)))
+    if resume and (done := finished_result(cfg.output_dir)) is not None:
+        logger.info("the run in %s finished (%s); nothing to resume, its files are left as they are",
+                    cfg.output_dir, RESULT_FILE)
+        return TrainResult(**done)
     hint = f"resume with `lora2 train --resume {cfg.output_dir}`" if resume else "nothing was trained: start it again"
     with ExitStack() as stack:  # the run folder's lock, the signal handlers: released however train() ends
         stop = stack.enter_context(_stop_on_signals(hint))
@@ -374,7 +364,8 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     metric_name: str
-    state: dict[str, Any]  # step, best, metric_before, history, data_sha256: saved in every checkpoint
+    # step, best, metric_before, history, data_sha256 (fingerprints of the data and the base model): in every checkpoint
+    state: dict[str, Any]
     evaluates: bool  # under FSDP every rank runs every forward, so every rank evaluates; else rank 0 alone
     use_bar: bool
     bar: Any
@@ -408,7 +399,8 @@ def _set_up(cfg: TrainConfig, resume: bool, overwrite: bool, device: str | torch
         raise InputError(f"batch_size {cfg.batch_size} must be a multiple of the {ctx.world_size} processes "
                          "(it is the global batch, split evenly across them).")
     model_path = resolve_model_path(cfg.model)
-    _agree(ctx, lambda: _claim_output_dir(out, cfg, model_path, resume, overwrite, stack) if ctx.is_main else None)
+    inputs = {**data_files(cfg), "base model": model_path}
+    _agree(ctx, lambda: claim_output_dir(out, cfg, inputs, resume, overwrite, stack) if ctx.is_main else None)
     precision = _pick_precision(cfg.precision, device)
     _seed_everything(cfg.seed)
 
@@ -445,7 +437,7 @@ def _set_up(cfg: TrainConfig, resume: bool, overwrite: bool, device: str | torch
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    data_sha256 = _data_fingerprint(cfg)
+    fingerprints = input_fingerprints(data_files(cfg), model_path)
     use_bar = progress and ctx.is_main and sys.stderr.isatty()
     # A progress bar on a terminal; otherwise (a file, a CI log, nohup, --no-progress) one log line
     # per log step, since a bar written to a file is a single line of carriage returns.
@@ -453,17 +445,18 @@ def _set_up(cfg: TrainConfig, resume: bool, overwrite: bool, device: str | torch
                model=model, trained=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, tokenizer=tokenizer,
                train_set=train_set, eval_set=eval_set, collate=collate, steps_per_epoch=steps_per_epoch,
                total_steps=total_steps, metric_name=PRIMARY_METRIC[cfg.task],
-               state={"step": 0, "best": -math.inf, "metric_before": None, "history": [], "data_sha256": data_sha256},
+               state={"step": 0, "best": -math.inf, "metric_before": None, "history": [], "data_sha256": fingerprints},
                evaluates=ctx.is_main or sharded, use_bar=use_bar, bar=None, peak=PeakMemory(device),
                whole=fsdp_.trainable_parameters(model) if sharded else [], start=0.0, first_step=0,
                window=torch.zeros(2, device=device), window_start=0, window_clock=0.0)
     if resume:
-        run.state = _load_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler)
-        _check_same_data(run.state.get("data_sha256"), data_sha256, out)
+        run.state = load_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler)
+        check_same_inputs(run.state.get("data_sha256"), fingerprints, out)
+        run.state["data_sha256"] = fingerprints  # a run from before the base model was fingerprinted gets one
         logger.info("resumed from %s at step %d", out / CHECKPOINT_DIR, run.state["step"])
     else:
         if ctx.is_main:
-            _clear_run_files(out)
+            clear_run_files(out)
             atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         if run.evaluates:
             run.state["metric_before"] = _evaluate(run)[run.metric_name]
@@ -578,15 +571,17 @@ def _evaluate_and_checkpoint(run: _Run, step: int, record: dict[str, Any]) -> No
     state["step"] = step
     if run.cfg.save_checkpoints:
         if improved:
-            atomic_write_dir(run.out / "best", run.method.save)
-        _save_checkpoint(run.out / CHECKPOINT_DIR, run.method, run.optimizer, run.scheduler, run.scaler, state)
+            write_whole(run.out / "best", run.method.save, f"the step-{step} best adapter",
+                        f"resume with `lora2 train --resume {run.out}`", "best adapter")
+        save_checkpoint(run.out / CHECKPOINT_DIR, run.method, run.optimizer, run.scheduler, run.scaler, state, run.out)
     run.eval_seconds += time.perf_counter() - tick
 
 
 def _checkpoint_and_stop(run: _Run, step: int, stop: dict[str, Any]) -> None:
     run.state["step"] = step
     if run.ctx.is_main:
-        _save_checkpoint(run.out / CHECKPOINT_DIR, run.method, run.optimizer, run.scheduler, run.scaler, run.state)
+        save_checkpoint(run.out / CHECKPOINT_DIR, run.method, run.optimizer, run.scheduler, run.scaler, run.state,
+                        run.out)
     run.ctx.barrier()  # no rank exits (and gets its peers killed) before the checkpoint is on disk
     raise TrainingInterrupted(f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; resume with "
                               f"`lora2 train --resume {run.out}`.")
@@ -606,7 +601,9 @@ def _finish(run: _Run) -> TrainResult:
                                      label_names=run.train_set.label_names or None)
             test_metrics = _evaluate(run, test_set)
     if run.ctx.is_main:
-        atomic_write_dir(run.out / "adapter", run.method.save)
+        write_whole(run.out / "adapter", run.method.save, "the final adapter",
+                    f"resume with `lora2 train --resume {run.out}`" if cfg.save_checkpoints
+                    else "start the run again", "final adapter")
         final = run.final_metrics[run.metric_name]
         if test_metrics is not None:
             _log(run.out, {"step": run.total_steps, "event": "test", "rows": len(test_set), **test_metrics})
@@ -620,7 +617,7 @@ def _finish(run: _Run) -> TrainResult:
             peak_memory_mb=run.peak.mebibytes, trainable_parameters=trainable_parameter_count(run.model),
             total_parameters=total_parameter_count(run.model), history=run.state["history"],
             test_metrics=test_metrics)
-        atomic_write_text(run.out / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
+        atomic_write_text(run.out / RESULT_FILE, json.dumps(dataclasses.asdict(result), indent=2))
     return run.ctx.broadcast_object(result)
 
 
@@ -639,69 +636,6 @@ def _agree(ctx: Any, check: Callable[[], None]) -> None:
         raise problem
     if message is not None:
         raise InputError(message)
-
-
-# What a run writes into its folder: a fresh start (of this run again, or over another one with
-# --overwrite) clears exactly these, and never anything else in the folder.
-RUN_FILES = ("train_config.json", "log.jsonl", "result.json", "diverged.txt", "adapter", "best", CHECKPOINT_DIR,
-             f".{CHECKPOINT_DIR}.old", ".adapter.old", ".best.old")
-
-
-def _claim_output_dir(out: Path, cfg: TrainConfig, model_path: str, resume: bool, overwrite: bool,
-                      stack: ExitStack) -> None:
-    """Lock the run folder for this process, then apply the output-folder policy (``io.check_output_folder``):
-    never an input's folder; a non-empty folder only if it is this run's own (``--resume``, or a start
-    with the very settings it records) or with ``overwrite``."""
-    _check_writable(out)
-    stack.enter_context(folder_lock(out))
-    if resume:
-        return
-
-    inputs = {**data_files(cfg), "base model": model_path}
-    check_output_folder(out, inputs, overwrite, flag="--output-dir", own=lambda folder: records_config(folder, cfg),
-                        whole=False)
-    stopped = (out / CHECKPOINT_DIR / STATE_FILE).is_file() and not (out / "result.json").is_file()
-    if stopped and not overwrite:
-        raise InputError(f"{out} holds a run that was stopped before its end, with a checkpoint: "
-                         f"`lora2 train --resume {out}` continues it; --overwrite starts over and deletes it.")
-
-
-def records_config(folder: Path, cfg: TrainConfig) -> bool:
-    """Whether ``folder`` holds a run started with exactly ``cfg`` (its train_config.json; False if unreadable)."""
-    try:
-        saved = json.loads((Path(folder) / "train_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return saved == json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _clear_run_files(out: Path) -> None:
-    """A fresh start in a folder ``_claim_output_dir`` accepted: nothing of an earlier run may mix into
-    this one. Called once set-up has succeeded, so a failed start leaves the earlier run as it was."""
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
-def _data_fingerprint(cfg: TrainConfig) -> dict[str, str]:
-    """SHA-256 of every data file the run reads, so a resume notices a file changed under it."""
-    digests = {}
-    for role, path in data_files(cfg).items():
-        if path:
-            with open(path, "rb") as f:
-                digests[role] = hashlib.file_digest(f, "sha256").hexdigest()
-    return digests
-
-
-def _check_same_data(saved: dict[str, str] | None, now: dict[str, str], out: Path) -> None:
-    changed = [role for role in now if saved is not None and saved.get(role) not in (None, now[role])]
-    if changed:
-        raise CheckpointError(f"the {' and '.join(changed)} changed since the run in {out} started (SHA-256 differs): "
-                              "resuming would train one run on two datasets. Restore the file, or start a new run "
-                              "(another --output-dir).")
 
 
 def _load_base(cfg: TrainConfig, model_path: str, ctx: Any, sharded: bool, train_set: TextDataset,
@@ -791,60 +725,6 @@ def _log_kernel_plan(model: torch.nn.Module, device: torch.device, precision: st
         key = backend if reason is None else f"{backend} ({reason})"
         plan[key] = plan.get(key, 0) + 1
     logger.info("LoRA² layers: %s", "; ".join(f"{n} on {k}" for k, n in plan.items()))
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(
-            f"output directory {out} is not writable ({e.strerror}); choose another --output-dir.") from e
-
-
-def _save_checkpoint(path: Path, method: Method, optimizer, scheduler, scaler, state: dict[str, Any]) -> None:
-    payload = {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "method": method.state_dict(), "rng": _rng_state(), "state": state,
-    }
-
-    def fill(tmp: Path) -> None:
-        method.save(tmp / "adapter")
-        torch.save(payload, tmp / STATE_FILE)
-
-    try:
-        atomic_write_dir(path, fill)
-    except OSError as e:
-        previous = f"the previous checkpoint in {path} is intact" if path.exists() else "no earlier checkpoint exists"
-        raise OSError(e.errno, f"could not write the step-{state['step']} checkpoint to {path} ({e.strerror or e}); "
-                               f"{previous}. Free space or fix permissions, then resume with --resume.") from e
-
-
-def _load_checkpoint(path: Path, method: Method, optimizer, scheduler, scaler) -> dict[str, Any]:
-    recover_dir(path)  # a kill between the two renames of the last save leaves only .checkpoint.old
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from in {path}; start without --resume.")
-    # weights_only: unpickling arbitrary objects runs whatever code a crafted checkpoint carries.
-    # Everything lora2 writes is tensors and plain Python values.
-    try:
-        payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        reason = f"it refers to {found.group(1)}" if found else str(e).splitlines()[0]
-        raise CheckpointError(
-            f"{path / STATE_FILE} holds objects other than tensors and plain data ({reason}). lora2 loads "
-            "checkpoints with torch.load(weights_only=True) because unpickling other objects can run arbitrary "
-            "code; it writes nothing else itself, so this file was not written by this lora2 version (or was "
-            "tampered with). Start the run again without --resume.") from None
-    method.load(path / "adapter")
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    scaler.load_state_dict(payload["scaler"])
-    method.load_state_dict(payload["method"])
-    _set_rng_state(payload["rng"])
-    return payload["state"]
 
 
 def _log(out: Path, record: dict[str, Any]) -> None:

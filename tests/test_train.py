@@ -469,9 +469,9 @@ def test_a_stopped_run_is_resumed_not_restarted_and_a_failed_start_deletes_nothi
 def test_a_signal_after_the_last_step_stops_at_once_and_resumes(tiny_bert_dir, small_files, tmp_path, monkeypatch):
     """The final evaluation and writes used to run with the handlers of the loop: a SIGTERM there was only
     noted, and the run went on to exit 0 as if nothing had happened."""
-    import lora2.train as train_module
+    import lora2.run_folder as run_folder
 
-    real = train_module.atomic_write_dir
+    real = run_folder.atomic_write_dir
 
     def signalled(target, fill):
         if Path(target).name == "adapter":
@@ -479,7 +479,7 @@ def test_a_signal_after_the_last_step_stops_at_once_and_resumes(tiny_bert_dir, s
         return real(target, fill)
 
     cfg = _cfg(small_files, tmp_path, model=tiny_bert_dir, max_steps=2, eval_every=2)
-    monkeypatch.setattr(train_module, "atomic_write_dir", signalled)
+    monkeypatch.setattr(run_folder, "atomic_write_dir", signalled)
     with pytest.raises(TrainingInterrupted, match="after the last step, before its outputs; resume with"):
         train(cfg, progress=False)
     monkeypatch.undo()
@@ -489,7 +489,7 @@ def test_a_signal_after_the_last_step_stops_at_once_and_resumes(tiny_bert_dir, s
 
 def test_two_runs_on_one_folder_are_refused(small_files, tmp_path, caplog):
     """Two lora2 train on one --output-dir used to interleave their logs (steps 0, 0, 2, 2, ...)."""
-    from lora2.io import folder_lock
+    from lora2.run_folder import folder_lock
 
     with folder_lock(tmp_path):  # another process's run, as far as the kernel's lock is concerned
         with pytest.raises(InputError, match=rf"in use by another lora2 process \(pid {os.getpid()}"):

@@ -198,6 +198,7 @@ def build_dataset(
                                 f"normalised ({names}); retrain with distinct labels.")
         else:
             names = _sorted_labels(set(raw))
+            _refuse_a_numeric_target_as_classes(names, path)
         index = {n: i for i, n in enumerate(names)}
         unknown = sorted(set(raw) - set(index))
         if unknown:
@@ -245,6 +246,27 @@ def normalise_label(value: Any, path: str | Path, row: int) -> str:
         number = Decimal(text)  # exact: no float rounding of long integers
         return str(int(number)) if number == number.to_integral_value() else format(number.normalize(), "f")
     return text
+
+
+# More distinct labels than this, mostly fractional numbers: a regression target, not classes
+MAX_FRACTIONAL_CLASSES = 10
+
+
+def _refuse_a_numeric_target_as_classes(names: list[str], path: str | Path) -> None:
+    """Labels such as 0.37, 2.5, 4.1 under --task classification each became a class of their own (40 classes,
+    accuracy 0.025, exit 0). Many distinct numbers, mostly fractional, are a regression target: refused,
+    naming the flag. A few fractional class names (0.5 / 1.0 / 1.5) are kept as classes, with a warning."""
+    if not names or not all(_DECIMAL.fullmatch(n) for n in names):
+        return
+    fractional = [n for n in names if "." in n]
+    if not fractional:
+        return
+    if len(names) > MAX_FRACTIONAL_CLASSES and len(fractional) * 2 > len(names):
+        raise DataError(f"{path}: its labels are {len(names)} distinct numbers, {len(fractional)} of them fractional "
+                        f"(e.g. {', '.join(fractional[:3])}): that is a numeric target, not classes. Pass --task "
+                        "regression, or give class labels.")
+    logger.warning("%s: the labels %s are numbers, some fractional; they are taken as %d class names (pass --task "
+                   "regression for a numeric target)", path, names[:6], len(names))
 
 
 def _sorted_labels(values: set[str]) -> list[str]:

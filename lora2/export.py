@@ -90,6 +90,28 @@ def lora_factors(state: dict[str, torch.Tensor], name: str, scale: float | torch
     return vh[:rank] @ q_down, lora_b
 
 
+def balanced(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product B·A with the scale split evenly: A·t and B/t with t = √(max|B| / max|A|), so both
+    factors peak at √(max|A|·max|B|). All of it in B (the core's scale, λ) overflowed float16 on adapters
+    whose λ had grown large, while A held values near 1."""
+    peak_a, peak_b = lora_a.abs().max(), lora_b.abs().max()
+    if peak_a == 0 or peak_b == 0:
+        return lora_a, lora_b
+    t = torch.sqrt(peak_b / peak_a)
+    return lora_a * t, lora_b / t
+
+
+def _refuse_overflow(tensors: dict[str, torch.Tensor], dtype: str, adapter: Path) -> None:
+    """What is written must be what was computed: a value past the dtype's range (float16: 65,504) is refused
+    after the cast, before anything is written, naming a dtype that holds it."""
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        largest = torch.finfo(DTYPES[dtype]).max
+        raise InputError(f"{adapter} does not fit {dtype}: {len(bad)} of {len(tensors)} tensors overflow its range "
+                         f"(largest value {largest:.6g}), e.g. {bad[0]}. Export with --dtype bfloat16 or float32; "
+                         "nothing was written.")
+
+
 def export_peft_lora(adapter: str | Path, output: str | Path, compact: bool = False, dtype: str = "float32",
                      overwrite: bool = False) -> ExportReport:
     """Write the LoRA² adapter in ``adapter`` as a PEFT LoRA adapter folder ``output``.
@@ -130,7 +152,7 @@ def export_peft_lora(adapter: str | Path, output: str | Path, compact: bool = Fa
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name in modules:
-        lora_a, lora_b = lora_factors(state, name, scale, compact)
+        lora_a, lora_b = balanced(*lora_factors(state, name, scale, compact))
         ranks[name] = lora_a.shape[0]
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.to(DTYPES[dtype]).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.to(DTYPES[dtype]).contiguous()
@@ -139,6 +161,7 @@ def export_peft_lora(adapter: str | Path, output: str | Path, compact: bool = Fa
         if key.startswith(_SAVED_PREFIX):
             tensors[f"base_model.model.{key[len(_SAVED_PREFIX):]}"] = (
                 value.to(DTYPES[dtype]) if value.is_floating_point() else value).contiguous()
+    _refuse_overflow(tensors, dtype, adapter)
 
     conv1d = meta.get("fan_in_fan_out")
     if conv1d is None:  # adapters saved before lora2 recorded it

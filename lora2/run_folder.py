@@ -353,8 +353,11 @@ def write_whole(target: Path, fill: Callable[[Path], None], what: str, resume_hi
     except (OSError, SafetensorError) as e:
         reason = getattr(e, "strerror", None) or (re.search(r'message: "([^"]+)"', str(e)) or [None, str(e)])[1]
         previous = f"the previous {kind} in {target} is intact" if target.exists() else f"no earlier {kind} exists"
-        raise OSError(getattr(e, "errno", None), f"could not write {what} to {target} ({reason}); {previous}. "
-                                                 f"Free space or fix permissions, then {resume_hint}.") from e
+        message = f"could not write {what} to {target} ({reason}); {previous}. Free space or fix permissions, then " \
+                  f"{resume_hint}."
+        error = OSError(message)
+        error.errno = getattr(e, "errno", None)  # kept for callers, out of the message ("[Errno 28] ...")
+        raise error from e
 
 
 def save_checkpoint(path: Path, method: Any, optimizer, scheduler, scaler, state: dict[str, Any], run: Path) -> None:

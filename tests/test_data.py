@@ -155,3 +155,19 @@ def test_a_validation_file_replaces_the_built_in_datasets_split(tmp_path, tokeni
     with pytest.raises(DataError, match=r"unseen.tsv has labels \['maybe'\] that the training set does not have"):
         load_datasets(TrainConfig(dataset="sst2", validation_file=str(tmp_path / "unseen.tsv"),
                                   max_train_samples=50), tokenizer)
+
+
+def test_a_numeric_target_is_refused_as_classes_and_a_few_fractional_classes_are_named(tmp_path, tokenizer, caplog):
+    """Float labels without --task regression silently became 40 classes (accuracy 0.025, exit 0)."""
+    import logging
+
+    rows = "".join(f'{{"sentence": "s{i}", "label": {i * 0.37 + 0.01:.2f}}}\n' for i in range(40))
+    (tmp_path / "scores.jsonl").write_text(rows)
+    with pytest.raises(DataError, match=r"40 distinct numbers, 39 of them fractional .* Pass --task regression"):
+        build_dataset(tmp_path / "scores.jsonl", tokenizer, "classification", "sentence")
+    assert len(build_dataset(tmp_path / "scores.jsonl", tokenizer, "regression", "sentence").examples) == 40
+    (tmp_path / "levels.jsonl").write_text("".join(f'{{"sentence": "s{i}", "label": {v}}}\n'
+                                                  for i, v in enumerate([0.5, 1.0, 1.5, 0.5])))
+    with caplog.at_level(logging.WARNING):
+        data = build_dataset(tmp_path / "levels.jsonl", tokenizer, "classification", "sentence")
+    assert data.label_names == ["0.5", "1", "1.5"] and "pass --task regression" in caplog.text

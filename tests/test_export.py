@@ -148,3 +148,35 @@ def test_export_refuses_to_write_over_its_input_or_a_folder_it_did_not_write(tmp
     export_peft_lora(tmp_path / "run" / "adapter", tmp_path / "out")
     export_peft_lora(tmp_path / "run" / "adapter", tmp_path / "out", compact=True, overwrite=True)  # its own output
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["rank_pattern"]
+
+
+def test_a_half_precision_export_splits_the_scale_and_refuses_what_does_not_fit(tmp_path):
+    """With every bit of the core's scale in lora_B, `--dtype float16` of an adapter with large λ wrote inf
+    into 12 of 26 tensors and exited 0. The scale is now split evenly between lora_A and lora_B, and what
+    still overflows is refused before anything is written."""
+    peft_base, model = _trained_adapter("llama", tmp_path / "adapter")
+    with torch.no_grad():
+        for layer in model.lora2_layers().values():
+            layer.singular_values.mul_(2000.0)  # |B₂·C| ≈ 1e5 > float16's 65,504; A₁ stays near 1
+    model.save_pretrained(tmp_path / "adapter")
+    inputs = batch(seed=3, n=3, length=9)
+    export_peft_lora(tmp_path / "adapter", tmp_path / "fp32")
+    export_peft_lora(tmp_path / "adapter", tmp_path / "fp16", dtype="float16")
+    with safe_open(str(tmp_path / "fp16" / "adapter_model.safetensors"), "pt") as f:
+        assert all(torch.isfinite(f.get_tensor(key)).all() for key in f.keys())  # noqa: SIM118
+    with safe_open(str(tmp_path / "fp32" / "adapter_model.safetensors"), "pt") as f:
+        peaks = {key: float(f.get_tensor(key).abs().max()) for key in f.keys() if "lora_" in key}  # noqa: SIM118
+    for key in (k for k in peaks if "lora_A" in k):  # balanced: both factors of a module peak alike
+        twin = peaks[key.replace("lora_A", "lora_B")]
+        assert twin == 0 or abs(peaks[key] / twin - 1) < 1e-4
+    fp32 = peft.PeftModel.from_pretrained(copy.deepcopy(peft_base), str(tmp_path / "fp32")).eval()
+    fp16 = peft.PeftModel.from_pretrained(copy.deepcopy(peft_base), str(tmp_path / "fp16")).eval()
+    expected = _logits(fp32, inputs)
+    assert (_logits(fp16, inputs) - expected).abs().max() <= 2e-2 * float(expected.abs().max())
+    with torch.no_grad():
+        for layer in model.lora2_layers().values():
+            layer.singular_values.mul_(1e9)  # √(max|A|·max|B|) past 65,504: no split fits float16
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(InputError, match=r"does not fit float16: .* overflow its range .* --dtype bfloat16 or float32"):
+        export_peft_lora(tmp_path / "adapter", tmp_path / "too-big", dtype="float16")
+    assert not (tmp_path / "too-big").exists()

@@ -207,10 +207,13 @@ def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", double_quant: bo
     return q
 
 
-def too_narrow(linear: nn.Linear) -> bool:
-    """A linear narrower than one absmax block: each of its rows would share blocks with the next, which
-    bitsandbytes' CPU layout cannot hold, and its weight is too small for 4 bits to save anything."""
-    return linear.in_features < BLOCKSIZE
+def straddles_rows(linear: nn.Linear) -> bool:
+    """A linear whose rows are not a whole number of absmax blocks (in_features not a multiple of 64), so
+    blocks straddle rows. bitsandbytes' CPU kernels assume they do not: 0.50's CPU dequantize_4bit returns
+    other values than were quantised for an even width such as 160 (its forward computes with them), and its
+    CPU inference layout cannot hold a layer narrower than a block. Real models' widths are multiples of 64;
+    the fused kernels and lora2's own dequantise take any width (they are tested on 70)."""
+    return linear.in_features % BLOCKSIZE != 0
 
 
 def _named(name: str, patterns: list[str] | str) -> bool:
@@ -232,7 +235,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
     Which: ``modules`` (names or name suffixes, or one regex, as ``target_modules``; lora2 train passes the
     adapter's target modules, so a layer nobody adapts, e.g. BERT's pooler, keeps its precision), or with
     ``modules=None`` every linear but the heads in ``skip`` (a trained head or a tied LM head stays in full
-    precision, as transformers' BitsAndBytesConfig does). Never a layer narrower than one block (``too_narrow``).
+    precision, as transformers' BitsAndBytesConfig does). Never a layer whose rows are not whole blocks
+    (``straddles_rows``: bitsandbytes' CPU kernels cannot hold it).
 
     This is what ``BitsAndBytesConfig(load_in_4bit=True)`` does to a loaded model, done directly with
     bitsandbytes, so it works where transformers' bitsandbytes path wants a GPU (e.g. the CPU)."""
@@ -247,9 +251,10 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
                        for s in skip)
 
     chosen = [n for n, m in model.named_modules() if n and type(m) is nn.Linear and wanted(n)]
-    narrow = [n for n in chosen if too_narrow(model.get_submodule(n))]
+    narrow = [n for n in chosen if straddles_rows(model.get_submodule(n))]
     if narrow:
-        logger.info("not quantised (narrower than one %d-value block): %s", BLOCKSIZE, ", ".join(narrow[:4]) +
+        logger.info("not quantised (in_features not a multiple of %d: bitsandbytes' CPU kernels need whole blocks "
+                    "per row): %s", BLOCKSIZE, ", ".join(narrow[:4]) +
                     (f" and {len(narrow) - 4} more" if len(narrow) > 4 else ""))
     names = [n for n in chosen if n not in narrow]
     for name in names:

@@ -72,6 +72,58 @@ def test_real_training_ends_at_exactly_the_target_budget(pruning):
         assert torch.all(layer.singular_values[layer.rank_mask == 0] == 0)
 
 
+def _replayed_kept_set(history: list[list[tuple[torch.Tensor, ...]]], beta1: float, beta2: float, budget: int,
+                       steps: int) -> set[tuple[int, int]]:
+    """The paper's rules, written out again from the recorded (λ, ∇λ, B₁, ∇B₁, A₂, ∇A₂) of every module at each
+    scoring step (the first ``steps`` of them): Ī ← β₁Ī + (1−β₁)|θ∇θ|, Ū ← β₂Ū + (1−β₂)|I − Ī|, s = Ī·Ū;
+    score_i = s(λ_i) + mean_j s(B₁[i, j]) + mean_j s(A₂[j, i]); keep the ``budget`` highest, over all modules."""
+    scores = []
+    for module in range(len(history[0])):
+        averages = None
+        for record in history[:steps]:
+            sensitivity = [(theta * grad).abs().double() for theta, grad in zip(record[module][::2],
+                                                                                   record[module][1::2])]
+            if averages is None:
+                averages = [(torch.zeros_like(s), torch.zeros_like(s)) for s in sensitivity]
+            new = []
+            for (ema, unc), sen in zip(averages, sensitivity):
+                ema = beta1 * ema + (1 - beta1) * sen
+                new.append((ema, beta2 * unc + (1 - beta2) * (sen - ema).abs()))
+            averages = new
+        (e_l, u_l), (e_b1, u_b1), (e_a2, u_a2) = averages
+        scores.append(e_l * u_l + (e_b1 * u_b1).mean(dim=1) + (e_a2 * u_a2).mean(dim=0))
+    flat = torch.stack(scores).flatten()
+    r = len(scores[0])
+    return {(int(i) // r, int(i) % r) for i in torch.topk(flat, budget).indices}
+
+
+def test_the_final_kept_set_is_the_papers_from_every_scoring_step():
+    """Which values the run ends with, not only how many: the final pattern (set at the last masking step,
+    decay_end) against an independent replay of the EMAs and scores over every scoring step up to and
+    including it. The last step's gradients are made to decide the ranking, so a schedule that stops
+    scoring one step early (or scores from stale gradients) keeps another set."""
+    model, alloc = _setup(total=20, init=2, final=5, interval=4)
+    layers = list(model.lora2_layers().values())
+    g = torch.Generator().manual_seed(7)
+    history = []
+    for step in range(1, 21):
+        scale = 50.0 if step == alloc.decay_end else 1.0  # the last scoring step dominates
+        for layer in layers:
+            for p in (layer.singular_values, layer.q_up, layer.p_down):
+                p.grad = torch.randn(p.shape, generator=g) * scale
+        if step <= alloc.decay_end:
+            history.append([(l.singular_values.detach().clone(), l.singular_values.grad.clone(),
+                             l.q_up.detach().clone(), l.q_up.grad.clone(), l.p_down.detach().clone(),
+                             l.p_down.grad.clone()) for l in layers])
+        alloc.step(step)
+    kept = {(m, i) for m, layer in enumerate(layers) for i in range(layer.r) if layer.rank_mask[i] == 1}
+    assert len(kept) == alloc.target_budget
+    expected = _replayed_kept_set(history, 0.9, 0.5, alloc.target_budget, len(history))
+    one_step_short = _replayed_kept_set(history, 0.9, 0.5, alloc.target_budget, len(history) - 1)
+    assert expected != one_step_short  # the test can tell the two schedules apart
+    assert kept == expected
+
+
 def test_lowest_scores_are_masked():
     model, alloc = _setup()
     _backward(model, 0)

@@ -171,3 +171,22 @@ def test_a_numeric_target_is_refused_as_classes_and_a_few_fractional_classes_are
     with caplog.at_level(logging.WARNING):
         data = build_dataset(tmp_path / "levels.jsonl", tokenizer, "classification", "sentence")
     assert data.label_names == ["0.5", "1", "1.5"] and "pass --task regression" in caplog.text
+
+
+def test_numeric_labels_of_several_digits_are_ordered_as_numbers(tmp_path, tokenizer):
+    """Class ids follow the numbers' order (1, 2, 10, 11), not the text's (1, 10, 11, 2): the ids, and with
+    two classes the positive class of F1 (the larger number), are what a user reading the labels expects."""
+    from lora2.metrics import classification_metrics
+
+    labels = ["10", "2", "11", "1", "2", "10"]
+    (tmp_path / "t.jsonl").write_text("".join(f'{{"sentence": "s{i}", "label": {v}}}\n' for i, v in enumerate(labels)))
+    data = build_dataset(tmp_path / "t.jsonl", tokenizer, "classification", "sentence")
+    assert data.label_names == ["1", "2", "10", "11"]
+    assert [ex["labels"] for ex in data.examples] == [2, 1, 3, 0, 1, 2]
+    (tmp_path / "b.jsonl").write_text("".join(f'{{"sentence": "s{i}", "label": "{v}"}}\n'
+                                              for i, v in enumerate(["9", "10", "10", "9"])))
+    binary = build_dataset(tmp_path / "b.jsonl", tokenizer, "classification", "sentence")
+    assert binary.label_names == ["9", "10"]
+    gold = [ex["labels"] for ex in binary.examples]
+    # predicting "10" everywhere: F1 of the positive class "10" is 2·2 / (2·2 + 2) = 2/3
+    assert classification_metrics([1, 1, 1, 1], gold, 2)["f1"] == pytest.approx(2 / 3)

@@ -45,12 +45,12 @@ def _base(family: str) -> torch.nn.Module:
     return make_model(family, "lm" if FAMILIES[family][0] == "causal-lm" else "cls")
 
 
-def _trained_adapter(family: str, directory: Path):
+def _trained_adapter(family: str, directory: Path, pruning: str = "adalora"):
     """(untouched copy of the base, the LoRA² model) with random factors and some values pruned: in one
     module all of them, in the others a different number each."""
     base = _base(family)
     peft_base = copy.deepcopy(base)
-    model = get_lora2_model(base, LoRA2Config(r=6, k=4, target_rank=3, alpha=12.0,
+    model = get_lora2_model(base, LoRA2Config(r=6, k=4, target_rank=3, alpha=12.0, pruning=pruning,
                                               target_modules=FAMILIES[family][1]))
     randomize_adapters(model, scale=0.3)
     with torch.no_grad():
@@ -180,3 +180,19 @@ def test_a_half_precision_export_splits_the_scale_and_refuses_what_does_not_fit(
     with pytest.raises(InputError, match=r"does not fit float16: .* overflow its range .* --dtype bfloat16 or float32"):
         export_peft_lora(tmp_path / "adapter", tmp_path / "too-big", dtype="float16")
     assert not (tmp_path / "too-big").exists()
+
+
+def test_a_monotone_adapter_exports_with_its_alpha_over_kept_scale(tmp_path):
+    """pruning="monotone" scales ΔW by α / kept values, per module: every module here keeps a different
+    number (0 to 6 of r = 6, k = 4), so a scale of α / k or α / r anywhere is off by 25 % or more."""
+    peft_base, model = _trained_adapter("llama", tmp_path / "adapter", pruning="monotone")
+    layers = list(model.lora2_layers().values())
+    assert all(layer.scale_by_kept for layer in layers)
+    assert len({int(layer.rank_mask.sum()) for layer in layers}) > 2 and any(
+        int(layer.rank_mask.sum()) not in (0, 4, 6) for layer in layers)
+    inputs = batch(seed=3, n=3, length=9)
+    expected = _logits(model, inputs)
+    for compact in (False, True):
+        export_peft_lora(tmp_path / "adapter", tmp_path / f"peft-{compact}", compact=compact)
+        exported = peft.PeftModel.from_pretrained(copy.deepcopy(peft_base), str(tmp_path / f"peft-{compact}")).eval()
+        assert (_logits(exported, inputs) - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))

@@ -44,11 +44,21 @@ def quantised(layer: LoRA2Linear, raw: dict, quant_type: str, double_quant: bool
     return q4.to(KERNEL_DEVICE), raw
 
 
+# 192 × 130 = 24,960 values: 390 absmax blocks of 64, so a double-quantised weight has two groups of 256
+# absmax values, each with its own second-level scale (a smaller weight has one: an error in which group
+# a block belongs to would not show). 192 is a whole number of blocks: bitsandbytes' CPU dequantize_4bit,
+# the oracle, is wrong for even widths that are not (see four_bit.straddles_rows).
+SEVERAL_NESTED_GROUPS = {"in_f": 192, "out_f": 130}
+
+
 @pytest.mark.parametrize("quant_type, double_quant", QUANTS, ids=QUANT_IDS)
-def test_dequantize_is_bitsandbytes_dequantize_4bit(quant_type, double_quant):
+@pytest.mark.parametrize("size", [(70, 45), (192, 130)], ids=["one-nested-group", "two-nested-groups"])
+def test_dequantize_is_bitsandbytes_dequantize_4bit(quant_type, double_quant, size):
     """The dequantisation the kernels and the reference compute, bit for bit (rows of 70 values: the
-    blocks of 64 straddle rows)."""
-    q = four_bit.quantize_linear(nn.Linear(70, 45), quant_type, double_quant)
+    blocks of 64 straddle rows; 24,960 values: two nested absmax groups)."""
+    q = four_bit.quantize_linear(nn.Linear(*size), quant_type, double_quant)
+    if double_quant and size == (192, 130):
+        assert q.weight.quant_state.absmax.numel() > q.weight.quant_state.state2.blocksize
     expected = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
     assert torch.equal(four_bit.dequantize(four_bit.quant_of(q.weight)), expected)
 
@@ -83,6 +93,23 @@ def test_fused_4bit_kernels_match_the_oracle(case, rows, quant_type, double_quan
     assert got[0].dtype == dtype and q4.weight.grad is None
     assert len(launched) == (2 if rows > lora_linear.FUSED_DEQUANT_MAX_TOKENS else 0)  # forward and dX
     assert_matches_oracle(got, expected, tolerances(raw, x, grad_y, dtype, expected), f"{quant_type} {dtype}")
+
+
+@pytest.mark.parametrize("rows", [37, 530], ids=["in-the-k-loop", "dequantised-once"])
+def test_double_quantised_weights_of_several_nested_groups_match_the_oracle(rows):
+    """Every other 4-bit kernel case fits its absmax in one nested group; here blocks 256-389 take the
+    second group's scale, in the K loops and in the dequantise-once path."""
+    layer, raw = make_layer(**SEVERAL_NESTED_GROUPS)
+    q4, raw = quantised(layer, raw, "nf4", double_quant=True)
+    state = q4.weight.quant_state
+    assert state.nested and state.absmax.numel() > state.state2.blocksize  # two groups
+    assert not torch.equal(state.state2.absmax[0], state.state2.absmax[1])  # of different scales
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, raw["weight"].shape[1], generator=g)
+    grad_y = torch.randn(rows, raw["weight"].shape[0], generator=g)
+    expected = oracle(raw, x, grad_y)
+    assert_matches_oracle(run_layer(q4, x, grad_y), expected, tolerances(raw, x, grad_y, torch.float32, expected),
+                          f"{rows} rows, two nested groups")
 
 
 @pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)], ids=["nf4-double-quant", "fp4"])
@@ -289,10 +316,12 @@ def test_a_layer_bitsandbytes_repacked_before_lora2_saw_it_is_brought_back():
     torch.testing.assert_close(four_bit.dequantize(four_bit.quant_of(layer.weight)), weight, rtol=2**-8, atol=0)
 
 
-def test_a_linear_narrower_than_one_block_stays_in_full_precision():
-    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 32))
+def test_a_linear_whose_rows_are_not_whole_blocks_stays_in_full_precision():
+    """Narrower than a block (32) or straddling (160): bitsandbytes' CPU layout cannot hold the first, and its CPU
+    dequantize_4bit returns other values than were quantised for the second."""
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 160), nn.ReLU(), nn.Linear(160, 32))
     assert four_bit.quantize_model(model, "nf4") == ["2"]
-    assert type(model[0]) is nn.Linear and four_bit.is_linear4bit(model[2])
+    assert type(model[0]) is nn.Linear and four_bit.is_linear4bit(model[2]) and type(model[4]) is nn.Linear
     model.eval()
     with torch.no_grad():
         model(torch.randn(3, 32))

@@ -3,10 +3,9 @@ see (a dropped bias or base GEMM, Conv1D strides swapped, the core's scale doubl
 β₁ ↔ β₂ in the compiled op, ...) must make the tests that should catch it fail.
 
 The unmutated baseline of those tests is the rest of this run, so the script runs with --no-baseline.
-CI runs the 9 below, one per kind of bug, within its 15-minute budget: it leaves out the three
-mutants of csrc/ (each rebuilds the C++ op, 35 s) and eight whose bug another CI mutant's kind already
-covers. `python scripts/mutants.py` runs all 20, and README has that run's table. About 1 minute on
-2 cores.
+CI runs the 15 below, one per kind of bug: it leaves out the three mutants of csrc/ (each rebuilds the
+C++ op, 35 s) and eight whose bug another CI mutant's kind already covers. `python scripts/mutants.py`
+runs all 26, and README has that run's table.
 """
 
 from __future__ import annotations
@@ -18,7 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CI_MUTANTS = ["bias-dropped-half", "conv1d-strides-ignored", "4bit-nibble-order-swapped", "rank-k-term-doubled",
               "partial-sum-dropped", "mask-dropped", "masked-lambda-gets-gradient", "dropout-unscaled",
-              "beta-swapped-reference"]
+              "beta-swapped-reference",
+              # issue 31's kinds, one each
+              "nested-absmax-group-ignored", "half-rounded-twice", "compiled-backward-loses-seed",
+              "last-scoring-step-skipped", "monotone-export-over-k", "labels-sorted-as-text"]
 
 
 def test_every_cpu_visible_mutant_is_killed():

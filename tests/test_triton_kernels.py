@@ -418,9 +418,11 @@ def test_custom_ops_pass_opcheck(dtype, dropout):
         torch.library.opcheck(torch.ops.lora2.lora2_linear_backward.default, (*backward_args, *needs))
 
 
-def test_custom_op_and_autograd_function_agree():
-    """Eager runs LoRA2Function, torch.compile runs the custom op: the same numbers."""
-    args = _op_args()
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
+def test_custom_op_and_autograd_function_agree(dropout):
+    """Eager runs LoRA2Function, torch.compile runs the custom op and its registered backward: the same
+    numbers, with dropout too (the backward redraws the forward's mask from the seed it was given)."""
+    args = _op_args(dropout=dropout)
     inputs = (args[0], *args[3:8])
     y1 = ops.LoRA2Function.apply(*args)
     g1 = torch.autograd.grad(y1.square().sum(), inputs)
@@ -439,6 +441,50 @@ def test_torch_compile_fullgraph_through_the_kernels():
     expected = oracle(raw, x, grad_y)
     assert_matches_oracle(run_layer(compiled, x, grad_y), expected, tolerances(raw, x, grad_y, torch.float32,
                                                                                  expected), "compiled")
+
+
+def test_torch_compile_with_dropout_matches_eager_forward_and_backward(monkeypatch):
+    """With dropout the compiled graph runs the custom op's registered backward, which must redraw the very
+    mask of its forward; eager runs LoRA2Function. Same seed (inductor's fallback_random draws it as eager
+    does), same output and gradients, bit for bit; and the mask is there (dropout off changes them)."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    layer, raw = make_layer(r=4, k=4)
+    layer.dropout = nn.Dropout(0.3)
+    g = torch.Generator().manual_seed(1)
+    x, grad_y = torch.randn(2, 9, 70, generator=g), torch.randn(2, 9, 45, generator=g)
+    torch.manual_seed(5)
+    eager = run_layer(layer, x, grad_y)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    torch.manual_seed(5)
+    got = run_layer(compiled, x, grad_y)
+    for name, a, e in zip(NAMES, got, eager):
+        assert torch.equal(a, e), f"compiled {name} differs from eager with dropout"
+    layer.dropout = nn.Identity()
+    assert not torch.equal(run_layer(layer, x, grad_y)[2], eager[2])  # dA₁ sees the mask
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_dtype_id)
+def test_half_precision_outputs_are_the_fp32_accumulation_rounded_once(dtype):
+    """The kernels accumulate in fp32 and round once, to y's (and dX's) dtype. A second rounding (of the
+    accumulator before the bias, say) stays inside "2 × PyTorch's own error" but not here: against the
+    exact result rounded once, a value may differ by one ulp only where fp32 accumulation lands within
+    its error of a rounding boundary (well under 1 %), and never by more."""
+    layer, raw = make_layer(dtype=dtype, terms=("base", "bias"))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 70, generator=g).to(dtype)
+    grad_y = torch.randn(64, 45, generator=g).to(dtype)
+    got = run_layer(layer, x, grad_y)
+    exact = {"y": (x.double() @ raw["weight"].T + raw["bias"]).to(dtype),
+             "dx": (grad_y.double() @ raw["weight"]).to(dtype)}
+    for name, value in zip(("y", "dx"), got[:2]):
+        assert value.dtype == dtype
+        ulps = (value.cpu().view(torch.int16).int() - exact[name].view(torch.int16).int()).abs()
+        assert int(ulps.max()) <= 1, f"{name}: {int(ulps.max())} ulp from the exact value rounded once"
+        assert float((ulps > 0).float().mean()) <= 0.01, f"{name}: {float((ulps > 0).float().mean()):.1%} of " \
+            "the values are not the exact result rounded once"
 
 
 def test_a_model_trains_the_same_through_the_kernels():

@@ -311,7 +311,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str | torch.device | N
     if resume and (done := finished_result(cfg.output_dir)) is not None:
         logger.info("the run in %s finished (%s); nothing to resume, its files are left as they are",
                     cfg.output_dir, RESULT_FILE)
-        return TrainResult(**done)
+        known = {f.name for f in dataclasses.fields(TrainResult)}
+        return TrainResult(**{key: value for key, value in done.items() if key in known})
     hint = f"resume with `lora2 train --resume {cfg.output_dir}`" if resume else "nothing was trained: start it again"
     with ExitStack() as stack:  # the run folder's lock, the signal handlers: released however train() ends
         stop = stack.enter_context(_stop_on_signals(hint))
@@ -431,7 +432,8 @@ def _set_up(cfg: TrainConfig, resume: bool, overwrite: bool, device: str | torch
         import lora2_kernels
 
         lora2_kernels.warmup(model, tokens=cfg.batch_size // ctx.world_size * cfg.max_length,
-                             dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision))
+                             dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
+                             eval_tokens=cfg.eval_batch_size * cfg.max_length)  # evaluations: no dropout
     optimizer = _optimizer(method, cfg)
     from transformers import get_linear_schedule_with_warmup
 
@@ -694,6 +696,10 @@ def _quantise_base(base: torch.nn.Module, cfg: TrainConfig, device: torch.device
         targets = LoRA2Config().resolved_target_modules(getattr(base.config, "model_type", None))
     names = quantize_model(base, cfg.bnb_4bit_quant_type, cfg.double_quant, compute_dtype=half, device=device,
                            modules=targets)
+    if not names:
+        raise InputError(f"--load-in-4bit: none of the layers the adapter adapts ({targets}) has rows of whole 64-value "
+                         "blocks (in_features a multiple of 64), so nothing would be quantised and the run would not "
+                         "be a 4-bit one. Drop --load-in-4bit, or adapt other layers (--target-modules).")
     logger.info("quantised the %d adapted linear layers to 4-bit %s%s with bitsandbytes directly (the others and "
                 "the task head keep their precision): linear weights %.1f MiB, were %.1f MiB", len(names),
                 cfg.bnb_4bit_quant_type, " with double quantisation" if cfg.double_quant else "",

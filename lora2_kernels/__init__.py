@@ -48,10 +48,11 @@ def available_backends() -> dict[str, bool | str | None]:
     }
 
 
-def warmup(model, tokens: int, dtype=None) -> int:
-    """Autotune the Triton kernels now for every LoRA2Linear shape in ``model`` at ``tokens`` rows,
-    so no training step waits on it (Triton caches the choices on disk). Returns the shapes tuned;
-    0 when the model is not on a GPU."""
+def warmup(model, tokens: int, dtype=None, eval_tokens: int | None = None) -> int:
+    """Autotune the Triton kernels now for every LoRA2Linear shape in ``model`` at ``tokens`` rows (and at
+    ``eval_tokens`` rows without dropout: the evaluations' forward), so no training step and no evaluation
+    waits on it (Triton caches the choices on disk). The short last batch's smaller token buckets are
+    tuned too (``triton_kernels.warmup``). Returns the keys tuned; 0 when the model is not on a GPU."""
     import torch
 
     layers = [m for m in model.modules() if isinstance(m, LoRA2Linear)]
@@ -60,15 +61,19 @@ def warmup(model, tokens: int, dtype=None) -> int:
     from .triton_kernels import warmup as tune
 
     dtype = dtype or (torch.bfloat16 if layers[0].weight.dtype == torch.float32 else layers[0].weight.dtype)
-    return tune(sorted(warmup_keys(model, tokens)), dtype=dtype, device=layers[0].weight.device)
+    return tune(sorted(warmup_keys(model, tokens, eval_tokens)), dtype=dtype, device=layers[0].weight.device)
 
 
-def warmup_keys(model, tokens: int) -> set[tuple[int, int, int, int, int, bool, float]]:
+def warmup_keys(model, tokens: int, eval_tokens: int | None = None) -> set[tuple[int, int, int, int, int, bool, float]]:
     """(tokens, in, out, k, r, bias, dropout) of every LoRA2Linear in ``model``: the autotuning keys its
-    training steps will use (bias-free layers, as in LLaMA, and dropout are keys of their own)."""
-    return {(tokens, m.in_features, m.out_features, m.k, m.r, m.bias is not None,
-             m.dropout.p if hasattr(m.dropout, "p") else 0.0)
-            for m in model.modules() if isinstance(m, LoRA2Linear)}
+    training steps will use (bias-free layers, as in LLaMA, and dropout are keys of their own) and, with
+    ``eval_tokens``, its evaluations' (dropout off: a key of its own too)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRA2Linear)]
+    keys = {(tokens, m.in_features, m.out_features, m.k, m.r, m.bias is not None,
+             m.dropout.p if hasattr(m.dropout, "p") else 0.0) for m in layers}
+    if eval_tokens:
+        keys |= {(eval_tokens, m.in_features, m.out_features, m.k, m.r, m.bias is not None, 0.0) for m in layers}
+    return keys
 
 
 __all__ = ["ADAPTER_PARAMETER_NAMES", "LoRA2Linear", "available_backends", "compiled_op_available",

@@ -116,6 +116,9 @@ MUTANTS = [
            (IMPORTANCE_TESTS, "-k", "not nvcc and not glue"), "the PyTorch reference uses β₂ for Ī"),
     Mutant("budget-schedule-quadratic", "lora2/allocator.py", "* (1.0 - progress) ** 3", "* (1.0 - progress) ** 2",
            ("tests/test_allocator.py", "-k", "budget"), "the budget decays quadratically, not cubically"),
+    Mutant("row-band-tile-skipped", KERNEL, "    for pid_n in range(first + 1, last):",
+           "    for pid_n in range(first + 2, last):", (KERNEL_TESTS, "-k", "dropout_in_the_kernels"),
+           "the dropout forward's row band skips a column tile after its first"),
     # issue 31: six kinds of bug the suite did not see (one mutant per kind)
     Mutant("nested-absmax-group-ignored", KERNEL,
            "scale = scale * tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0)",

@@ -447,6 +447,10 @@ def test_cli_refuses_wrong_4bit_combinations(tiny_bert_dir, small_files, tmp_pat
         _train_4bit(tiny_bert_dir, small_files, tmp_path / "run", "--load-in-4bit", "--bnb-4bit-quant-type", "int4")
     assert "invalid choice: 'int4'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # the 32-wide tiny BERT: no adapted layer holds whole blocks, so a "4-bit" run would be a full-precision one
+    assert _train_4bit(tiny_bert_dir, small_files, tmp_path / "narrow", "--load-in-4bit",
+                       "--target-modules", "query", "value") == 2
+    assert not (tmp_path / "narrow").exists()
 
 
 def test_a_4bit_layout_the_kernels_do_not_cover_is_named():

@@ -281,9 +281,12 @@ def test_host_functions_match_the_oracle_including_the_rank_only_backward(scale_
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv1d"])
-def test_dropout_in_the_kernels_equals_the_oracle_given_the_same_mask(conv, dtype):
-    """The base sees x, the adapter x ⊙ keep / (1 − p); the backward regenerates the same mask."""
+@pytest.mark.parametrize("conv, groups", [(False, 1), (True, 1), (False, 3)], ids=["linear", "conv1d", "3-groups"])
+def test_dropout_in_the_kernels_equals_the_oracle_given_the_same_mask(conv, groups, dtype, monkeypatch):
+    """The base sees x, the adapter x ⊙ keep / (1 − p); the backward regenerates the same mask. With dropout
+    the forward runs row bands: one program a row tile, or (3-groups) two column tiles each for three programs
+    a row tile, of which the last two read h back from their own slots."""
+    monkeypatch.setattr(kernels, "INTERPRETER_COLUMN_GROUPS", groups)
     layer, raw = make_layer(dtype=dtype, conv=conv, mask=[1, 1, 0, 1, 1, 1])
     layer.dropout = nn.Dropout(0.3)
     seed = torch.tensor(1234, dtype=torch.int64)
@@ -300,6 +303,33 @@ def test_dropout_in_the_kernels_equals_the_oracle_given_the_same_mask(conv, dtyp
     assert_matches_oracle(got, expected, tols, "dropout")
     no_dropout = oracle(raw, x, grad_y)
     assert _max_err(got[0], no_dropout[0]) > 20 * tols[0]  # the mask really changed the adapter's input
+
+
+def test_with_dropout_the_forward_draws_the_mask_and_the_rank_k_product_once_per_row():
+    """Counted by the interpreter (benchmarks/kernel_counts.py): the forward used to redraw the keep mask
+    and recompute h = d(x)·A₁ᵀ in every column tile (32 draws an element, 1.56 × the GEMM's dot FLOPs at
+    64 × 512 → 1024, k = 8); its row bands draw once and compute h once per row tile."""
+    if KERNEL_DEVICE == "cuda":
+        pytest.skip("counted under the interpreter")
+    from benchmarks.kernel_counts import count_step
+
+    counts = count_step(64, 512, 1024, k=8, dropout=0.1)
+    assert counts["forward_draws_per_element"] == 1.0 and counts["backward_draws_per_element"] == 1.0
+    assert counts["forward_flops_over_gemm"] <= 1.08
+    assert counts["forward_launches"] == 1 and counts["backward_launches"] == 2
+
+
+def test_column_groups_fill_one_wave_of_a_gpu_and_leave_no_program_idle():
+    assert kernels.column_groups(64, 8, torch.device("cpu")) == kernels.INTERPRETER_COLUMN_GROUPS
+    kernels._SM_COUNT[7] = 132  # an H100 SXM's SMs
+    try:
+        gpu = torch.device("cuda", 7)
+        assert kernels.column_groups(200, 8, gpu) == 1  # the row tiles alone fill the SMs
+        assert kernels.column_groups(64, 8, gpu) == 2  # 8192 tokens in 128-row tiles: 128 programs
+        assert kernels.column_groups(1, 8, gpu) == 8  # a short batch: every column tile a program
+        assert kernels.column_groups(20, 8, gpu) == 4  # 6 wanted: runs of 2 tiles need only 4 groups
+    finally:
+        del kernels._SM_COUNT[7]
 
 
 def test_dropout_mask_keeps_1_minus_p_and_changes_every_step():
@@ -443,13 +473,12 @@ def test_torch_compile_fullgraph_through_the_kernels():
                                                                                  expected), "compiled")
 
 
-def test_torch_compile_with_dropout_matches_eager_forward_and_backward(monkeypatch):
+def test_torch_compile_with_dropout_matches_eager_forward_and_backward():
     """With dropout the compiled graph runs the custom op's registered backward, which must redraw the very
     mask of its forward; eager runs LoRA2Function. Same seed (inductor's fallback_random draws it as eager
     does), same output and gradients, bit for bit; and the mask is there (dropout off changes them)."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     layer, raw = make_layer(r=4, k=4)
     layer.dropout = nn.Dropout(0.3)
     g = torch.Generator().manual_seed(1)
@@ -459,7 +488,8 @@ def test_torch_compile_with_dropout_matches_eager_forward_and_backward(monkeypat
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="inductor")
     torch.manual_seed(5)
-    got = run_layer(compiled, x, grad_y)
+    with inductor_config.patch(fallback_random=True):
+        got = run_layer(compiled, x, grad_y)
     for name, a, e in zip(NAMES, got, eager):
         assert torch.equal(a, e), f"compiled {name} differs from eager with dropout"
     layer.dropout = nn.Identity()
@@ -590,8 +620,9 @@ def test_autotuning_is_keyed_by_token_buckets_not_token_counts():
 
 
 def test_warmup_tunes_the_keys_the_training_steps_use(monkeypatch):
-    """`lora2_kernels.warmup_keys` + the kernels' warmup cover every autotuning key a training step
-    launches: bias-free layers (LLaMA), dropout, the first layer's backward without dX, the dtypes."""
+    """`lora2_kernels.warmup_keys` + the kernels' warmup cover every autotuning key a training step and an
+    evaluation launch: bias-free layers (LLaMA), dropout (off in evaluation), the first layer's backward
+    without dX, the dtypes."""
     import lora2_kernels
 
     torch.manual_seed(0)
@@ -614,6 +645,12 @@ def test_warmup_tunes_the_keys_the_training_steps_use(monkeypatch):
     model(torch.randn(2, 12, 40, device=KERNEL_DEVICE, dtype=torch.bfloat16)).sum().backward()
     step_keys = set(seen)
     seen.clear()
-    kernels.warmup(lora2_kernels.warmup_keys(model, 24), dtype=torch.bfloat16, device=KERNEL_DEVICE, buckets=1)
-    assert {k[0] for k in step_keys} == {"forward", "dx"}
-    assert step_keys <= set(seen), step_keys - set(seen)
+    model.eval()  # an evaluation: dropout off (a key of its own), another batch size, no backward
+    with torch.no_grad():
+        model(torch.randn(5, 12, 40, device=KERNEL_DEVICE, dtype=torch.bfloat16))
+    eval_keys = set(seen) - step_keys
+    seen.clear()
+    kernels.warmup(lora2_kernels.warmup_keys(model, 24, eval_tokens=60), dtype=torch.bfloat16,
+                   device=KERNEL_DEVICE, buckets=1)
+    assert {k[0] for k in step_keys} == {"forward", "dx"} and eval_keys
+    assert step_keys | eval_keys <= set(seen), (step_keys | eval_keys) - set(seen)

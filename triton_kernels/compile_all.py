@@ -166,18 +166,25 @@ def specialise(fn, launch: kernels.Launch, config: triton.Config) -> tuple[dict,
 
 
 def loop_wait_pendings(ttgir: str) -> list[int]:
-    """`pendings` of each ttng.warp_group_dot_wait nested in an scf.for of a TTGIR module."""
-    pendings, loops = [], []  # loops: brace depths at which an scf.for body opened
+    """`pendings` of each ttng.warp_group_dot_wait in an innermost scf.for (a K loop) of a TTGIR module.
+
+    A loop holding another loop (the row-band kernels' loop over column tiles) waits for its epilogue's dots
+    once a tile, after the K loop: that serialises nothing."""
+    pendings, loops = [], []  # loops: [brace depth at which an scf.for body opened, holds a loop, its waits]
     depth = 0
     for line in ttgir.splitlines():
         if "scf.for" in line and line.rstrip().endswith("{"):
-            loops.append(depth)
+            if loops:
+                loops[-1][1] = True
+            loops.append([depth, False, []])
         if loops and "warp_group_dot_wait" in line:
             found = re.search(r"pendings\s*=\s*(\d+)", line)
-            pendings.append(int(found.group(1)) if found else -1)
+            loops[-1][2].append(int(found.group(1)) if found else -1)
         depth += line.count("{") - line.count("}")
-        while loops and depth <= loops[-1]:
-            loops.pop()
+        while loops and depth <= loops[-1][0]:
+            _, outer, waits = loops.pop()
+            if not outer:
+                pendings.extend(waits)
     return pendings
 
 

@@ -12,7 +12,9 @@ Launches of one training step of one layer (counted by tests/test_device_work.py
     for both, so no K loop converts an operand (a cast inside the loop serialises Hopper's wgmma).
 ``forward_kernel``: y and h = d(x)·A₁ᵀ (fp32, saved). Each program computes the core and its
     up-projection tile (B₂·C)ᵀ in its epilogue from λ, m, A₂, B₁, B₂ (k × k · k × BLOCK_N: a few
-    thousand FMAs); the rank-k product rides in the K loop of the base GEMM, so x is read once.
+    thousand FMAs); the rank-k product rides in the K loop of the base GEMM, so x is read once. With
+    dropout (over a 16-bit W) in row bands: h and the keep mask once per row tile and column group
+    (``row_bands``, ``column_groups``), not once per output tile.
 ``dx_kernel``: programs (row tile, in tile) compute dX = dY·W + (g·A₁)⊙keep/(1−p) with
     gB = dY·B₂ in the same K loop over out and g = gB·C, then the row tile's partial of
     dA₁ = gᵀ·d(x) (the x tile is read in the epilogue). One extra program per row tile (the
@@ -163,7 +165,7 @@ def _tile_ids(M, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M_BUCKET", "seed"])
 def forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr,
+    x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr, h_more_ptr,
     M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
     absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
@@ -173,34 +175,128 @@ def forward_kernel(
     BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = x·Wᵀ + b + h·(B₂C)ᵀ, h = d(x)·A₁ᵀ. W is read as B[k, n] through (stride_wk, stride_wn);
-    A₁ (k × K, in x's dtype), B₂ (N × k), h (M × k) are contiguous."""
-    pid_m, pid_n = _tile_ids(M, tl.cdiv(N, BLOCK_N), BLOCK_M, GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, BLOCK_R)
-    m_ok = rm < M
-    n_ok = rn < N
-    r_ok = rr < RANK
+    A₁ (k × K, in x's dtype), B₂ (N × k), h (M × k) are contiguous.
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + rk
-        k_ok = cols < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn, k_ok[:, None] & n_ok[None, :],
-                         absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, x_ptr.dtype.element_ty, QUANT,
-                         QBLOCK, QBLOCK2)
-        a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = _dot(x, w, acc, PRECISION)
-        if DROPOUT:
+    Without dropout: a program per (row tile, column tile); each computes h for its rows again in the K
+    loop it reads x in for the base GEMM (BLOCK_R / BLOCK_N more dot work: 6 % at 256-wide tiles).
+
+    With dropout, row bands: the grid is (row tiles) × (column groups), and a program computes its row
+    tile's y over a contiguous run of column tiles (its group's). h, with the dropout mask, is computed in
+    the K loop of its first column tile only; the others read it back from memory in their epilogues. With
+    one group per row tile (the interpreter's default; a GPU whose SMs the row tiles fill) the mask is drawn
+    once per element instead of once per column tile; more groups (column_groups) keep a GPU busy for few
+    rows. Only with dropout: the band's second K loop costs registers, and without dropout the 256-wide
+    tiles spill with it (compile_all), while the per-tile schedule's extra work is 6 %."""
+    if DROPOUT and QUANT == 0:  # row bands (the host's row_bands)
+        row_tiles = tl.cdiv(M, BLOCK_M)
+        col_tiles = tl.cdiv(N, BLOCK_N)
+        groups = tl.num_programs(0) // row_tiles
+        pid = tl.program_id(0)
+        pid_m = pid % row_tiles  # consecutive programs: other rows, the same W columns (shared in L2)
+        group = pid // row_tiles
+        per_group = tl.cdiv(col_tiles, groups)
+        first = group * per_group
+        last = tl.minimum(first + per_group, col_tiles)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        rr = tl.arange(0, BLOCK_R)
+        m_ok = rm < M
+        r_ok = rr < RANK
+
+        # the first column tile: the base GEMM and h = d(x)·A₁ᵀ in one K loop (x is read once for both). Its
+        # own loop, before the others' (not a branch inside theirs): Triton then reuses the pipeline buffers.
+        rn = (first * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + rk
+            k_ok = cols < K
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn, k_ok[:, None] & n_ok[None, :],
+                             absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, x_ptr.dtype.element_ty, QUANT,
+                             QBLOCK, QBLOCK2)
+            a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = _dot(x, w, acc, PRECISION)
             x = tl.where(_keep(seed, rm, cols, K, dropout_p), x, 0.0).to(x.dtype)
-        hidden = _dot(x, a1, hidden, PRECISION)
-    if DROPOUT:
+            hidden = _dot(x, a1, hidden, PRECISION)
         hidden = hidden * (1.0 / (1.0 - dropout_p))
+        _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
+                          p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS, SCALE_BY_KEPT, PRECISION,
+                          BLOCK_R, BLOCK_RR)
+        # h goes to memory, not through the other tiles' K loops in registers (they spilled there): group 0's rows
+        # are the h the backward reads, each other group writes its own (identical) copy to a slot of h_more
+        if group > 0:
+            h_ptr = h_more_ptr + tl.cast(group - 1, tl.int64) * M * RANK
+        tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
+        tl.debug_barrier()  # the epilogues below read rows other threads of this program wrote
+        # the group's other column tiles: the base GEMM alone, h from the first
+        for pid_n in range(first + 1, last):
+            rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+            n_ok = rn < N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + rk
+                k_ok = cols < K
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn,
+                                 k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                                 offset_ptr, x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+                acc = _dot(x, w, acc, PRECISION)
+            hidden = tl.load(h_ptr + rm[:, None] * RANK + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr,
+                              p_down_ptr, p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS, SCALE_BY_KEPT,
+                              PRECISION, BLOCK_R, BLOCK_RR)
+    else:
+        pid_m, pid_n = _tile_ids(M, tl.cdiv(N, BLOCK_N), BLOCK_M, GROUP_M)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        rr = tl.arange(0, BLOCK_R)
+        m_ok = rm < M
+        n_ok = rn < N
+        r_ok = rr < RANK
 
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + rk
+            k_ok = cols < K
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn, k_ok[:, None] & n_ok[None, :],
+                             absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, x_ptr.dtype.element_ty, QUANT,
+                             QBLOCK, QBLOCK2)
+            a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = _dot(x, w, acc, PRECISION)
+            if DROPOUT:  # a 4-bit W's: the mask per column tile (its band kernel spilled on sm_80)
+                x = tl.where(_keep(seed, rm, cols, K, dropout_p), x, 0.0).to(x.dtype)
+            hidden = _dot(x, a1, hidden, PRECISION)
+        if DROPOUT:
+            hidden = hidden * (1.0 / (1.0 - dropout_p))
+
+        core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
+        b2t = tl.load(p_up_ptr + rn[None, :] * RANK + rr[:, None], mask=r_ok[:, None] & n_ok[None, :],
+                      other=0.0).to(tl.float32)  # B₂ᵀ tile: k × BLOCK_N
+        up_t = tl.dot(tl.trans(core), b2t, input_precision="ieee")  # (B₂·C)ᵀ tile
+        acc = tl.dot(hidden, up_t, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+        if pid_n == 0:  # every column tile computed the same rows of h; one of them writes them
+            tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
+                      p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS: tl.constexpr,
+                      SCALE_BY_KEPT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_RR: tl.constexpr):
+    """y tile = acc + h·(B₂C)ᵀ + b, rounded once to y's dtype. The k × k core is recomputed here, per tile
+    (a few thousand FMAs), rather than kept in registers through the K loops."""
     core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
     b2t = tl.load(p_up_ptr + rn[None, :] * RANK + rr[:, None], mask=r_ok[:, None] & n_ok[None, :],
                   other=0.0).to(tl.float32)  # B₂ᵀ tile: k × BLOCK_N
@@ -210,8 +306,6 @@ def forward_kernel(
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
-    if pid_n == 0:  # every column tile computed the same rows of h; one of them writes them
-        tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["M_BUCKET", "seed"])
@@ -386,7 +480,7 @@ SPILLS = {
     (80, "dx", 2, True, 3, 16), (80, "dx", 4, False, 6, 32), (80, "forward", 2, False, 0, 16),
     (80, "forward", 2, False, 0, 32), (80, "forward", 2, False, 1, 16), (80, "forward", 2, False, 2, 16),
     (80, "forward", 2, False, 2, 32), (80, "forward", 2, False, 3, 32), (80, "forward", 2, True, 0, 16),
-    (80, "forward", 2, True, 2, 16), (90, "dx", 2, False, 0, 32), (90, "dx", 2, False, 1, 32),
+    (80, "forward", 2, True, 2, 16), (80, "forward", 2, True, 3, 16), (90, "dx", 2, False, 0, 32), (90, "dx", 2, False, 1, 32),
     (90, "dx", 2, False, 3, 32), (90, "dx", 2, True, 0, 16), (90, "dx", 2, True, 1, 16), (90, "dx", 2, True, 2, 16),
     (90, "dx", 2, True, 3, 16), (90, "dx", 4, False, 6, 32), (90, "forward", 2, False, 0, 32),
     (90, "forward", 2, False, 2, 32), (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 0, 16),
@@ -515,6 +609,43 @@ AUTOTUNED = {"forward": None, "dx": None} if INTERPRET else {"forward": _forward
 def rank_block(rank: int) -> int:
     """BLOCK_R (and BLOCK_RR for r): padded to a power of two of at least 16."""
     return max(16, triton.next_power_of_2(rank))
+
+
+def row_bands(dropout_p: float, quant: "Quant4 | None") -> bool:
+    """Whether the forward runs row bands (see forward_kernel): with dropout, over a 16-bit W. Without
+    dropout the band's second K loop would only save the rank-k product's recompute (BLOCK_R / BLOCK_N of
+    the GEMM, 6 % at 256-wide tiles) and cost the 256-wide tiles their registers; over a 4-bit W the band
+    spilled on sm_80 in every config (compile_all, Triton 3.6)."""
+    return dropout_p > 0 and quant is None
+
+
+# Column groups under the interpreter (CPU tensors, CI): one, so a row tile's rank-k product and dropout
+# mask are computed once; tests set more to run the multi-group path.
+INTERPRETER_COLUMN_GROUPS = 1
+_SM_COUNT: dict[int, int] = {}
+
+
+def column_groups(row_tiles: int, col_tiles: int, device: torch.device) -> int:
+    """Programs per row tile in the row-band kernels (each one a contiguous run of the column tiles; every
+    group recomputes the row tile's rank-k product and dropout mask). One where the row tiles alone fill
+    the GPU's SMs; else as many as one wave of programs holds, and no group without a tile."""
+    if device.type != "cuda":
+        wanted = INTERPRETER_COLUMN_GROUPS
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNT:
+            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        wanted = _SM_COUNT[index] // max(row_tiles, 1)
+    wanted = max(1, min(wanted, col_tiles))
+    return triton.cdiv(col_tiles, triton.cdiv(col_tiles, wanted))  # the groups a run of that length needs
+
+
+def max_column_groups(rows: int, cols: int, device: torch.device) -> int:
+    """The most column groups any config could launch for an (rows × cols) output: buffers with a slot per
+    group are sized by it before the autotuner picks the tiles."""
+    configs = [INTERPRETER_MATMUL_CONFIG] if device.type != "cuda" else [c.kwargs for c in ALL_CONFIGS]
+    return max(column_groups(triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(cols, c["BLOCK_N"]), device)
+               for c in configs)
 
 
 def token_bucket(tokens: int) -> int:
@@ -650,7 +781,11 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
     m, k_in = x.shape
     y = torch.empty((m, out_features), device=x.device, dtype=x.dtype)
     h = torch.empty((m, f.k), device=x.device, dtype=torch.float32)
-    args = (x, weight, bias if bias is not None else y, a1, *f.core_args(), f.p_up, y, h, m, out_features, k_in,
+    # a slot per further column group for its copy of h (see forward_kernel); freed with this call
+    bands = row_bands(dropout_p, quant)
+    more = max_column_groups(m, out_features, x.device) - 1 if bands else 0
+    h_more = torch.empty((more, m, f.k), device=x.device, dtype=torch.float32) if more else h
+    args = (x, weight, bias if bias is not None else y, a1, *f.core_args(), f.p_up, y, h, h_more, m, out_features, k_in,
             f.r, f.k, token_bucket(m), float(f.alpha),
             float(dropout_p), int(seed), x.stride(0), x.stride(1), *w_strides, y.stride(0), y.stride(1),
             *_quant_args(weight, quant))
@@ -659,7 +794,8 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
              "BLOCK_R": rank_block(f.k), "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
+        row_tiles, col_tiles = triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(out_features, meta["BLOCK_N"])
+        return (row_tiles * (column_groups(row_tiles, col_tiles, x.device) if bands else col_tiles),)
 
     return Launch("forward", args, flags, grid, x.device), y, h
 

@@ -401,8 +401,8 @@ def _base_model(args: argparse.Namespace) -> str:
     if not Path(recorded).is_dir():
         raise InputError(f"{args.adapter} was trained on the base model {recorded}, which is not a folder here; pass "
                          "--model with that model's folder.")
-    if args.command != "export":
-        logger.info("base model: %s (recorded by the adapter; --model chooses another)", recorded)
+    logger.info("base model: %s (recorded by the adapter; --model chooses another)", recorded)
+    args.model = recorded  # decided once per command
     return recorded
 
 
@@ -469,10 +469,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .io import atomic_write_dir
-    from .run_folder import check_output_folder
     from .loading import load_tokenizer, resolve_model_path
     from .methods import METHOD_FILE
+    from .run_folder import check_output_folder, write_whole
 
     # before anything is loaded: an output over the adapter (or a folder holding it) would be replaced by
     # a model merged from what was read, and the adapter lost
@@ -491,7 +490,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         (tmp / METHOD_FILE).write_text(json.dumps(dataclasses.asdict(
             dataclasses.replace(info, method="full", base_4bit=None)), indent=2), encoding="utf-8")
 
-    atomic_write_dir(args.output, fill)
+    write_whole(Path(args.output), fill, "the merged model", "run the merge again")
     logger.info("merged model written to %s (load it with from_pretrained; no lora2 needed)", args.output)
     return 0
 

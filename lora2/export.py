@@ -30,8 +30,8 @@ from lora2_kernels import reference
 
 from .config import LoRA2Config
 from .errors import InputError
-from .io import atomic_write_dir, atomic_write_text
-from .run_folder import check_output_folder
+from .io import atomic_write_text
+from .run_folder import check_output_folder, write_whole
 from .methods import METHOD_FILE, TrainedInfo, read_trained
 from .model import (
     _ADAPTER_PREFIX,
@@ -179,7 +179,7 @@ def export_peft_lora(adapter: str | Path, output: str | Path, compact: bool = Fa
         atomic_write_text(tmp / METHOD_FILE, json.dumps(asdict(TrainedInfo(**{**asdict(info), "method": "lora"})),
                                                         indent=2))
 
-    atomic_write_dir(output, fill)
+    write_whole(Path(output), fill, "the PEFT export", "run the export again")
     notes = serving_notes(output)
     for note in notes:
         logger.warning("%s", note)

@@ -207,21 +207,10 @@ def forward_kernel(
         # own loop, before the others' (not a branch inside theirs): Triton then reuses the pipeline buffers.
         rn = (first * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_ok = rn < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + rk
-            k_ok = cols < K
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn, k_ok[:, None] & n_ok[None, :],
-                             absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, x_ptr.dtype.element_ty, QUANT,
-                             QBLOCK, QBLOCK2)
-            a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = _dot(x, w, acc, PRECISION)
-            x = tl.where(_keep(seed, rm, cols, K, dropout_p), x, 0.0).to(x.dtype)
-            hidden = _dot(x, a1, hidden, PRECISION)
-        hidden = hidden * (1.0 / (1.0 - dropout_p))
+        acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed,
+                                       stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
+                                       code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BLOCK_M,
+                                       BLOCK_N, BLOCK_K, BLOCK_R)
         _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
                           p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS, SCALE_BY_KEPT, PRECISION,
                           BLOCK_R, BLOCK_RR)
@@ -259,35 +248,43 @@ def forward_kernel(
         n_ok = rn < N
         r_ok = rr < RANK
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + rk
-            k_ok = cols < K
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn, k_ok[:, None] & n_ok[None, :],
-                             absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, x_ptr.dtype.element_ty, QUANT,
-                             QBLOCK, QBLOCK2)
-            a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = _dot(x, w, acc, PRECISION)
-            if DROPOUT:  # a 4-bit W's: the mask per column tile (its band kernel spilled on sm_80)
-                x = tl.where(_keep(seed, rm, cols, K, dropout_p), x, 0.0).to(x.dtype)
-            hidden = _dot(x, a1, hidden, PRECISION)
-        if DROPOUT:
-            hidden = hidden * (1.0 / (1.0 - dropout_p))
-
-        core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
-        b2t = tl.load(p_up_ptr + rn[None, :] * RANK + rr[:, None], mask=r_ok[:, None] & n_ok[None, :],
-                      other=0.0).to(tl.float32)  # B₂ᵀ tile: k × BLOCK_N
-        up_t = tl.dot(tl.trans(core), b2t, input_precision="ieee")  # (B₂·C)ᵀ tile
-        acc = tl.dot(hidden, up_t, acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        # with dropout (over a 4-bit W: its band spilled on sm_80) the mask is drawn in every column tile here
+        acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed,
+                                       stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
+                                       code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BLOCK_M,
+                                       BLOCK_N, BLOCK_K, BLOCK_R)
+        _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
+                          p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS, SCALE_BY_KEPT, PRECISION,
+                          BLOCK_R, BLOCK_RR)
         if pid_n == 0:  # every column tile computed the same rows of h; one of them writes them
             tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed,
+                     stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                     offset_ptr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
+                     QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(x·Wᵀ tile, h = d(x)·A₁ᵀ rows) in one K loop: x is read once for both."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + rk
+        k_ok = cols < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn, k_ok[:, None] & n_ok[None, :],
+                         absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, x_ptr.dtype.element_ty, QUANT,
+                         QBLOCK, QBLOCK2)
+        a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = _dot(x, w, acc, PRECISION)
+        if DROPOUT:
+            x = tl.where(_keep(seed, rm, cols, K, dropout_p), x, 0.0).to(x.dtype)
+        hidden = _dot(x, a1, hidden, PRECISION)
+    if DROPOUT:
+        hidden = hidden * (1.0 / (1.0 - dropout_p))
+    return acc, hidden
 
 
 @triton.jit

@@ -132,9 +132,99 @@ def peer_counts(device: str = "cpu", in_f: int = 48, out_f: int = 40, tokens: in
     return counts
 
 
+# The dtype regimes a model meets (issue "Kernels v3", item 3): (name, base dtype, adapter dtype, input dtype,
+# autocast dtype or None, FSDP2 with param_dtype=bf16). Autocast regimes take fp32 inputs, as a projection
+# after a LayerNorm does (the cast of x is then every method's work).
+REGIMES = (
+    ("bf16 base + fp32 adapter, bf16 autocast", torch.bfloat16, torch.float32, torch.float32, torch.bfloat16, False),
+    ("all bf16 (model.to(bfloat16))", torch.bfloat16, torch.bfloat16, torch.bfloat16, None, False),
+    ("fp32 module under bf16 autocast", torch.float32, torch.float32, torch.float32, torch.bfloat16, False),
+    ("FSDP2, MixedPrecisionPolicy(param_dtype=bf16)", torch.float32, torch.float32, torch.float32, None, True),
+)
+
+
+def _steady_work(module: torch.nn.Module, x: torch.Tensor, autocast: torch.dtype | None) -> DeviceWork:
+    """The device work of one forward + backward after a first one (FSDP2 initialises lazily). Each forward
+    is its own autocast region, as in a model whose projection input is not a leaf: autocast's cast cache
+    (which keeps casts of leaf tensors within one region) would otherwise hide the cast of x."""
+    x = x.detach().requires_grad_()
+    device_type = x.device.type
+    for counted in (False, True):
+        for p in (x, *module.parameters()):
+            p.grad = None
+        with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            with torch.no_grad():
+                grad = torch.ones_like(module(x))
+        with DeviceWork() as work:
+            with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                y = module(x)
+            torch.autograd.backward(y, grad)
+        if counted:
+            return work
+    raise AssertionError("unreachable")
+
+
+def regime_counts(device: str = "cpu", in_f: int = 48, out_f: int = 40, tokens: int = 24) -> dict[str, dict[str, int]]:
+    """Per dtype regime (REGIMES): launches per training step of one projection for the frozen layer (the
+    floor), PEFT LoRA r=8 and LoRA² through the kernels. Under FSDP2 (a one-process group here) every
+    method's trainable parameters stay whole (``ignored_params``), as ``lora2 train --fsdp`` keeps the
+    adapter; the base is sharded and gathered in bf16."""
+    import peft
+    import torch.distributed as dist
+    from torch import nn
+
+    from lora2_kernels import LoRA2Linear
+
+    class One(nn.Module):
+        def __init__(self, layer: nn.Module):
+            super().__init__()
+            self.proj = layer
+
+        def forward(self, x):
+            return self.proj(x)
+
+    def build(method: str, base: torch.dtype, adapter: torch.dtype) -> nn.Module:
+        torch.manual_seed(0)
+        if method == "lora2":
+            model = One(LoRA2Linear(in_f, out_f, r=8, k=8, backend="triton"))
+        else:
+            model = One(nn.Linear(in_f, out_f))
+            if method == "peft":
+                model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["proj"]))
+            else:
+                model.requires_grad_(False)
+        model = model.to(device).train()
+        for p in model.parameters():
+            p.data = p.data.to(adapter if p.requires_grad else base)
+        return model
+
+    created = False
+    if any(regime[5] for regime in REGIMES) and not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        created = True
+    counts: dict[str, dict[str, int]] = {}
+    try:
+        for name, base, adapter, x_dtype, autocast, fsdp in REGIMES:
+            row = {}
+            for method in ("floor", "peft", "lora2"):
+                model = build(method, base, adapter)
+                if fsdp:
+                    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+                    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16),
+                                ignored_params={p for p in model.parameters() if p.requires_grad})
+                x = torch.randn(tokens, in_f, device=device, dtype=x_dtype)
+                row[method] = _steady_work(model, x, autocast).total
+            counts[name] = row
+    finally:
+        if created:
+            dist.destroy_process_group()
+    return counts
+
+
 if __name__ == "__main__":  # python -m benchmarks.device_work (CPU: under TRITON_INTERPRET=1)
     import json
     import os
 
-    print(json.dumps(peer_counts("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-                                 else "cpu")))
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    print(json.dumps({"peers": peer_counts(device), "regimes": regime_counts(device)}))

@@ -454,7 +454,7 @@ def count_device_work(device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         from . import device_work
 
-        return device_work.peer_counts("cuda")
+        return {"peers": device_work.peer_counts("cuda"), "regimes": device_work.regime_counts("cuda")}
     import os
     import subprocess
 
@@ -495,7 +495,13 @@ def main(argv: list[str] | None = None) -> int:
         report["work"] = count_device_work(device)
         sections.append("## Device work per projection per training step (kernels launched)\n\n"
                         + "\n".join(["| peer | launches |", "|---|---:|"]
-                                     + [f"| {k} | {v} |" for k, v in report["work"].items()]))
+                                     + [f"| {k} | {v} |" for k, v in report["work"]["peers"].items()])
+                        + "\n\nBy dtype regime (autocast regimes take fp32 inputs; FSDP2 in a one-process group, "
+                          "trainable parameters kept whole):\n\n"
+                        + "\n".join(["| regime | frozen layer | PEFT LoRA r=8 | LoRA² | LoRA² − frozen |",
+                                      "|---|---:|---:|---:|---:|"]
+                                     + [f"| {k} | {v['floor']} | {v['peft']} | {v['lora2']} | {v['lora2'] - v['floor']} |"
+                                        for k, v in report["work"]["regimes"].items()]))
     if "layers" in args.sections:
         shapes = GPU_LAYER_SHAPES if device.type == "cuda" else CPU_LAYER_SHAPES
         shapes = [s for s in shapes if not args.layer_shapes or s[0] in args.layer_shapes]

@@ -218,8 +218,9 @@ class LoRA2Linear(nn.Linear):
             dtype = torch.get_autocast_dtype(device_type)
             x = x.to(dtype)
             weight = weight.to(dtype) if quant is None else weight
-            bias = bias.to(dtype) if bias is not None else None
+            # the bias keeps its dtype: the kernels add it in fp32 (one launch less); the other paths cast it
         if self.merged or not self._adapter_enabled:
+            bias = bias.to(x.dtype) if bias is not None else None
             with torch.autocast(device_type, enabled=False):
                 if quant is not None:  # the layer as bitsandbytes computes it: W dequantised in x's dtype
                     return four_bit.linear_4bit(x, quant, bias)
@@ -234,8 +235,12 @@ class LoRA2Linear(nn.Linear):
             _warn_once(f"LoRA2Linear: {reason}; this layer runs the PyTorch reference path.")
         # the adapter sees dropout(x), the base x (PEFT's semantics); in the kernels, or torch's in the reference
         dropout = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-        return ops.lora2_linear(x, weight, bias, *(self._factor(name) for name in ADAPTER_PARAMETER_NAMES),
-                                self._factor("rank_mask"), self.alpha, self.scale_by_kept, self.fan_in_fan_out,
+        if backend == "triton":  # the kernels read each factor in its own dtype and compute in fp32: no copies
+            factors = [getattr(self, name) for name in (*ADAPTER_PARAMETER_NAMES, "rank_mask")]
+        else:
+            factors = [self._factor(name) for name in (*ADAPTER_PARAMETER_NAMES, "rank_mask")]
+            bias = bias.to(x.dtype) if bias is not None else None
+        return ops.lora2_linear(x, weight, bias, *factors, self.alpha, self.scale_by_kept, self.fan_in_fan_out,
                                 dropout, backend, quant=quant)
 
     # --- allocator interface -----------------------------------------------------------------------

@@ -70,6 +70,8 @@ def triton_unsupported(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor
             return reason
     elif weight.dtype != x.dtype:
         return f"the input is {x.dtype} but the weight is {weight.dtype} (outside autocast they must match)"
+    if down.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the kernels take float16, bfloat16 or float32 adapter factors, not {down.dtype}"
     limit = triton_kernels().MAX_RANK
     if down.shape[0] > limit or r > limit:
         return f"k={down.shape[0]}, r={r}: the kernels cover k and r up to {limit}"
@@ -85,9 +87,9 @@ def _seed(seed: torch.Tensor | None) -> int:
     return int(seed) if seed is not None else 0
 
 
-def _gradients(grads: dict[str, torch.Tensor], params: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """The kernels' fp32 factor gradients in each factor's dtype (a no-op for fp32 adapters)."""
-    return [grads[name].to(p.dtype) for name, p in zip(FACTOR_NAMES, params)]
+def _gradients(grads: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The kernels' factor gradients (already in each factor's dtype), in the factors' order."""
+    return [grads[name] for name in FACTOR_NAMES]
 
 
 # --- eager: autograd.Function ------------------------------------------------------------------------
@@ -115,7 +117,7 @@ class LoRA2Function(torch.autograd.Function):
             grad_y.contiguous(), x, weight, f, hidden, b2, fan_in_fan_out, dropout_p, seed,
             needs_input_grad=needs[0], needs_weight_grad=needs[1] and ctx.quant is None,
             needs_bias_grad=needs[2] and has_bias, quant=ctx.quant)
-        return (grad_x, grad_w, grad_b, *_gradients(grads, tuple(params)), None, None, None, None, None, None, None)
+        return (grad_x, grad_w, grad_b, *_gradients(grads), None, None, None, None, None, None, None)
 
 
 # --- torch.compile: custom ops ------------------------------------------------------------------------
@@ -188,7 +190,7 @@ def lora2_linear_backward_op(
         grad_y, x, weight, f, hidden, b2 if b2.numel() else p_up, fan_in_fan_out, dropout_p, _seed(seed),
         needs_input_grad=needs_input_grad, needs_weight_grad=needs_weight_grad, needs_bias_grad=needs_bias_grad,
         quant=quant)
-    return [t if t is not None else x.new_empty(0) for t in (grad_x, grad_w, grad_b)] + _gradients(grads, params)
+    return [t if t is not None else x.new_empty(0) for t in (grad_x, grad_w, grad_b)] + _gradients(grads)
 
 
 @lora2_linear_backward_op.register_fake

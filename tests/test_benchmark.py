@@ -65,7 +65,8 @@ def test_work_and_model_sections_print_the_counts_and_the_labelled_model(tmp_pat
     labelled as a model, with no measured ratio on a CPU."""
     assert throughput.main(["--sections", "work", "model", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    work = report["work"]
+    work = report["work"]["peers"]
+    assert all(row["lora2"] <= row["floor"] + 2 for row in report["work"]["regimes"].values())
     assert work["frozen nn.Linear"] == 2 and work["LoRA² kernels, bf16"] <= 5
     assert work["LoRA² model of N projections: b (per projection)"] <= 4
     assert work["LoRA² kernels, bf16"] < work["PEFT LoRA r=8 (bf16 autocast)"]

@@ -10,7 +10,7 @@ import torch
 from conftest import KERNEL_DEVICE, require
 from torch import nn
 
-from benchmarks.device_work import peer_counts, step_work
+from benchmarks.device_work import REGIMES, peer_counts, regime_counts, step_work
 from lora2_kernels import LoRA2Linear
 
 IN, OUT, TOKENS = 48, 40, 24
@@ -62,3 +62,14 @@ def test_the_peers_count_as_the_issue_measured():
     assert counts["frozen nn.Linear"] == 2
     assert counts["LoRA² kernels, bf16"] == 4 and counts["LoRA² kernels, fp32"] == 3
     assert counts["PEFT LoRA r=8 (bf16 autocast)"] >= 10
+
+
+def test_every_dtype_regime_is_within_two_launches_of_the_frozen_layer():
+    """Issue "Kernels v3", item 3: bf16 base + fp32 adapter under autocast, all bf16, an fp32 module under
+    bf16 autocast and FSDP2 with param_dtype=bf16, each ≤ the frozen layer's launches + 2 (an all-bf16
+    layer took 15 before the kernels read bf16 factors and wrote bf16 gradients themselves), and below PEFT."""
+    require("peft", "pip install -e '.[test]' (peft is in the test extra)")
+    counts = regime_counts(KERNEL_DEVICE)
+    assert set(counts) == {regime[0] for regime in REGIMES}
+    for name, row in counts.items():
+        assert row["floor"] < row["lora2"] <= row["floor"] + 2 < row["peft"], (name, row)

@@ -248,6 +248,24 @@ def test_autocast_bf16_on_an_fp32_layer():
     assert_matches_oracle(got, expected, tols, "autocast")
 
 
+def test_an_all_bf16_layer_runs_three_launches_and_matches_its_reference():
+    """``model.to(torch.bfloat16)`` makes the factors bf16 too. The kernels read them as they are and
+    write each gradient in its factor's dtype (no copies around the launches, see test_device_work);
+    the results are the reference path's on the same bf16 parameters, which computes in fp32 and
+    rounds once, to one bf16 unit in the last place."""
+    layer, _ = make_layer()
+    layer.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    x, grad_y = torch.randn(37, 70, generator=g).bfloat16(), torch.randn(37, 45, generator=g).bfloat16()
+    got = run_layer(layer, x, grad_y)
+    layer.backend = "reference"
+    expected = run_layer(layer, x, grad_y)
+    for name, a, b in zip(NAMES, got, expected):
+        assert a.dtype == b.dtype == torch.bfloat16, name
+        scale = float(b.float().abs().max())
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=2 ** -7 * scale, msg=name)
+
+
 def _factors(raw: dict, scale_by_kept: bool = False):
     return kernels.Factors(*(raw[n].float().to(KERNEL_DEVICE) for n in PARAMS), raw["mask"].float().to(KERNEL_DEVICE),
                            ALPHA, scale_by_kept)

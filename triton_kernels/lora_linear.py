@@ -831,15 +831,15 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
 
 def finish_launch(partials: dict[str, torch.Tensor], tiles: int, f: Factors
                   ) -> tuple[Launch, dict[str, torch.Tensor]]:
-    """Sum the partials of `dx_launch` over its row tiles and take the core's gradients."""
+    """Sum the partials of `dx_launch` over its row tiles and take the core's gradients (each in its
+    factor's dtype)."""
     _, out_features, _ = partials["b2"].shape
     in_features = partials["a1"].shape[2]
     device = partials["b2"].device
-    grads = {"p_up": torch.empty((out_features, f.k), device=device, dtype=torch.float32),
-             "q_down": torch.empty((f.k, in_features), device=device, dtype=torch.float32),
-             "q_up": torch.empty((f.r, f.k), device=device, dtype=torch.float32),
-             "singular_values": torch.empty((f.r,), device=device, dtype=torch.float32),
-             "p_down": torch.empty((f.k, f.r), device=device, dtype=torch.float32)}
+    # each gradient in its factor's dtype (summed in fp32, rounded once by the store): a bf16 adapter's
+    # gradients need no cast launches after this one
+    grads = {name: torch.empty(getattr(f, name).shape, device=device, dtype=getattr(f, name).dtype)
+             for name in ("p_up", "q_down", "q_up", "singular_values", "p_down")}
     programs = triton.cdiv(out_features, FINISH_BLOCK) + triton.cdiv(in_features, FINISH_BLOCK) + 1
     args = (partials["b2"], partials["a1"], partials["core"], *f.core_args(), grads["p_up"], grads["q_down"],
             grads["q_up"], grads["singular_values"], grads["p_down"], tiles, out_features, in_features, f.r, f.k,

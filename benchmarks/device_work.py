@@ -1,7 +1,7 @@
 """Device work of a training step, counted on any machine: the kernels a GPU would launch.
 
-Every aten op that runs at least one kernel on a GPU counts once (views, allocations and the
-host-side draw of the dropout seed do not), and so does every launch of lora2's Triton kernels.
+Every aten op that runs at least one kernel on a GPU counts once (views and allocations do not; the
+dropout seeds' draw on the device does), and so does every launch of lora2's Triton kernels.
 On a CPU the Triton kernels run under the interpreter, whose own tensor copies are not counted.
 
     with DeviceWork() as work:
@@ -23,7 +23,7 @@ aten = torch.ops.aten
 # Ops that launch nothing: allocations (torch.empty and friends only reserve memory) and metadata.
 NOT_KERNELS = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
                aten.new_empty_strided.default, aten.empty_like.default, aten.lift_fresh.default,
-               aten._local_scalar_dense.default, aten.randint.low, aten.randint.default}
+               aten._local_scalar_dense.default}
 
 
 def _launches_kernels(func) -> bool:
@@ -123,12 +123,21 @@ def peer_counts(device: str = "cpu", in_f: int = 48, out_f: int = 40, tokens: in
         counts["PEFT LoRA r=8 (bf16 autocast)"] = step_work(model, x).total
     counts["LoRA² kernels, bf16"] = step_work(lora2(in_f, out_f, torch.bfloat16), x.bfloat16()).total
     counts["LoRA² kernels, fp32"] = step_work(lora2(in_f, out_f, torch.float32), x).total
-    counts["LoRA² kernels, bf16, dropout 0.1"] = step_work(lora2(in_f, out_f, torch.bfloat16, 0.1), x.bfloat16()).total
-    chain = {n: step_work(nn.Sequential(*[lora2(in_f, in_f, torch.bfloat16, seed=i) for i in range(n)]),
-                          x.bfloat16()).total for n in (2, 4)}
-    slope = (chain[4] - chain[2]) // 2
-    counts["LoRA² model of N projections: b (per projection)"] = slope
-    counts["LoRA² model of N projections: a (per step)"] = chain[2] - 2 * slope
+    counts["LoRA² kernels, bf16, dropout 0.1 (a lone layer: + its seed draw)"] = step_work(
+        lora2(in_f, out_f, torch.bfloat16, 0.1), x.bfloat16()).total
+    for dropout in (0.0, 0.1):
+        def chain(n):  # as LoRA2Model adapts a model: its layers share one seed draw per forward
+            from lora2_kernels.linear import DropoutSeeds
+
+            model = nn.Sequential(*[lora2(in_f, in_f, torch.bfloat16, dropout, seed=i) for i in range(n)])
+            DropoutSeeds(model, list(model))
+            return model
+
+        work = {n: step_work(chain(n), x.bfloat16()).total for n in (2, 4)}
+        slope = (work[4] - work[2]) // 2
+        label = f"LoRA² model of N projections{', dropout 0.1' if dropout else ''}"
+        counts[f"{label}: b (per projection)"] = slope
+        counts[f"{label}: a (per step)"] = work[2] - 2 * slope
     return counts
 
 

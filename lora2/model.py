@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora2_kernels import LoRA2Linear, is_supported_linear
+from lora2_kernels.linear import DropoutSeeds
 from lora2_kernels.four_bit import keep_standard_layout, unsupported_linear
 
 from .config import READABLE_FORMAT_VERSIONS, LoRA2Config
@@ -68,6 +69,8 @@ class LoRA2Model(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
         self._inject()
+        # adapter dropout's seeds: one draw on the device per forward of the base model, for every layer
+        self._dropout_seeds = DropoutSeeds(model, list(self.lora2_layers().values()))
         keep_standard_layout(model)  # 4-bit layers no adapter wraps: bitsandbytes must not repack them on eval
         self.modules_to_save = self._resolve_modules_to_save()
         self._freeze()
@@ -240,6 +243,7 @@ class LoRA2Model(nn.Module):
         return self._unload(merge=False)
 
     def _unload(self, merge: bool) -> nn.Module:
+        self._dropout_seeds.remove()
         for name, layer in self.lora2_layers().items():
             if merge and not layer.merged:
                 layer.merge()

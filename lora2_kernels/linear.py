@@ -121,6 +121,13 @@ class LoRA2Linear(nn.Linear):
         layer.train(module.training)
         return layer
 
+    def __getstate__(self) -> dict:
+        # a model's seed source is the model's: a copy or a pickle of the layer alone draws its own seeds
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_seed_source", None)
+        return state
+
     def __setstate__(self, state: dict) -> None:
         # torch.save of a whole layer pickles its Parameters as plain ones: a 4-bit weight comes back a
         # uint8 Parameter that still carries its quant_state; make it bitsandbytes' Params4bit again
@@ -234,14 +241,28 @@ class LoRA2Linear(nn.Linear):
         if reason is not None and _on_gpu(x) and self.backend == "auto":
             _warn_once(f"LoRA2Linear: {reason}; this layer runs the PyTorch reference path.")
         # the adapter sees dropout(x), the base x (PEFT's semantics); in the kernels, or torch's in the reference
-        dropout = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        dropout = self.dropout_p if self.training else 0.0
+        seed = self._shared_seed(x.device) if dropout > 0 and backend == "triton" else None
         if backend == "triton":  # the kernels read each factor in its own dtype and compute in fp32: no copies
             factors = [getattr(self, name) for name in (*ADAPTER_PARAMETER_NAMES, "rank_mask")]
         else:
             factors = [self._factor(name) for name in (*ADAPTER_PARAMETER_NAMES, "rank_mask")]
             bias = bias.to(x.dtype) if bias is not None else None
         return ops.lora2_linear(x, weight, bias, *factors, self.alpha, self.scale_by_kept, self.fan_in_fan_out,
-                                dropout, backend, quant=quant)
+                                dropout, backend, seed=seed, quant=quant)
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    def _shared_seed(self, device: torch.device) -> torch.Tensor | None:
+        """This layer's seed in its model's per-forward draw (``DropoutSeeds``), or None: the op then draws
+        one for this call (a launch of its own)."""
+        source = self.__dict__.get("_seed_source")
+        if source is None:
+            return None
+        seeds, slot = source[0].seeds, source[1]
+        return seeds[slot] if seeds is not None and seeds.device == device else None
 
     # --- allocator interface -----------------------------------------------------------------------
 
@@ -357,6 +378,38 @@ class LoRA2Linear(nn.Linear):
                 f"r={self.r}, k={self.k}, alpha={self.alpha:g}, kept={kept}/{self.r}, backend={self.backend}"
                 f"{', fan_in_fan_out' if self.fan_in_fan_out else ''}{', merged' if self.merged else ''}"
                 f"{', 4-bit ' + self.weight.quant_state.quant_type if self.is_4bit else ''}")
+
+
+class DropoutSeeds:
+    """One dropout seed per adapted layer of a model, drawn on the device in one launch per forward.
+
+    Registered as a forward pre-hook on the model's root (``LoRA2Model`` does it): each training forward
+    draws a fresh int64 tensor of seeds with torch's generator, and each layer with adapter dropout reads its
+    slot, so the kernels' masks cost one launch per model step instead of one per projection. Nothing
+    changes on the host between steps: a captured graph replays the draw, and torch.utils.checkpoint's
+    recompute (inside the backward, after this forward) finds the same tensor, so the same masks. A layer
+    called outside the model's forward, or on another device than the first adapted layer, draws its own.
+    A layer called twice in one forward (shared weights) uses its seed twice: the same mask for both calls.
+    """
+
+    def __init__(self, root: nn.Module, layers: list[LoRA2Linear]) -> None:
+        self.layers = [layer for layer in layers if layer.dropout_p > 0]
+        self.seeds: torch.Tensor | None = None
+        for slot, layer in enumerate(self.layers):
+            layer._seed_source = (self, slot)
+        self.handle = root.register_forward_pre_hook(self._draw) if self.layers else None
+
+    def _draw(self, module: nn.Module, args) -> None:
+        if module.training:
+            self.seeds = ops.draw_seeds(len(self.layers), self.layers[0].q_down.device)
+
+    def remove(self) -> None:
+        """Detach from the model (unloading the adapters): the layers draw their own seeds again."""
+        if self.handle is not None:
+            self.handle.remove()
+        for layer in self.layers:
+            layer.__dict__.pop("_seed_source", None)
+        self.seeds = None
 
 
 def _check_adapter_arguments(r: int, k: int, alpha: float, dropout: float, init: str, init_std: float,

@@ -18,7 +18,11 @@ Two entry points to the same host functions, because they cost differently:
 
 Saved for the backward: x, the fp32 rank-k hidden h = d(x)·A₁ᵀ and (half inputs) B₂ in x's dtype;
 nothing out × in is ever built. The dropout mask is not saved either: the backward regenerates it
-from the seed (a CPU int64 tensor, so a new seed each step is data, not a recompile).
+from the seed, an int64 tensor on x's device that the kernels read there. It is drawn on the device by
+torch's generator (one draw per call here, or one for every layer of a model per forward, see
+``linear.DropoutSeeds``), so no launch takes a host value that changes between steps: a captured CUDA
+graph replays a new draw, torch.utils.checkpoint's recompute restores the same one, and a new seed
+each step is data, not a recompile.
 """
 
 from __future__ import annotations
@@ -83,13 +87,17 @@ def _factors(q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scal
                                     bool(scale_by_kept))
 
 
-def _seed(seed: torch.Tensor | None) -> int:
-    return int(seed) if seed is not None else 0
-
-
 def _gradients(grads: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The kernels' factor gradients (already in each factor's dtype), in the factors' order."""
     return [grads[name] for name in FACTOR_NAMES]
+
+
+def draw_seeds(count: int, device: torch.device | str) -> torch.Tensor:
+    """``count`` independent 64-bit dropout seeds (int64) drawn on ``device`` by torch's generator: one launch,
+    which CUDA graphs and torch.utils.checkpoint treat as any torch random op (new values each replay, the
+    same ones in a recompute)."""
+    info = torch.iinfo(torch.int64)
+    return torch.randint(info.min, info.max, (count,), dtype=torch.int64, device=device)
 
 
 # --- eager: autograd.Function ------------------------------------------------------------------------
@@ -100,17 +108,16 @@ class LoRA2Function(torch.autograd.Function):
     def forward(ctx, x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept,
                 fan_in_fan_out, dropout_p, seed, quant=None):
         f = _factors(q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept)
-        y, hidden, b2 = triton_kernels().lora2_forward(x, weight, bias, f, fan_in_fan_out, dropout_p, _seed(seed),
-                                                       quant)
-        ctx.save_for_backward(x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2)
-        ctx.settings = (alpha, scale_by_kept, fan_in_fan_out, dropout_p, _seed(seed), bias is not None)
+        y, hidden, b2 = triton_kernels().lora2_forward(x, weight, bias, f, fan_in_fan_out, dropout_p, seed, quant)
+        ctx.save_for_backward(x, weight, q_down, q_up, singular_values, p_down, p_up, rank_mask, hidden, b2, seed)
+        ctx.settings = (alpha, scale_by_kept, fan_in_fan_out, dropout_p, bias is not None)
         ctx.quant = quant  # a 4-bit weight's absmax and code tables (frozen: no gradient)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, *params, rank_mask, hidden, b2 = ctx.saved_tensors
-        alpha, scale_by_kept, fan_in_fan_out, dropout_p, seed, has_bias = ctx.settings
+        x, weight, *params, rank_mask, hidden, b2, seed = ctx.saved_tensors
+        alpha, scale_by_kept, fan_in_fan_out, dropout_p, has_bias = ctx.settings
         needs = ctx.needs_input_grad
         f = _factors(*params, rank_mask, alpha, scale_by_kept)
         grad_x, grad_w, grad_b, grads = triton_kernels().lora2_backward(
@@ -155,8 +162,8 @@ def lora2_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     may not alias an input)."""
     f = _factors(q_down, q_up, singular_values, p_down, p_up, rank_mask, alpha, scale_by_kept)
     quant = _quant(weight, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, x.shape[-1])
-    y, hidden, b2 = triton_kernels().lora2_forward(x, weight, bias, f, fan_in_fan_out, dropout_p, _seed(seed), quant)
-    return y, hidden, (b2 if b2 is not p_up else x.new_empty(0))
+    y, hidden, b2 = triton_kernels().lora2_forward(x, weight, bias, f, fan_in_fan_out, dropout_p, seed, quant)
+    return y, hidden, (b2 if triton_kernels().factors_cast(f, x.dtype) else x.new_empty(0))
 
 
 @lora2_linear_op.register_fake
@@ -187,7 +194,7 @@ def lora2_linear_backward_op(
     f = _factors(*params, rank_mask, alpha, scale_by_kept)
     quant = _quant(weight, absmax, code, absmax2, code2, offset, blocksize, blocksize2, out_features, x.shape[-1])
     grad_x, grad_w, grad_b, grads = triton_kernels().lora2_backward(
-        grad_y, x, weight, f, hidden, b2 if b2.numel() else p_up, fan_in_fan_out, dropout_p, _seed(seed),
+        grad_y, x, weight, f, hidden, b2 if b2.numel() else p_up, fan_in_fan_out, dropout_p, seed,
         needs_input_grad=needs_input_grad, needs_weight_grad=needs_weight_grad, needs_bias_grad=needs_bias_grad,
         quant=quant)
     return [t if t is not None else x.new_empty(0) for t in (grad_x, grad_w, grad_b)] + _gradients(grads)
@@ -264,8 +271,8 @@ def lora2_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     x: (..., in); weight: out × in (in × out with ``fan_in_fan_out``, GPT-2's Conv1D); q_down: k × in;
     q_up: r × k; singular_values, rank_mask: r; p_down: k × r; p_up: out × k (the factors contiguous).
-    ``dropout_p`` > 0: the adapter sees dropout(x), the base x (a new mask each call unless ``seed``,
-    a CPU int64 scalar tensor, is given). ``backend``: "triton" or "reference". ``quant``: W is
+    ``dropout_p`` > 0: the adapter sees dropout(x), the base x (a new mask each call unless ``seed``, an
+    int64 tensor on x's device whose first element is the seed, is given). ``backend``: "triton" or "reference". ``quant``: W is
     bitsandbytes' packed 4-bit weight and this (``Quant4``) its tables; the kernels dequantise it.
     """
     if quant is not None:
@@ -293,8 +300,10 @@ def lora2_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"lora2_linear: q_down {tuple(q_down.shape)} and p_up {tuple(p_up.shape)} do not fit a layer "
                          f"of {in_features} → {out_features} features (q_down must be k × {in_features}, p_up "
                          f"{out_features} × k).")
-    if dropout_p > 0 and seed is None:  # drawn on the host from torch's generator: no device launch
-        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    if dropout_p > 0 and seed is None:  # drawn on the device by torch's generator (graph-safe)
+        seed = draw_seeds(1, x.device)
+    elif seed is not None and seed.device != x.device:
+        seed = seed.to(x.device)
     if torch.compiler.is_compiling():
         return torch.ops.lora2.lora2_linear(x, weight, bias, q_down, q_up, singular_values, p_down, p_up, rank_mask,
                                             float(alpha), bool(scale_by_kept), fan_in_fan_out, float(dropout_p),

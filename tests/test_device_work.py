@@ -39,19 +39,28 @@ def test_a_lone_layer_launches_its_kernels_and_nothing_else(dtype, expected):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_dropout_and_bias_add_no_launch(bias):
-    assert step_work(_layer(dropout=0.1, bias=bias), _x()).total == 4
+def test_bias_adds_no_launch_and_a_lone_layers_dropout_one_seed_draw(bias):
+    assert step_work(_layer(bias=bias), _x()).total == 4
+    work = step_work(_layer(dropout=0.1, bias=bias), _x())
+    assert work.total == 5 and work.ops["randint"] == 1, work.ops  # its seed, drawn on the device
 
 
-def test_a_model_costs_a_plus_b_per_projection():
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_a_model_costs_a_plus_b_per_projection(dropout):
+    """With dropout, a model's layers share one seed draw per forward (DropoutSeeds, as LoRA2Model
+    registers it): a = 1, and b stays 4."""
+    from lora2_kernels.linear import DropoutSeeds
+
     def chain(n):
-        return nn.Sequential(*[_layer(seed=i, out=IN) for i in range(n)])
+        model = nn.Sequential(*[_layer(seed=i, out=IN, dropout=dropout) for i in range(n)])
+        DropoutSeeds(model, list(model))
+        return model
 
     counts = {n: step_work(chain(n), _x()).total for n in (1, 2, 4)}
     b = (counts[4] - counts[2]) / 2
     a = counts[2] - 2 * b
     assert counts[1] == a + b  # linear in N
-    assert b <= 4 and a <= 4, counts
+    assert b == 4 and a == (1 if dropout else 0), counts
 
 
 def test_the_peers_count_as_the_issue_measured():

@@ -371,6 +371,83 @@ def test_dropout_mask_keeps_1_minus_p_and_changes_every_step():
     assert torch.equal(layer(x), layer(x))
 
 
+def _recorded_launches(monkeypatch) -> list:
+    """Every Launch run from now on, as (kernel, its non-tensor arguments, flags, grid)."""
+    seen = []
+    original = kernels.Launch.run
+
+    def record(launch):
+        config = original(launch)
+        scalars = tuple(a for a in launch.args if not isinstance(a, torch.Tensor))
+        seen.append((launch.kernel, scalars, tuple(sorted(launch.flags.items())), launch.grid(config)))
+        return config
+
+    monkeypatch.setattr(kernels.Launch, "run", record)
+    return seen
+
+
+def test_no_launch_takes_a_host_value_that_changes_between_steps(monkeypatch):
+    """Issue "Kernels v3, the host side", item 1: a captured CUDA graph replays its launches' arguments as
+    they were. So between two training steps with dropout no launch may differ in anything but tensors
+    (the seed was a host int drawn per call: a replayed graph drew the same mask every step); the seeds
+    are drawn on the device, one tensor per model forward, and the masks differ between the steps."""
+    from lora2_kernels.linear import DropoutSeeds
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[LoRA2Linear(70, 70, r=4, k=4, dropout=0.3, backend="triton") for _ in range(2)])
+    model.to(KERNEL_DEVICE).train()
+    for layer in model:
+        with torch.no_grad():
+            layer.singular_values.normal_()
+    DropoutSeeds(model, list(model))
+    x = torch.randn(37, 70, device=KERNEL_DEVICE)
+    seen = _recorded_launches(monkeypatch)
+    steps, outputs = [], []
+    for _ in range(2):
+        del seen[:]
+        y = model(x)
+        y.sum().backward()
+        steps.append(list(seen))
+        outputs.append(y.detach())
+    assert [launch[0] for launch in steps[0]] == ["forward", "forward", "dx", "finish", "dx", "finish"]
+    assert steps[0] == steps[1]
+    assert not torch.equal(outputs[0], outputs[1])  # new masks: the seeds changed on the device
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_gradient_checkpointing_gives_the_same_gradients(dropout):
+    """torch.utils.checkpoint recomputes the forward inside the backward. Its saved tensors come back as
+    other objects: the backward took B₂'s layout from ``b2 is p_up`` and read an fp32 layer's B₂ transposed
+    (every factor gradient but dB₂ wrong, with or without dropout). With dropout the recompute must also
+    draw the masks of the forward it replaces: a model's layers read the seeds of its forward
+    (DropoutSeeds); a lone layer's draw is torch's RNG, which checkpoint restores."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lora2_kernels.linear import DropoutSeeds
+
+    def grads(shared: bool, checkpointed: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[LoRA2Linear(70, 70, r=4, k=4, dropout=dropout, backend="triton") for _ in range(2)])
+        model.to(KERNEL_DEVICE).train()
+        for layer in model:
+            with torch.no_grad():
+                layer.singular_values.normal_()
+        if shared:
+            DropoutSeeds(model, list(model))
+        torch.manual_seed(1)
+        x = torch.randn(37, 70, device=KERNEL_DEVICE)
+        if shared and dropout:
+            model._forward_pre_hooks[next(iter(model._forward_pre_hooks))](model, (x,))  # the model's draw
+        run = (lambda t: checkpoint(lambda u: model[1](model[0](u)), t, use_reentrant=False)) if checkpointed \
+            else (lambda t: model[1](model[0](t)))
+        run(x).square().sum().backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    for shared in (False, True):
+        plain, recomputed = grads(shared, False), grads(shared, True)
+        assert all(torch.equal(a, b) for a, b in zip(plain, recomputed)), f"shared seeds: {shared}"
+
+
 def test_the_op_takes_any_layout_and_dtype_of_factors_and_refuses_misfits():
     """Non-contiguous factors are made contiguous (the kernels index them as such), bf16 factors run the
     backward (A₁ is read as fp32 there), and factors that do not fit the layer are refused."""

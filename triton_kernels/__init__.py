@@ -12,6 +12,7 @@ if __name__ == "triton_kernels":
                       "import it as lora2_kernels.triton_kernels")
 
 from .lora_linear import (  # noqa: E402
-    MAX_RANK, Factors, Quant4, dropout_keep_mask, lora2_backward, lora2_forward, warmup)
+    MAX_RANK, Factors, Quant4, dropout_keep_mask, factors_cast, lora2_backward, lora2_forward, warmup)
 
-__all__ = ["MAX_RANK", "Factors", "Quant4", "dropout_keep_mask", "lora2_backward", "lora2_forward", "warmup"]
+__all__ = ["MAX_RANK", "Factors", "Quant4", "dropout_keep_mask", "factors_cast", "lora2_backward", "lora2_forward",
+           "warmup"]

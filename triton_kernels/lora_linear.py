@@ -114,9 +114,20 @@ def _load_weight(w_ptr, offsets, ok, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
 
 @triton.jit
 def _keep(seed, rows, cols, N, p):
-    """Adapter-dropout keep mask of elements (rows, cols) of an (M × N) input: Philox of row·N + col."""
-    offsets = (rows[:, None] * N + cols[None, :]).to(tl.int32)  # wraps beyond 2³¹ elements: still a fixed stream
-    return tl.rand(seed, offsets) >= p
+    """Adapter-dropout keep mask of elements (rows, cols) of an (M × N) input: Philox of the 64-bit key
+    ``seed`` at the 64-bit counter row·N + col (``rows`` are int64; Triton splits the counter into two
+    32-bit words), so no mask repeats within an input of any size."""
+    return tl.rand(seed, rows[:, None] * N + cols[None, :]) >= p
+
+
+@triton.jit
+def _load_seed(seed_ptr, DROPOUT: tl.constexpr):
+    """The dropout seed, read from the device (a tensor drawn by torch's generator on the device, so a
+    captured CUDA graph draws a new one each replay); 0 and no load without dropout."""
+    if DROPOUT:
+        return tl.load(seed_ptr)
+    else:
+        return 0
 
 
 @triton.jit
@@ -163,10 +174,10 @@ def _tile_ids(M, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit(do_not_specialize=["M_BUCKET", "seed"])
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def forward_kernel(
     x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr, h_more_ptr,
-    M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed,
+    M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed_ptr,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
     absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     HAS_BIAS: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -187,6 +198,7 @@ def forward_kernel(
     once per element instead of once per column tile; more groups (column_groups) keep a GPU busy for few
     rows. Only with dropout: the band's second K loop costs registers, and without dropout the 256-wide
     tiles spill with it (compile_all), while the per-tile schedule's extra work is 6 %."""
+    seed = _load_seed(seed_ptr, DROPOUT)
     if DROPOUT and QUANT == 0:  # row bands (the host's row_bands)
         row_tiles = tl.cdiv(M, BLOCK_M)
         col_tiles = tl.cdiv(N, BLOCK_N)
@@ -305,11 +317,11 @@ def _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M_BUCKET", "seed"])
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def dx_kernel(
     dy_ptr, w_ptr, x_ptr, h_ptr, a1_ptr, b2_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
     dx_ptr, part_b2_ptr, part_a1_ptr, part_core_ptr,
-    M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed,
+    M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed_ptr,
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_xm, stride_xn, stride_dxm, stride_dxn, stride_b2k, stride_b2r,
     absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     COMPUTE_DX: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -372,7 +384,7 @@ def dx_kernel(
         if DROPOUT:
             g = g * (1.0 / (1.0 - dropout_p))
             # the mask as a 0/1 fp32 factor: one i1 tensor used in two layouts does not lower in Triton 3.6
-            keep = _keep(seed, rm, rn, N, dropout_p).to(tl.float32)
+            keep = _keep(_load_seed(seed_ptr, DROPOUT), rm, rn, N, dropout_p).to(tl.float32)
         if COMPUTE_DX:
             a1 = tl.load(a1_ptr + rr[:, None] * N + rn[None, :], mask=r_ok[:, None] & n_ok[None, :],
                          other=0.0).to(tl.float32)  # A₁ as given (fp32 from LoRA2Linear; any float dtype)
@@ -645,6 +657,20 @@ def max_column_groups(rows: int, cols: int, device: torch.device) -> int:
                for c in configs)
 
 
+def seed_pointer(seed: "torch.Tensor | int", dropout_p: float, like: torch.Tensor) -> torch.Tensor:
+    """The dropout seed as the kernels take it: an int64 tensor on the input's device whose first element
+    is the seed (``ops.lora2_linear`` draws one there with torch's generator: nothing read on the host,
+    nothing a captured graph would freeze). An int (tests, tools) is copied there. Without dropout the
+    kernels never read it: any tensor will do."""
+    if dropout_p <= 0:
+        return like
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() < 1:
+            raise ValueError(f"the dropout seed must be an int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+        return seed.to(like.device)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=like.device)
+
+
 def token_bucket(tokens: int) -> int:
     """The autotuning key of a token count: the next power of two (at least 16)."""
     return max(16, triton.next_power_of_2(max(tokens, 1)))
@@ -757,22 +783,30 @@ def cast_launch(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[L
     return launch, a_out, b_out
 
 
-def b2_strides(b2: torch.Tensor, f: "Factors") -> tuple[int, int]:
-    """(stride over out, stride over k) of B₂ as the dX kernel reads it: the cast Bᵀ or p_up itself."""
-    return (b2.stride(1), b2.stride(0)) if b2 is not f.p_up else (b2.stride(0), b2.stride(1))
+def factors_cast(f: "Factors", dtype: torch.dtype) -> bool:
+    """Whether ``in_activation_dtype`` casts A₁ and B₂ (then B₂ comes back transposed) for ``dtype``."""
+    return not (f.q_down.dtype == dtype and f.p_up.dtype == dtype)
+
+
+def b2_strides(b2: torch.Tensor, f: "Factors", dtype: torch.dtype) -> tuple[int, int]:
+    """(stride over out, stride over k) of B₂ as the dX kernel reads it: the cast Bᵀ or p_up itself.
+    Decided from the dtypes, as the forward decided, never from ``b2 is f.p_up``: a saved tensor comes back
+    from torch.utils.checkpoint's recompute (or saved-tensor hooks) as another object, and read with the
+    other layout's strides its B₂ was transposed (wrong gradients under gradient checkpointing)."""
+    return (b2.stride(1), b2.stride(0)) if factors_cast(f, dtype) else (b2.stride(0), b2.stride(1))
 
 
 def in_activation_dtype(f: Factors, dtype: torch.dtype) -> tuple[list[Launch], torch.Tensor, torch.Tensor]:
     """(launches, A₁, B₂) in the activation dtype: the dot operands of the K loops (B₂ transposed,
     k × out, when cast; the parameter itself when it already has the dtype)."""
-    if f.q_down.dtype == dtype and f.p_up.dtype == dtype:
+    if not factors_cast(f, dtype):
         return [], f.q_down, f.p_up
     launch, a1, b2 = cast_launch(f.q_down, f.p_up, dtype)
     return [launch], a1, b2
 
 
 def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, int], bias: torch.Tensor | None,
-                   f: Factors, a1: torch.Tensor, out_features: int, dropout_p: float, seed: int,
+                   f: Factors, a1: torch.Tensor, out_features: int, dropout_p: float, seed: "torch.Tensor | int",
                    quant: Quant4 | None = None) -> tuple[Launch, torch.Tensor, torch.Tensor]:
     """y (M × out) and h (M × k, fp32) for a 2-D x (M × in): the launch and its outputs."""
     m, k_in = x.shape
@@ -784,7 +818,8 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
     h_more = torch.empty((more, m, f.k), device=x.device, dtype=torch.float32) if more else h
     args = (x, weight, bias if bias is not None else y, a1, *f.core_args(), f.p_up, y, h, h_more, m, out_features, k_in,
             f.r, f.k, token_bucket(m), float(f.alpha),
-            float(dropout_p), int(seed), x.stride(0), x.stride(1), *w_strides, y.stride(0), y.stride(1),
+            float(dropout_p), seed_pointer(seed, dropout_p, x), x.stride(0), x.stride(1), *w_strides, y.stride(0),
+            y.stride(1),
             *_quant_args(weight, quant))
     flags = {"HAS_BIAS": bias is not None, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
              "PRECISION": dot_precision(x.dtype), **(quant.flags() if quant is not None else NO_QUANT_FLAGS),
@@ -798,7 +833,8 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
 
 
 def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_strides: tuple[int, int],
-              h: torch.Tensor, f: Factors, b2: torch.Tensor, dropout_p: float, seed: int, compute_dx: bool,
+              h: torch.Tensor, f: Factors, b2: torch.Tensor, dropout_p: float, seed: "torch.Tensor | int",
+              compute_dx: bool,
               quant: Quant4 | None = None) -> tuple[Launch, torch.Tensor | None, dict[str, torch.Tensor]]:
     """dX (M × in) and the per-row-tile partials of dB₂, dA₁ and dC: the launch and its outputs."""
     m, out_features = dy.shape
@@ -815,9 +851,10 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
     out = dx if dx is not None else partials["a1"]  # a pointer the launch never writes without dX
     args = (dy, weight if weight is not None else dy, x, h, f.q_down, b2, *f.core_args(), out,
             partials["b2"], partials["a1"], partials["core"], m, in_features, out_features, f.r, f.k,
-            token_bucket(m), float(f.alpha), float(dropout_p), int(seed), dy.stride(0), dy.stride(1), *w_strides,
+            token_bucket(m), float(f.alpha), float(dropout_p), seed_pointer(seed, dropout_p, dy), dy.stride(0),
+            dy.stride(1), *w_strides,
             x.stride(0), x.stride(1), out.stride(0) if dx is not None else 0, out.stride(1) if dx is not None else 0,
-            *b2_strides(b2, f), *_quant_args(weight if weight is not None else dy, quant if compute_dx else None))
+            *b2_strides(b2, f, dy.dtype), *_quant_args(weight if weight is not None else dy, quant if compute_dx else None))
     flags = {"COMPUTE_DX": compute_dx, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
              "PRECISION": dot_precision(dy.dtype),
              **(quant.flags() if quant is not None and compute_dx else NO_QUANT_FLAGS),
@@ -877,7 +914,8 @@ def _dequantize_for(tokens: int, weight: torch.Tensor, quant: Quant4 | None, dty
 
 
 def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, f: Factors,
-                  fan_in_fan_out: bool = False, dropout_p: float = 0.0, seed: int = 0, quant: Quant4 | None = None
+                  fan_in_fan_out: bool = False, dropout_p: float = 0.0, seed: "torch.Tensor | int" = 0,
+                  quant: Quant4 | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, B₂ in x's dtype): the forward of a LoRA² layer in one launch (two for half inputs).
 
@@ -898,7 +936,8 @@ def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def lora2_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, f: Factors, hidden: torch.Tensor,
-                   b2: torch.Tensor, fan_in_fan_out: bool = False, dropout_p: float = 0.0, seed: int = 0,
+                   b2: torch.Tensor, fan_in_fan_out: bool = False, dropout_p: float = 0.0,
+                   seed: "torch.Tensor | int" = 0,
                    needs_input_grad: bool = True, needs_weight_grad: bool = False, needs_bias_grad: bool = False,
                    quant: Quant4 | None = None
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
@@ -932,20 +971,21 @@ def lora2_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     return grad_x, grad_weight, grad_bias, grads
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str) -> torch.Tensor:
+def dropout_keep_mask(seed: "torch.Tensor | int", rows: int, cols: int, p: float, device: torch.device | str
+                      ) -> torch.Tensor:
     """The keep mask the kernels draw for a (rows × cols) input (bool): for tests and the reference."""
     out = torch.empty((rows, cols), device=device, dtype=torch.int8)
     if out.numel():
-        keep_mask_kernel[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](out, rows, cols, float(p), int(seed),
-                                                                         BLOCK=32)
+        keep_mask_kernel[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](out, rows, cols, float(p),
+                                                                         seed_pointer(seed, p, out), BLOCK=32)
     return out.bool()
 
 
 @triton.jit
-def keep_mask_kernel(out_ptr, M, N, p, seed, BLOCK: tl.constexpr):
+def keep_mask_kernel(out_ptr, M, N, p, seed_ptr, BLOCK: tl.constexpr):
     rm = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     rn = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], _keep(seed, rm, rn, N, p).to(tl.int8),
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], _keep(tl.load(seed_ptr), rm, rn, N, p).to(tl.int8),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 

@@ -5,7 +5,7 @@ Philox values drawn, per launch, for one training step of one projection.
     TRITON_INTERPRET=1 python -m benchmarks.kernel_counts --tokens 128 --in 768 --out 768 --json
 
 Every tl.dot is recorded from the interpreter's ``create_dot`` (its operand tiles' shapes), every draw from
-``tl.rand`` (its offsets' size); the ratios are against the base GEMM's 2·M·in·out (forward) and dX's
+``tl.philox`` (its counters' size); the ratios are against the base GEMM's 2·M·in·out (forward) and dX's
 2·M·out·in (backward). Padded rank tiles count as the interpreter computes them: what the GPU computes too.
 ``--column-groups`` sets how many programs share a row tile's column tiles (the GPU's choice depends on its
 SM count, lora_linear.column_groups); the default is what the interpreter runs.
@@ -33,7 +33,7 @@ def recording():
     counts: dict[str, dict[str, float]] = defaultdict(lambda: {"flops": 0.0, "draws": 0.0, "launches": 0})
     current = ["?"]
     real_dot = interpreter.InterpreterBuilder.create_dot
-    real_rand = tl.rand
+    real_philox = tl.philox
     real_call = interpreter.GridExecutor.__call__
 
     def create_dot(self, a, b, d, *args, **kwargs):
@@ -42,9 +42,9 @@ def recording():
         counts[current[0]]["flops"] += 2.0 * m * n * k
         return real_dot(self, a, b, d, *args, **kwargs)
 
-    def rand(seed, offset, *args, **kwargs):
-        counts[current[0]]["draws"] += float(offset.handle.data.size)
-        return real_rand(seed, offset, *args, **kwargs)
+    def philox(seed, c0, *args, **kwargs):  # one Philox evaluation per counter, i.e. per masked element
+        counts[current[0]]["draws"] += float(c0.handle.data.size)
+        return real_philox(seed, c0, *args, **kwargs)
 
     def call(self, *args, **kwargs):
         name = getattr(self.fn, "__name__", "?").removesuffix("_kernel")
@@ -57,17 +57,17 @@ def recording():
 
     interpreter.InterpreterBuilder.create_dot = create_dot
     interpreter.GridExecutor.__call__ = call
-    rand.__name__ = "rand"
-    tl.rand = rand
-    tl.random.rand = rand
-    # the kernels' module resolved tl.rand at import: its jitted functions look it up in tl at run time
+    philox.__name__ = "philox"
+    tl.philox = philox
+    tl.random.philox = philox
+    # the kernels' jitted functions look tl.philox up in tl at run time under the interpreter
     try:
         yield counts
     finally:
         interpreter.InterpreterBuilder.create_dot = real_dot
         interpreter.GridExecutor.__call__ = real_call
-        tl.rand = real_rand
-        tl.random.rand = real_rand
+        tl.philox = real_philox
+        tl.random.philox = real_philox
 
 
 def count_step(tokens: int = 64, in_features: int = 512, out_features: int = 1024, k: int = 8, r: int = 8,

@@ -113,21 +113,18 @@ def _load_weight(w_ptr, offsets, ok, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
 
 
 @triton.jit
-def _keep(seed, rows, cols, N, p):
-    """Adapter-dropout keep mask of elements (rows, cols) of an (M × N) input: Philox of the 64-bit key
-    ``seed`` at the 64-bit counter row·N + col (``rows`` are int64; Triton splits the counter into two
-    32-bit words), so no mask repeats within an input of any size."""
-    return tl.rand(seed, rows[:, None] * N + cols[None, :]) >= p
-
-
-@triton.jit
-def _load_seed(seed_ptr, DROPOUT: tl.constexpr):
-    """The dropout seed, read from the device (a tensor drawn by torch's generator on the device, so a
-    captured CUDA graph draws a new one each replay); 0 and no load without dropout."""
-    if DROPOUT:
-        return tl.load(seed_ptr)
-    else:
-        return 0
+def _keep(seed_ptr, rows, cols, N, p):
+    """Adapter-dropout keep mask of elements (rows, cols) of an input: Philox with the 64-bit key at
+    ``seed_ptr`` (on the device: drawn there by torch's generator, so a captured CUDA graph draws a new
+    one each replay) at the counter (column, row), two 32-bit words, so no mask repeats within an input of
+    up to 2³² rows and columns. The key is loaded here, where it is used: held in registers through a K
+    loop, its ten rounds' keys spilled the 4-bit kernels on sm_80."""
+    shape: tl.constexpr = (rows.shape[0], cols.shape[0])
+    c0 = tl.broadcast_to(cols[None, :].to(tl.int32), shape)
+    c1 = tl.broadcast_to(rows[:, None].to(tl.int32), shape)
+    zero = tl.zeros(shape, dtype=tl.int32)
+    bits, _, _, _ = tl.philox(tl.load(seed_ptr, volatile=True), c0, c1, zero, zero)
+    return tl.uint_to_uniform_float(bits) >= p
 
 
 @triton.jit
@@ -198,7 +195,6 @@ def forward_kernel(
     once per element instead of once per column tile; more groups (column_groups) keep a GPU busy for few
     rows. Only with dropout: the band's second K loop costs registers, and without dropout the 256-wide
     tiles spill with it (compile_all), while the per-tile schedule's extra work is 6 %."""
-    seed = _load_seed(seed_ptr, DROPOUT)
     if DROPOUT and QUANT == 0:  # row bands (the host's row_bands)
         row_tiles = tl.cdiv(M, BLOCK_M)
         col_tiles = tl.cdiv(N, BLOCK_N)
@@ -219,7 +215,7 @@ def forward_kernel(
         # own loop, before the others' (not a branch inside theirs): Triton then reuses the pipeline buffers.
         rn = (first * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_ok = rn < N
-        acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed,
+        acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
                                        stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
                                        code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BLOCK_M,
                                        BLOCK_N, BLOCK_K, BLOCK_R)
@@ -261,7 +257,7 @@ def forward_kernel(
         r_ok = rr < RANK
 
         # with dropout (over a 4-bit W: its band spilled on sm_80) the mask is drawn in every column tile here
-        acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed,
+        acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
                                        stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
                                        code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BLOCK_M,
                                        BLOCK_N, BLOCK_K, BLOCK_R)
@@ -273,7 +269,7 @@ def forward_kernel(
 
 
 @triton.jit
-def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed,
+def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
                      stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
                      offset_ptr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
                      QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -292,7 +288,7 @@ def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, 
         a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = _dot(x, w, acc, PRECISION)
         if DROPOUT:
-            x = tl.where(_keep(seed, rm, cols, K, dropout_p), x, 0.0).to(x.dtype)
+            x = tl.where(_keep(seed_ptr, rm, cols, K, dropout_p), x, 0.0).to(x.dtype)
         hidden = _dot(x, a1, hidden, PRECISION)
     if DROPOUT:
         hidden = hidden * (1.0 / (1.0 - dropout_p))
@@ -384,7 +380,7 @@ def dx_kernel(
         if DROPOUT:
             g = g * (1.0 / (1.0 - dropout_p))
             # the mask as a 0/1 fp32 factor: one i1 tensor used in two layouts does not lower in Triton 3.6
-            keep = _keep(_load_seed(seed_ptr, DROPOUT), rm, rn, N, dropout_p).to(tl.float32)
+            keep = _keep(seed_ptr, rm, rn, N, dropout_p).to(tl.float32)
         if COMPUTE_DX:
             a1 = tl.load(a1_ptr + rr[:, None] * N + rn[None, :], mask=r_ok[:, None] & n_ok[None, :],
                          other=0.0).to(tl.float32)  # A₁ as given (fp32 from LoRA2Linear; any float dtype)
@@ -985,7 +981,7 @@ def dropout_keep_mask(seed: "torch.Tensor | int", rows: int, cols: int, p: float
 def keep_mask_kernel(out_ptr, M, N, p, seed_ptr, BLOCK: tl.constexpr):
     rm = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     rn = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], _keep(tl.load(seed_ptr), rm, rn, N, p).to(tl.int8),
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], _keep(seed_ptr, rm, rn, N, p).to(tl.int8),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 

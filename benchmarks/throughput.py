@@ -16,6 +16,9 @@ steps      Whole training steps of randomly initialised real architectures (DeBE
            AdamW: floor (frozen, backward to the inputs), full fine-tuning, PEFT LoRA r=8, PEFT
            AdaLoRA 12→8, LoRA² with the reference path, LoRA² with the kernels; eager and compiled.
            Both allocators run in their pruning phase and re-mask every step: their worst case.
+host       Host time per projection step (forward + backward) beside the frozen nn.Linear's and PEFT's, the
+           methods interleaved (benchmarks/host_time.py): on a GPU with real launches on small inputs; on a
+           CPU with lora2's launches stubbed, in a subprocess under the Triton interpreter.
 work       Device work per projection per training step: kernels launched (aten ops that are kernels +
            Triton launches), for the frozen layer, PEFT LoRA and LoRA² (benchmarks/device_work.py;
            on a CPU counted under the Triton interpreter in a subprocess).
@@ -25,9 +28,15 @@ model      The roofline cost model per projection (benchmarks/cost_model.py): Lo
 allocator  The importance update of 154 modules (LLaMA-1.1B's 22 layers × 7 projections, r=8, k=8):
            the compiled op (csrc/) against the stacked-torch reference, and a whole allocator step.
 
-Timing: on CUDA, triton.testing.do_bench (CUDA events, L2 flushed between runs, median); on the
-CPU, the median of wall-clock runs after a warm-up. Ratios compare peers of the same run only. The
-Triton kernels need a GPU: on a CPU their rows say so instead of timing the interpreter.
+Timing, the same for every method of a table: layers on CUDA by replaying a CUDA graph of the call
+(triton.testing.do_bench_cudagraph: the device's time alone, not the GPU waiting on Python between
+launches; reduce-overhead makes its own graphs and is timed with CUDA events), host time apart (host);
+steps by wall clock between two synchronisations per step and none inside (the allocator hook is timed
+with CUDA events); on the CPU, the median of wall-clock runs after a warm-up. Layer rows run at adapter
+dropout 0 and 0.1 (--dropout), LoRA² and PEFT alike; the 4-bit peers at 256 tokens (in-loop
+dequantisation) and 8,192 (dequantised once). Ratios compare peers of the same run only. The Triton
+kernels need a GPU: on a CPU their rows say so instead of timing the interpreter. --smoke runs every
+section on tiny shapes (CI).
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ from lora2_kernels import LoRA2Linear, importance_update, reference, warmup
 from . import cost_model
 
 logger = logging.getLogger("throughput")
-SECTIONS = ("work", "model", "layers", "steps", "allocator")
+SECTIONS = ("work", "host", "model", "layers", "steps", "allocator")
 PRUNING_STEP = 100  # allocator steps are numbered from here: inside the pruning phase
 
 
@@ -67,11 +76,16 @@ PRUNING_STEP = 100  # allocator steps are numbered from here: inside the pruning
 
 
 def bench(fn: Callable[[], object], device: torch.device, grad_to_none: list[torch.Tensor] | None = None,
-          runs: int = 20) -> float:
-    """Median milliseconds of ``fn``."""
+          runs: int = 20, graph: bool = False) -> float:
+    """Median milliseconds of ``fn``. On a GPU with ``graph``: replays of a CUDA graph of ``fn``
+    (triton.testing.do_bench_cudagraph), so the time is the device's alone, not the GPU waiting on Python
+    between launches (benchmarks/host_time.py times the host); without, CUDA events around each call."""
     if device.type == "cuda":
         import triton.testing
 
+        if graph:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none,
+                                                           return_mode="median"))
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
                                              return_mode="median"))
     for _ in range(2):
@@ -109,7 +123,8 @@ def device_description(device: torch.device) -> str:
 
 # the 4-bit peers: the same projection as bitsandbytes NF4 (QLoRA's base), under PEFT LoRA or LoRA²
 LAYER_PEERS = ("floor", "peft-lora", "lora2-reference", "lora2-triton", "peft-lora-4bit", "lora2-4bit")
-GPU_LAYER_SHAPES = [("llama q/o", 8192, 2048, 2048), ("llama k/v", 8192, 2048, 256),
+GPU_LAYER_SHAPES = [("llama q/o", 8192, 2048, 2048), ("llama q/o, 256 tokens", 256, 2048, 2048),
+                    ("llama k/v", 8192, 2048, 256),
                     ("llama gate/up", 8192, 2048, 5632), ("llama down", 8192, 5632, 2048),
                     ("deberta qkvo", 8192, 768, 768), ("deberta up", 8192, 768, 3072),
                     ("deberta down", 8192, 3072, 768)]
@@ -124,12 +139,15 @@ class LayerResult:
     out_features: int
     peer: str
     mode: str
+    dropout: float = 0.0
     forward_ms: float | None = None
+    timing: str | None = None  # "CUDA graph", "CUDA events" or "wall clock"
     forward_backward_ms: float | None = None
     note: str | None = None
 
 
-def _layer_peer(peer: str, in_f: int, out_f: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def _layer_peer(peer: str, in_f: int, out_f: int, device: torch.device, dtype: torch.dtype,
+                dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(0)
     base = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
     base.requires_grad_(False)
@@ -140,7 +158,7 @@ def _layer_peer(peer: str, in_f: int, out_f: int, device: torch.device, dtype: t
 
         base = quantize_linear(base, "nf4", compute_dtype=dtype, device=device)
         if peer == "lora2-4bit":  # the fused 4-bit kernels on a GPU, the reference path on a CPU
-            layer = LoRA2Linear.from_linear(base, r=8, k=8)
+            layer = LoRA2Linear.from_linear(base, r=8, k=8, dropout=dropout).train()
             with torch.no_grad():
                 layer.singular_values.normal_()
             return layer
@@ -148,23 +166,28 @@ def _layer_peer(peer: str, in_f: int, out_f: int, device: torch.device, dtype: t
         import peft
 
         # PEFT's own LoRA layer (fp32 adapters, as PEFT keeps them), on the same frozen projection
-        return peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))
-    layer = LoRA2Linear.from_linear(base, r=8, k=8, backend="triton" if peer == "lora2-triton" else "reference")
+        return peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"],
+                                                                         lora_dropout=dropout)).train()
+    layer = LoRA2Linear.from_linear(base, r=8, k=8, backend="triton" if peer == "lora2-triton" else "reference",
+                                    dropout=dropout).train()
     with torch.no_grad():
         layer.singular_values.normal_()  # a trained adapter: λ ≠ 0
     return layer
 
 
+COMPILE_MODES = {"compiled": "default", "reduce-overhead": "reduce-overhead", "max-autotune": "max-autotune"}
+
+
 def measure_layer(name: str, tokens: int, in_f: int, out_f: int, peer: str, mode: str,
-                  device: torch.device) -> LayerResult:
-    result = LayerResult(name, tokens, in_f, out_f, peer, mode)
+                  device: torch.device, dropout: float = 0.0) -> LayerResult:
+    result = LayerResult(name, tokens, in_f, out_f, peer, mode, dropout)
     if peer == "lora2-triton" and device.type != "cuda":
         result.note = "needs a GPU"
         return result
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        module = _layer_peer(peer, in_f, out_f, device, dtype)
-        forward = torch.compile(module) if mode == "compiled" else module
+        module = _layer_peer(peer, in_f, out_f, device, dtype, dropout)
+        forward = torch.compile(module, mode=COMPILE_MODES[mode]) if mode in COMPILE_MODES else module
         x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
         grad_y = torch.randn(tokens, out_f, device=device, dtype=dtype)
         trainable = [p for p in module.parameters() if p.requires_grad]
@@ -179,8 +202,22 @@ def measure_layer(name: str, tokens: int, in_f: int, out_f: int, peer: str, mode
                 y = forward(x)
             y.backward(grad_y)
 
-        result.forward_ms = bench(fwd, device)
-        result.forward_backward_ms = bench(fwd_bwd, device, grad_to_none=[x, *trainable])
+        # every method alike: CUDA-graph replays where the graph captures (reduce-overhead makes its own graphs,
+        # which do not nest in another capture), else CUDA events around each call
+        graph = device.type == "cuda" and mode != "reduce-overhead"
+        try:
+            result.forward_ms = bench(fwd, device, graph=graph)
+            result.forward_backward_ms = bench(fwd_bwd, device, grad_to_none=[x, *trainable], graph=graph)
+            result.timing = "CUDA graph" if graph else ("CUDA events" if device.type == "cuda" else "wall clock")
+        except Exception as e:  # noqa: BLE001 -- a method whose step does not capture: events, and say so
+            if not graph:
+                raise
+            logger.warning("%s / %s / %s: CUDA graph capture failed (%s); timed with CUDA events", name, mode, peer,
+                           type(e).__name__)
+            torch.cuda.synchronize(device)
+            result.forward_ms = bench(fwd, device)
+            result.forward_backward_ms = bench(fwd_bwd, device, grad_to_none=[x, *trainable])
+            result.timing = "CUDA events (capture failed)"
     except Exception as e:  # a peer that fails (e.g. cannot compile) is reported, not fatal  # noqa: BLE001
         result.note = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         logger.warning("%s / %s / %s failed: %s", name, mode, peer, result.note)
@@ -188,11 +225,13 @@ def measure_layer(name: str, tokens: int, in_f: int, out_f: int, peer: str, mode
 
 
 def layer_table(results: list[LayerResult]) -> str:
-    lines = ["| shape | tokens × in → out | mode | peer | fwd ms | fwd+bwd ms | fwd+bwd × floor (bf16) "
-             "| × PEFT LoRA (on the same base) |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| shape | tokens × in → out | mode | peer | dropout | fwd ms | fwd+bwd ms | fwd+bwd × floor (bf16) "
+             "| × PEFT LoRA (on the same base, same dropout) | timing |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        same = {x.peer: x for x in results if (x.shape, x.mode) == (r.shape, r.mode)}
+        # the floor has no dropout: every row is compared with it; PEFT with its own row at the same dropout
+        same = {x.peer: x for x in results if (x.shape, x.mode) == (r.shape, r.mode)
+                and (x.dropout == r.dropout or x.peer == "floor")}
 
         def ratio(peer: str) -> str:
             ref = same.get(peer)
@@ -204,8 +243,8 @@ def layer_table(results: list[LayerResult]) -> str:
             return f"{value:.3f}" if value is not None else (r.note or "—")
 
         lines.append(f"| {r.shape} | {r.tokens} × {r.in_features} → {r.out_features} | {r.mode} | {r.peer} | "
-                     f"{ms(r.forward_ms)} | {ms(r.forward_backward_ms)} | {ratio('floor')} | "
-                     f"{ratio('peft-lora-4bit' if r.peer.endswith('-4bit') else 'peft-lora')} |")
+                     f"{r.dropout:g} | {ms(r.forward_ms)} | {ms(r.forward_backward_ms)} | {ratio('floor')} | "
+                     f"{ratio('peft-lora-4bit' if r.peer.endswith('-4bit') else 'peft-lora')} | {r.timing or '—'} |")
     return "\n".join(lines)
 
 
@@ -314,11 +353,12 @@ def measure_step(shape: ModelShape, method: str, mode: str, device: torch.device
         trainable = [p for p in module.parameters() if p.requires_grad]
         result.trainable_parameters = sum(p.numel() for p in trainable)
         optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-        forward = torch.compile(module) if mode == "compiled" else module
+        forward = torch.compile(module, mode=COMPILE_MODES[mode]) if mode in COMPILE_MODES else module
         embeddings = adapted.get_input_embeddings()
 
-        def step(i: int) -> float:
-            """One training step; returns the seconds spent in the allocator hook."""
+        def step(i: int) -> Callable[[], float]:
+            """One training step; returns how to read the seconds spent in the allocator hook once the step
+            is synchronised (CUDA events around it: no synchronisation inside the step, for any method)."""
             with autocast:
                 if method == "floor":  # gradients flow to the inputs, no weight gradients
                     inputs = embeddings(batch["input_ids"]).detach().requires_grad_()
@@ -328,13 +368,19 @@ def measure_step(shape: ModelShape, method: str, mode: str, device: torch.device
             loss.backward()
             if optimizer is not None:
                 optimizer.step()
-            spent = 0.0
+            spent: Callable[[], float] = lambda: 0.0  # noqa: E731
             if hook is not None:
-                _sync(device)
-                start = time.perf_counter()
-                hook(PRUNING_STEP + i)
-                _sync(device)
-                spent = time.perf_counter() - start
+                if device.type == "cuda":
+                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    begin.record()
+                    hook(PRUNING_STEP + i)
+                    end.record()
+                    spent = lambda: begin.elapsed_time(end) / 1000  # noqa: E731
+                else:
+                    start = time.perf_counter()
+                    hook(PRUNING_STEP + i)
+                    seconds = time.perf_counter() - start
+                    spent = lambda: seconds  # noqa: E731
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
             return spent
@@ -350,7 +396,7 @@ def measure_step(shape: ModelShape, method: str, mode: str, device: torch.device
                 _sync(device)
                 times.append(time.perf_counter() - start)
         result.ms_per_step = 1000 * statistics.median(times)
-        result.allocator_ms = 1000 * statistics.median(hooks) if hook is not None else None
+        result.allocator_ms = 1000 * statistics.median([h() for h in hooks]) if hook is not None else None
         result.peak_memory_mb = peak.mebibytes
         result.tokens_per_s = shape.batch * shape.length / statistics.median(times)
         if method.startswith("lora2"):
@@ -464,6 +510,22 @@ def count_device_work(device: torch.device) -> dict[str, int]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def measure_host_time(device: torch.device) -> dict[str, dict[str, float]]:
+    """benchmarks.host_time's µs per projection step: on a GPU here, else in a subprocess under the
+    interpreter with lora2's launches stubbed."""
+    if device.type == "cuda":
+        from . import host_time
+
+        return host_time.measure("cuda")
+    import os
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "benchmarks.host_time"], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parent.parent,
+                         check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 # --- main --------------------------------------------------------------------------------------------------
 
 
@@ -476,7 +538,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-shapes", nargs="+", help="names of layer shapes to keep (default: all for the device)")
     parser.add_argument("--methods", nargs="+", choices=STEP_METHODS, default=list(STEP_METHODS))
     parser.add_argument("--peers", nargs="+", choices=LAYER_PEERS, default=list(LAYER_PEERS))
-    parser.add_argument("--modes", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
+    parser.add_argument("--modes", nargs="+", choices=("eager", *COMPILE_MODES),
+                        help="eager and torch.compile modes (default: eager compiled reduce-overhead on a GPU, "
+                             "eager compiled on the CPU; max-autotune where time allows)")
+    parser.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1],
+                        help="adapter dropout of the layer rows, LoRA² and PEFT alike (default 0 0.1; the floor has none)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every section on tiny shapes, one step: a quick check that the benchmark runs (CI)")
     parser.add_argument("--steps", type=int, help="timed training steps per measurement (default 30 GPU, 10 CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
     parser.add_argument("--out", default=f"runs/throughput-{datetime.date.today().isoformat()}",
@@ -486,10 +554,18 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = args.steps or (30 if device.type == "cuda" else 10)
+    modes = args.modes or (["eager", "compiled", "reduce-overhead"] if device.type == "cuda" else ["eager", "compiled"])
+    if args.smoke and not args.modes:
+        modes = ["eager"]  # compiling a model takes minutes on a CPU
+    layer_shapes = GPU_LAYER_SHAPES if device.type == "cuda" else CPU_LAYER_SHAPES
+    allocator_modules = 22 * 7
+    if args.smoke:
+        layer_shapes, steps, args.warmup, allocator_modules = [("tiny", 16, 24, 20)], 1, 0, 12
+        MODEL_SHAPES["cpu-small"] = ModelShape("cpu-small", 2, 8, False)
     report: dict = {"date": datetime.date.today().isoformat(), "device": device_description(device),
                     "command": " ".join(["python -m benchmarks.throughput", *(sys.argv[1:] if argv is None else argv)]),
                     "layers": [],
-                    "steps": [], "allocator": None, "work": None, "model": None}
+                    "steps": [], "allocator": None, "work": None, "host": None, "model": None}
     sections: list[str] = []
     if "work" in args.sections:
         report["work"] = count_device_work(device)
@@ -502,20 +578,27 @@ def main(argv: list[str] | None = None) -> int:
                                       "|---|---:|---:|---:|---:|"]
                                      + [f"| {k} | {v['floor']} | {v['peft']} | {v['lora2']} | {v['lora2'] - v['floor']} |"
                                         for k, v in report["work"]["regimes"].items()]))
+    if "host" in args.sections:
+        from .host_time import table as host_table
+
+        report["host"] = measure_host_time(device)
+        how = ("real launches, 64 tokens × 768" if device.type == "cuda" else
+               "CPU: lora2's launches stubbed, so this is lora2's own host code; Triton's launcher needs a GPU")
+        sections.append(f"## Host time per projection step ({how})\n\n" + host_table(report["host"]))
     if "layers" in args.sections:
-        shapes = GPU_LAYER_SHAPES if device.type == "cuda" else CPU_LAYER_SHAPES
-        shapes = [s for s in shapes if not args.layer_shapes or s[0] in args.layer_shapes]
+        shapes = [s for s in layer_shapes if not args.layer_shapes or s[0] in args.layer_shapes]
         for name, tokens, in_f, out_f in shapes:
-            for mode in args.modes:
+            for mode in modes:
                 for peer in args.peers:
-                    logger.info("layer %s · %s · %s", name, mode, peer)
-                    report["layers"].append(measure_layer(name, tokens, in_f, out_f, peer, mode, device))
-                    _release(device)
+                    for dropout in ([0.0] if peer == "floor" else args.dropout):
+                        logger.info("layer %s · %s · %s · dropout %g", name, mode, peer, dropout)
+                        report["layers"].append(measure_layer(name, tokens, in_f, out_f, peer, mode, device, dropout))
+                        _release(device)
         sections.append("## Layers (median ms)\n\n" + layer_table(report["layers"]))
     if "steps" in args.sections:
         shapes = args.shapes or (["deberta-v3-base", "llama-1.1b"] if device.type == "cuda" else ["cpu-small"])
         for name in shapes:
-            for mode in args.modes:
+            for mode in modes:
                 for method in args.methods:
                     logger.info("step %s · %s · %s", name, mode, method)
                     report["steps"].append(measure_step(MODEL_SHAPES[name], method, mode, device, steps, args.warmup))
@@ -539,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append("## Cost model per projection (forward + backward)\n\n" + cost_model.model_table(rows, by_shape))
     if "allocator" in args.sections:
         logger.info("allocator")
-        report["allocator"] = measure_allocator(device)
+        report["allocator"] = measure_allocator(device, modules=allocator_modules)
         sections.append("## Allocator\n\n" + allocator_table(report["allocator"], report["steps"]))
     header = f"# lora2 throughput — {report['date']}, {report['device']}\n\nCommand: `{report['command']}`"
     if device.type != "cuda":

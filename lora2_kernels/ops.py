@@ -42,11 +42,17 @@ BACKENDS = ("auto", "triton", "reference")
 FACTOR_NAMES = ("q_down", "q_up", "singular_values", "p_down", "p_up")
 
 
+_KERNELS = None
+
+
 def triton_kernels():
     """The Triton kernel module (imported on first use: importing Triton costs about a second)."""
-    from . import triton_kernels as module
+    global _KERNELS
+    if _KERNELS is None:
+        from . import triton_kernels as module
 
-    return module
+        _KERNELS = module
+    return _KERNELS
 
 
 def triton_importable() -> bool:

@@ -49,10 +49,14 @@ if stage train; then  # lora2 train end to end on CUDA, bf16 and fp16 (the GradS
   done
 fi
 
-if stage bench; then  # the tables for README: launches, layers (eager, compiled) beside the cost model, steps, allocator
-  timeout 300 python3 -m benchmarks.throughput --sections work layers model allocator --out "$OUT/bench-layers" \
-    > "$OUT/bench-layers.log" 2>&1
-  timeout 300 python3 -m benchmarks.throughput --sections steps --modes eager --steps 20 \
+if stage bench; then  # the tables for README: launches, host time, layers (CUDA-graph replays, dropout 0 and 0.1,
+  # 4-bit at 256 and 8,192 tokens) beside the cost model, compiled peers on one shape, steps, allocator
+  timeout 200 python3 -m benchmarks.throughput --sections work host layers model allocator --modes eager \
+    --dropout 0 0.1 --out "$OUT/bench-layers" > "$OUT/bench-layers.log" 2>&1
+  timeout 150 python3 -m benchmarks.throughput --sections layers --layer-shapes "llama q/o" --dropout 0 \
+    --modes compiled reduce-overhead --peers floor peft-lora lora2-triton --out "$OUT/bench-compiled" \
+    > "$OUT/bench-compiled.log" 2>&1
+  timeout 200 python3 -m benchmarks.throughput --sections steps --modes eager --steps 10 \
     --out "$OUT/bench-steps" > "$OUT/bench-steps.log" 2>&1
 fi
 tail -n 40 "$OUT"/*.log

@@ -19,9 +19,10 @@ def test_every_layer_peer_measures_and_the_table_has_ratios():
     for peer in ("floor", "peft-lora", "lora2-reference", "peft-lora-4bit", "lora2-4bit"):
         assert by_peer[peer].note is None and by_peer[peer].forward_ms > 0 and by_peer[peer].forward_backward_ms > 0
     rows = {line.split("|")[4].strip(): line.split("|") for line in throughput.layer_table(results).splitlines()[2:]}
-    assert rows["floor"][7].strip() == "1.00" and rows["peft-lora"][8].strip() == "1.00"
-    assert rows["peft-lora-4bit"][8].strip() == "1.00"  # 4-bit peers are compared with PEFT on the same 4-bit base
-    assert rows["lora2-4bit"][8].strip() not in ("—", "1.00")
+    assert rows["floor"][8].strip() == "1.00" and rows["peft-lora"][9].strip() == "1.00"
+    assert rows["peft-lora-4bit"][9].strip() == "1.00"  # 4-bit peers are compared with PEFT on the same 4-bit base
+    assert rows["lora2-4bit"][9].strip() not in ("—", "1.00")
+    assert rows["floor"][10].strip() == "wall clock"
 
 
 def test_every_step_method_measures_and_the_table_has_ratios():
@@ -74,3 +75,20 @@ def test_work_and_model_sections_print_the_counts_and_the_labelled_model(tmp_pat
     assert "Model, not measured" in markdown and "— (needs a GPU)" in markdown
     rows = {r["shape"]: r for r in report["model"]}
     assert rows["llama-1.1b q/o"]["floor_us"] > 0 and rows["llama-1.1b q/o"]["lora2_us"] > rows["llama-1.1b q/o"]["floor_us"]
+
+
+def test_smoke_mode_runs_every_section_and_each_table_has_its_peers(tmp_path):
+    """``--smoke``: every section on tiny shapes in one run (what CI runs of the benchmark). The layer rows
+    cover dropout 0 and 0.1 for LoRA² and PEFT alike, the host section times lora2 beside the frozen layer
+    and PEFT in the same run."""
+    assert throughput.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["peer"], r["dropout"]) for r in report["layers"]} >= {("peft-lora", 0.1), ("lora2-reference", 0.1),
+                                                                      ("peft-lora", 0.0), ("floor", 0.0)}
+    assert not any(r["peer"] == "floor" and r["dropout"] for r in report["layers"])
+    host = report["host"]
+    assert host["frozen nn.Linear"]["ratio"] == 1.0 and all(r["us"] > 0 for r in host.values())
+    assert any(name.startswith("PEFT") for name in host) and len(report["steps"]) == len(throughput.STEP_METHODS)
+    markdown = (tmp_path / "results.md").read_text()
+    for section in ("## Device work", "## Host time", "## Layers", "## Training steps", "## Cost model", "## Allocator"):
+        assert section in markdown, section

@@ -414,6 +414,61 @@ def test_no_launch_takes_a_host_value_that_changes_between_steps(monkeypatch):
     assert not torch.equal(outputs[0], outputs[1])  # new masks: the seeds changed on the device
 
 
+def _dropout_model(features: int = 256) -> nn.Module:
+    from lora2_kernels.linear import DropoutSeeds
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[LoRA2Linear(features, features, r=4, k=4, dropout=0.3, backend="triton")
+                            for _ in range(2)]).to(KERNEL_DEVICE).train()
+    for layer in model:
+        with torch.no_grad():
+            layer.singular_values.normal_()
+    DropoutSeeds(model, list(model))
+    return model
+
+
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="CUDA graphs need a GPU (scripts/gpu_session.sh runs this)")
+def test_a_captured_training_step_draws_new_masks_at_each_replay():
+    """A whole training step captured in a CUDA graph and replayed twice: two masks (the outputs and the
+    gradients differ), as torch's own dropout under graph capture."""
+    model = _dropout_model()
+    x = torch.randn(64, 256, device="cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotuning, first allocations) off the capture, as torch's docs do
+        for _ in range(3):
+            for p in params:
+                p.grad = None
+            model(x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in params:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = model(x)
+        y.sum().backward()
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append((y.detach().clone(), model[0].q_down.grad.clone()))
+    assert not torch.equal(replays[0][0], replays[1][0]) and not torch.equal(replays[0][1], replays[1][1])
+
+
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="CUDA graphs need a GPU (scripts/gpu_session.sh runs this)")
+def test_reduce_overhead_compiled_training_draws_new_masks_each_step():
+    model = _dropout_model()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    x = torch.randn(64, 256, device="cuda")
+    outputs = []
+    for _ in range(5):  # the first calls record, later ones replay the CUDA graphs
+        y = compiled(x)
+        y.sum().backward()
+        outputs.append(y.detach().clone())
+    assert not torch.equal(outputs[-1], outputs[-2]) and not torch.equal(outputs[-2], outputs[-3])
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
 def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     """torch.utils.checkpoint recomputes the forward inside the backward. Its saved tensors come back as

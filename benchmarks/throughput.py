@@ -122,7 +122,10 @@ def device_description(device: torch.device) -> str:
 # --- layers ---------------------------------------------------------------------------------------------
 
 # the 4-bit peers: the same projection as bitsandbytes NF4 (QLoRA's base), under PEFT LoRA or LoRA²
-LAYER_PEERS = ("floor", "peft-lora", "lora2-reference", "lora2-triton", "peft-lora-4bit", "lora2-4bit")
+# lora2-triton runs the fused kernels (LORA2_BASE_GEMM=fused), lora2-split the cuBLAS split (=cublas): the
+# autotuner's two candidates side by side (benchmarks/cost_model.py models both)
+LAYER_PEERS = ("floor", "peft-lora", "lora2-reference", "lora2-triton", "lora2-split", "peft-lora-4bit", "lora2-4bit")
+BASE_GEMM_OF_PEER = {"lora2-triton": "fused", "lora2-split": "cublas"}
 GPU_LAYER_SHAPES = [("llama q/o", 8192, 2048, 2048), ("llama q/o, 256 tokens", 256, 2048, 2048),
                     ("llama k/v", 8192, 2048, 256),
                     ("llama gate/up", 8192, 2048, 5632), ("llama down", 8192, 5632, 2048),
@@ -168,7 +171,7 @@ def _layer_peer(peer: str, in_f: int, out_f: int, device: torch.device, dtype: t
         # PEFT's own LoRA layer (fp32 adapters, as PEFT keeps them), on the same frozen projection
         return peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"],
                                                                          lora_dropout=dropout)).train()
-    layer = LoRA2Linear.from_linear(base, r=8, k=8, backend="triton" if peer == "lora2-triton" else "reference",
+    layer = LoRA2Linear.from_linear(base, r=8, k=8, backend="triton" if peer in BASE_GEMM_OF_PEER else "reference",
                                     dropout=dropout).train()
     with torch.no_grad():
         layer.singular_values.normal_()  # a trained adapter: λ ≠ 0
@@ -181,9 +184,25 @@ COMPILE_MODES = {"compiled": "default", "reduce-overhead": "reduce-overhead", "m
 def measure_layer(name: str, tokens: int, in_f: int, out_f: int, peer: str, mode: str,
                   device: torch.device, dropout: float = 0.0) -> LayerResult:
     result = LayerResult(name, tokens, in_f, out_f, peer, mode, dropout)
-    if peer == "lora2-triton" and device.type != "cuda":
+    if peer in BASE_GEMM_OF_PEER and device.type != "cuda":
         result.note = "needs a GPU"
         return result
+    import os
+
+    forced = os.environ.get("LORA2_BASE_GEMM")
+    if peer in BASE_GEMM_OF_PEER:
+        os.environ["LORA2_BASE_GEMM"] = BASE_GEMM_OF_PEER[peer]
+    try:
+        return _measure_layer(result, peer, mode, device, dropout)
+    finally:
+        if forced is None:
+            os.environ.pop("LORA2_BASE_GEMM", None)
+        else:
+            os.environ["LORA2_BASE_GEMM"] = forced
+
+
+def _measure_layer(result: LayerResult, peer: str, mode: str, device: torch.device, dropout: float) -> LayerResult:
+    name, tokens, in_f, out_f = result.shape, result.tokens, result.in_features, result.out_features
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         module = _layer_peer(peer, in_f, out_f, device, dtype, dropout)

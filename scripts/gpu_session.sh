@@ -54,7 +54,7 @@ if stage bench; then  # the tables for README: launches, host time, layers (CUDA
   timeout 200 python3 -m benchmarks.throughput --sections work host layers model allocator --modes eager \
     --dropout 0 0.1 --out "$OUT/bench-layers" > "$OUT/bench-layers.log" 2>&1
   timeout 150 python3 -m benchmarks.throughput --sections layers --layer-shapes "llama q/o" --dropout 0 \
-    --modes compiled reduce-overhead --peers floor peft-lora lora2-triton --out "$OUT/bench-compiled" \
+    --modes compiled reduce-overhead --peers floor peft-lora lora2-triton lora2-split --out "$OUT/bench-compiled" \
     > "$OUT/bench-compiled.log" 2>&1
   timeout 200 python3 -m benchmarks.throughput --sections steps --modes eager --steps 10 \
     --out "$OUT/bench-steps" > "$OUT/bench-steps.log" 2>&1

@@ -16,6 +16,7 @@ gradients that come from the k × k core, see `tolerances`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -204,6 +205,65 @@ def test_forward_and_every_gradient_match_the_oracle(case, lead, dtype):
     if "mask" in CASES[case]:
         masked = torch.tensor(CASES[case]["mask"]) == 0
         assert torch.all(got[4].cpu()[masked] == 0)  # no gradient reaches a masked λ
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("case", ["odd sizes", "r != k, masked", "no bias", "conv1d", "k = 17 (two rank tiles)"])
+def test_the_cublas_split_matches_the_oracle(case, dtype, monkeypatch):
+    """The autotuner's safety net (issue "Kernels v3", item 5): the base GEMM by torch.mm (cuBLAS on a GPU) and
+    the adapter added into its output by the kernels (BASE False), forward and dX, held to the same oracle;
+    counted: exactly one mm more each way, the kernels' launches unchanged."""
+    from benchmarks.device_work import DeviceWork
+
+    monkeypatch.setenv("LORA2_BASE_GEMM", "cublas")
+    layer, raw = make_layer(dtype=dtype, **CASES[case])
+    g = torch.Generator().manual_seed(1)
+    x, grad_y = torch.randn(37, 70, generator=g).to(dtype), torch.randn(37, 45, generator=g).to(dtype)
+    expected = oracle(raw, x, grad_y)
+    with DeviceWork() as work:
+        got = run_layer(layer, x, grad_y)
+    assert_matches_oracle(got, expected, tolerances(raw, x, grad_y, dtype, expected), f"cuBLAS split, {case}")
+    assert work.ops["mm"] == 2 and work.ops["triton:forward"] == work.ops["triton:dx"] == 1, work.ops
+
+
+def test_the_cublas_split_with_dropout_matches_the_oracle_given_the_same_mask(monkeypatch):
+    monkeypatch.setenv("LORA2_BASE_GEMM", "cublas")
+    layer, raw = make_layer(mask=[1, 1, 0, 1, 1, 1])
+    seed = torch.tensor(77, dtype=torch.int64)
+    g = torch.Generator().manual_seed(1)
+    x, grad_y = torch.randn(37, 70, generator=g), torch.randn(37, 45, generator=g)
+    keep = kernels.dropout_keep_mask(seed, 37, 70, 0.3, KERNEL_DEVICE).cpu()
+    expected = oracle(raw, x, grad_y, keep, 0.3)
+    inputs = x.to(KERNEL_DEVICE).requires_grad_()
+    factors = [getattr(layer, n) for n in PARAMS]
+    y = ops.lora2_linear(inputs, layer.weight, layer.bias, *factors, layer.rank_mask, ALPHA, False, False, 0.3,
+                         seed=seed)
+    got = [y.detach(), *torch.autograd.grad(y, [inputs, *factors], grad_y.to(KERNEL_DEVICE))]
+    assert_matches_oracle(got, expected, tolerances(raw, x, grad_y, torch.float32, expected, keep, 0.3), "split")
+
+
+def test_the_base_gemm_choice_times_both_keeps_the_faster_and_logs_it(monkeypatch, caplog):
+    """On a GPU the first call of a key runs both variants and keeps the faster; the next calls reuse the
+    choice; LORA2_BASE_GEMM forces one and a wrong value is refused. (Timings faked: no GPU here.)"""
+    import triton.testing
+
+    monkeypatch.delenv("LORA2_BASE_GEMM", raising=False)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(kernels, "_BASE_GEMM_CHOSEN", {})
+    ran = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 2.0 if ran[-1] else 3.0)[1])
+    key, gpu = ("forward", 8192, 2048, 2048, 8, 8), torch.device("cuda", 0)
+    with caplog.at_level(logging.INFO, logger="lora2_kernels.triton_kernels"):
+        assert kernels.base_gemm(key, gpu, ran.append) == "cublas"
+    assert ran == [False, False, True, True] and "→ cublas" in caplog.text
+    assert kernels.base_gemm(key, gpu, ran.append) == "cublas" and len(ran) == 4  # cached: no more timing
+    assert kernels.base_gemm(key, torch.device("cpu"), ran.append) == "cublas"
+    monkeypatch.setenv("LORA2_BASE_GEMM", "fused")
+    assert kernels.base_gemm(key, gpu, ran.append) == "fused"
+    monkeypatch.setenv("LORA2_BASE_GEMM", "cuBLAS")
+    with pytest.raises(ValueError, match="LORA2_BASE_GEMM='cuBLAS': use one of"):
+        kernels.base_gemm(key, gpu, ran.append)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
@@ -700,7 +760,7 @@ def test_a_model_trains_the_same_through_the_kernels():
 # for sm_80. The k = 32 rank tile, double quantisation and 4-bit dropout: the full sweep only.
 # `python -m lora2_kernels.triton_kernels.compile_all --resources` compiles all of them for both
 # (k = 1, 8, 16, 32, the 4-bit kernels double-quantised and with dropout too: about 15 minutes).
-CI_COMPILES = [("90", ["bfloat16/k8", "float32"], ["4bit-nested", "4bit-dropout"]),
+CI_COMPILES = [("90", ["bfloat16/k8", "float32/k8", "float32-tf32"], ["4bit-nested", "4bit-dropout"]),
                ("80", ["forward/linear/bfloat16/k8", "dx/linear/bfloat16/k8"], [])]
 
 

@@ -85,7 +85,7 @@ def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
     tokens, in_f, out_f, r = 256, 768, 2304, 8
     cases: dict[str, kernels.Launch] = {}
 
-    def factors(rank: int) -> kernels.Factors:
+    def factors(rank: int, r: int = r) -> kernels.Factors:
         return kernels.Factors(torch.empty(rank, in_f), torch.empty(r, rank), torch.empty(r), torch.empty(rank, r),
                                torch.empty(out_f, rank), torch.empty(r), 16.0, False)
 
@@ -117,10 +117,29 @@ def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
                     partials = kernels.dx_launch(dy, x, weight, dx_w, h, f, b2, 0.0, 0, True)[2]
                     cases[f"finish/{tag}"] = kernels.finish_launch(partials, 4, f)[0]
                     cases[f"cast/{tag}"] = kernels.cast_launch(f.q_down, f.p_up, dtype)[0]
+                if not conv and len(ranks) > 1:
+                    # the whole grid (issue "Kernels v3", item 6): dropout at every k and dtype, r = 32 (the core's
+                    # BLOCK_RR) with and without dropout, and the cuBLAS split's kernels (BASE False)
+                    if rank != 8 or dtype != torch.bfloat16:
+                        cases[f"forward-dropout/{tag}"] = kernels.forward_launch(x, weight, fwd_w, bias, f, a1, out_f,
+                                                                                 0.1, 1)[0]
+                        cases[f"dx-dropout/{tag}"] = kernels.dx_launch(dy, x, weight, dx_w, h, f, b2, 0.1, 1, True)[0]
+                    wide = factors(rank, 32)
+                    b2_wide = b2 if dtype != torch.float32 else wide.p_up
+                    for p in (0.0, 0.1):
+                        kind = "-dropout" if p else ""
+                        cases[f"forward{kind}/{layout}/{name}/r32/k{rank}"] = kernels.forward_launch(
+                            x, weight, fwd_w, bias, wide, a1, out_f, p, 1)[0]
+                        cases[f"dx{kind}/{layout}/{name}/r32/k{rank}"] = kernels.dx_launch(
+                            dy, x, weight, dx_w, h, wide, b2_wide, p, 1, True)[0]
+                        cases[f"forward-split{kind}/{tag}"] = kernels.forward_launch(
+                            x, weight, fwd_w, bias, f, a1, out_f, p, 1, y=torch.empty(tokens, out_f, dtype=dtype))[0]
+                        cases[f"dx-split{kind}/{tag}"] = kernels.dx_launch(
+                            dy, x, weight, dx_w, h, f, b2, p, 1, True, dx=torch.empty(tokens, in_f, dtype=dtype))[0]
                 if dtype == torch.bfloat16 and not conv:
                     # a bitsandbytes 4-bit base (NF4 / FP4 share the kernel; double quantisation adds a table)
                     for nested, p in ((False, 0.0), (True, 0.0), (False, 0.1)):
-                        if p and rank != 8:
+                        if p and rank != 8 and len(ranks) == 1:
                             continue
                         q = quant4(out_f, in_f, nested)
                         kind = "4bit-nested" if nested else "4bit-dropout" if p else "4bit"

@@ -35,6 +35,7 @@ config runs, which crosses every tile boundary in the tests.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -178,11 +179,12 @@ def forward_kernel(
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
     absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     HAS_BIAS: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y = x·Wᵀ + b + h·(B₂C)ᵀ, h = d(x)·A₁ᵀ. W is read as B[k, n] through (stride_wk, stride_wn);
+    """y = x·Wᵀ + b + h·(B₂C)ᵀ, h = d(x)·A₁ᵀ. BASE False (the cuBLAS split): y already holds x·Wᵀ (a
+    torch.mm before this launch) and the kernel adds the rest, in row bands, with no W in its K loop. W is read as B[k, n] through (stride_wk, stride_wn);
     A₁ (k × K, in x's dtype), B₂ (N × k), h (M × k) are contiguous.
 
     Without dropout: a program per (row tile, column tile); each computes h for its rows again in the K
@@ -195,7 +197,7 @@ def forward_kernel(
     once per element instead of once per column tile; more groups (column_groups) keep a GPU busy for few
     rows. Only with dropout: the band's second K loop costs registers, and without dropout the 256-wide
     tiles spill with it (compile_all), while the per-tile schedule's extra work is 6 %."""
-    if DROPOUT and QUANT == 0:  # row bands (the host's row_bands)
+    if (DROPOUT and QUANT == 0) or not BASE:  # row bands (the host's row_bands)
         row_tiles = tl.cdiv(M, BLOCK_M)
         col_tiles = tl.cdiv(N, BLOCK_N)
         groups = tl.num_programs(0) // row_tiles
@@ -217,11 +219,11 @@ def forward_kernel(
         n_ok = rn < N
         acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
                                        stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
-                                       code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BLOCK_M,
-                                       BLOCK_N, BLOCK_K, BLOCK_R)
+                                       code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BASE,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
                           p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS, SCALE_BY_KEPT, PRECISION,
-                          BLOCK_R, BLOCK_RR)
+                          BASE, BLOCK_R, BLOCK_RR)
         # h goes to memory, not through the other tiles' K loops in registers (they spilled there): group 0's rows
         # are the h the backward reads, each other group writes its own (identical) copy to a slot of h_more
         if group > 0:
@@ -233,19 +235,20 @@ def forward_kernel(
             rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
             n_ok = rn < N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + rk
-                k_ok = cols < K
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn,
-                                 k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
-                                 offset_ptr, x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
-                acc = _dot(x, w, acc, PRECISION)
+            if BASE:
+                for k0 in range(0, K, BLOCK_K):
+                    cols = k0 + rk
+                    k_ok = cols < K
+                    x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
+                                mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                    w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn,
+                                     k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                                     offset_ptr, x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+                    acc = _dot(x, w, acc, PRECISION)
             hidden = tl.load(h_ptr + rm[:, None] * RANK + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr,
                               p_down_ptr, p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS, SCALE_BY_KEPT,
-                              PRECISION, BLOCK_R, BLOCK_RR)
+                              PRECISION, BASE, BLOCK_R, BLOCK_RR)
     else:
         pid_m, pid_n = _tile_ids(M, tl.cdiv(N, BLOCK_N), BLOCK_M, GROUP_M)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -259,11 +262,11 @@ def forward_kernel(
         # with dropout (over a 4-bit W: its band spilled on sm_80) the mask is drawn in every column tile here
         acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
                                        stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
-                                       code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BLOCK_M,
-                                       BLOCK_N, BLOCK_K, BLOCK_R)
+                                       code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BASE,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
                           p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS, SCALE_BY_KEPT, PRECISION,
-                          BLOCK_R, BLOCK_RR)
+                          BASE, BLOCK_R, BLOCK_RR)
         if pid_n == 0:  # every column tile computed the same rows of h; one of them writes them
             tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
 
@@ -272,9 +275,9 @@ def forward_kernel(
 def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
                      stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
                      offset_ptr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
-                     QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(x·Wᵀ tile, h = d(x)·A₁ᵀ rows) in one K loop: x is read once for both."""
+                     QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(x·Wᵀ tile, h = d(x)·A₁ᵀ rows) in one K loop: x is read once for both (BASE False: h only)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -282,11 +285,12 @@ def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, 
         k_ok = cols < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn, k_ok[:, None] & n_ok[None, :],
-                         absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, x_ptr.dtype.element_ty, QUANT,
-                         QBLOCK, QBLOCK2)
         a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = _dot(x, w, acc, PRECISION)
+        if BASE:
+            w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn,
+                             k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                             x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+            acc = _dot(x, w, acc, PRECISION)
         if DROPOUT:
             x = tl.where(_keep(seed_ptr, rm, cols, K, dropout_p), x, 0.0).to(x.dtype)
         hidden = _dot(x, a1, hidden, PRECISION)
@@ -298,7 +302,7 @@ def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, 
 @triton.jit
 def _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
                       p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS: tl.constexpr,
-                      SCALE_BY_KEPT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                      SCALE_BY_KEPT: tl.constexpr, PRECISION: tl.constexpr, BASE: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_RR: tl.constexpr):
     """y tile = acc + h·(B₂C)ᵀ + b, rounded once to y's dtype. The k × k core is recomputed here, per tile
     (a few thousand FMAs), rather than kept in registers through the K loops."""
@@ -306,6 +310,9 @@ def _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_
     b2t = tl.load(p_up_ptr + rn[None, :] * RANK + rr[:, None], mask=r_ok[:, None] & n_ok[None, :],
                   other=0.0).to(tl.float32)  # B₂ᵀ tile: k × BLOCK_N
     up_t = tl.dot(tl.trans(core), b2t, input_precision="ieee")  # (B₂·C)ᵀ tile
+    if not BASE:  # the cuBLAS split: y holds x·Wᵀ already
+        acc += tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=m_ok[:, None] & n_ok[None, :],
+                       other=0.0).to(tl.float32)
     acc = tl.dot(hidden, up_t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -321,7 +328,7 @@ def dx_kernel(
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_xm, stride_xn, stride_dxm, stride_dxn, stride_b2k, stride_b2r,
     absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     COMPUTE_DX: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -370,7 +377,7 @@ def dx_kernel(
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b2 = tl.load(b2_ptr + rows[:, None] * stride_b2k + rr[None, :] * stride_b2r,
                          mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            if COMPUTE_DX:
+            if COMPUTE_DX and BASE:
                 wt = _load_weight(w_ptr, rows[:, None] * stride_wk + rn[None, :] * stride_wn,
                                   k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
                                   offset_ptr, dy_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
@@ -387,6 +394,9 @@ def dx_kernel(
             adapter = tl.dot(g, a1, input_precision=PRECISION)
             if DROPOUT:
                 adapter = adapter * keep
+            if not BASE:  # the cuBLAS split: dX holds dY·W already
+                acc = tl.load(dx_ptr + rm[:, None] * stride_dxm + rn[None, :] * stride_dxn,
+                              mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
             acc += adapter
             tl.store(dx_ptr + rm[:, None] * stride_dxm + rn[None, :] * stride_dxn, acc.to(dx_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & n_ok[None, :])
@@ -564,11 +574,11 @@ def _prune(kernel: str):
 # with dynamic padding nearly every batch has another M, and keying on M would re-run the tuning.
 _KEY = ["M_BUCKET", "N", "K", "RANK"]
 if not INTERPRET:
-    _forward = triton.autotune(ALL_CONFIGS, key=_KEY + ["HAS_BIAS", "DROPOUT", "PRECISION", "QUANT"],
+    _forward = triton.autotune(ALL_CONFIGS, key=_KEY + ["HAS_BIAS", "DROPOUT", "PRECISION", "QUANT", "BASE"],
                                cache_results=True,
                                prune_configs_by={"early_config_prune": _prune("forward")})(forward_kernel)
-    _dx = triton.autotune(ALL_CONFIGS, key=_KEY + ["COMPUTE_DX", "DROPOUT", "PRECISION", "QUANT"], cache_results=True,
-                          prune_configs_by={"early_config_prune": _prune("dx")})(dx_kernel)
+    _dx = triton.autotune(ALL_CONFIGS, key=_KEY + ["COMPUTE_DX", "DROPOUT", "PRECISION", "QUANT", "BASE"],
+                          cache_results=True, prune_configs_by={"early_config_prune": _prune("dx")})(dx_kernel)
 
 
 # --- host functions --------------------------------------------------------------------------------
@@ -599,7 +609,8 @@ class Launch:
     def autotune_key(self) -> tuple:
         """What the autotuner keys this launch's tuning on: its key arguments and the tensors' dtypes."""
         values = dict(zip(KERNELS[self.kernel].arg_names, self.args), **self.flags)
-        keys = _KEY + (["HAS_BIAS"] if self.kernel == "forward" else ["COMPUTE_DX"]) + ["DROPOUT", "PRECISION", "QUANT"]
+        keys = (_KEY + (["HAS_BIAS"] if self.kernel == "forward" else ["COMPUTE_DX"])
+                + ["DROPOUT", "PRECISION", "QUANT", "BASE"])
         return (self.kernel, *(values[k] for k in keys),
                 *(str(a.dtype) for a in self.args if isinstance(a, torch.Tensor)))
 
@@ -627,12 +638,13 @@ def rank_block(rank: int) -> int:
     return max(16, next_power_of_2(rank))
 
 
-def row_bands(dropout_p: float, quant: "Quant4 | None") -> bool:
-    """Whether the forward runs row bands (see forward_kernel): with dropout, over a 16-bit W. Without
-    dropout the band's second K loop would only save the rank-k product's recompute (BLOCK_R / BLOCK_N of
-    the GEMM, 6 % at 256-wide tiles) and cost the 256-wide tiles their registers; over a 4-bit W the band
-    spilled on sm_80 in every config (compile_all, Triton 3.6)."""
-    return dropout_p > 0 and quant is None
+def row_bands(dropout_p: float, quant: "Quant4 | None", base: bool = True) -> bool:
+    """Whether the forward runs row bands (see forward_kernel): with dropout, over a 16-bit W, and always in
+    the cuBLAS split (no W in its K loop: the band's other tiles have no K loop at all). Without dropout the
+    band's second K loop would only save the rank-k product's recompute (BLOCK_R / BLOCK_N of the GEMM, 6 %
+    at 256-wide tiles) and cost the 256-wide tiles their registers; over a 4-bit W the band spilled on sm_80
+    in every config (compile_all, Triton 3.6)."""
+    return (dropout_p > 0 and quant is None) or not base
 
 
 # Column groups under the interpreter (CPU tensors, CI): one, so a row tile's rank-k product and dropout
@@ -814,13 +826,17 @@ def in_activation_dtype(f: Factors, dtype: torch.dtype) -> tuple[list[Launch], t
 
 def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, int], bias: torch.Tensor | None,
                    f: Factors, a1: torch.Tensor, out_features: int, dropout_p: float, seed: "torch.Tensor | int",
-                   quant: Quant4 | None = None) -> tuple[Launch, torch.Tensor, torch.Tensor]:
-    """y (M × out) and h (M × k, fp32) for a 2-D x (M × in): the launch and its outputs."""
+                   quant: Quant4 | None = None, y: torch.Tensor | None = None
+                   ) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+    """y (M × out) and h (M × k, fp32) for a 2-D x (M × in): the launch and its outputs. Given ``y`` (the
+    cuBLAS split: it holds x·Wᵀ), the launch adds the bias and the adapter into it."""
     m, k_in = x.shape
-    y = torch.empty((m, out_features), device=x.device, dtype=x.dtype)
+    base = y is None
+    if y is None:
+        y = torch.empty((m, out_features), device=x.device, dtype=x.dtype)
     h = torch.empty((m, f.k), device=x.device, dtype=torch.float32)
     # a slot per further column group for its copy of h (see forward_kernel); freed with this call
-    bands = row_bands(dropout_p, quant)
+    bands = row_bands(dropout_p, quant, base)
     more = max_column_groups(m, out_features, x.device) - 1 if bands else 0
     h_more = torch.empty((more, m, f.k), device=x.device, dtype=torch.float32) if more else h
     args = (x, weight, bias if bias is not None else y, a1, *f.core_args(), f.p_up, y, h, h_more, m, out_features, k_in,
@@ -830,7 +846,7 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
             *_quant_args(weight, quant))
     flags = {"HAS_BIAS": bias is not None, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
              "PRECISION": dot_precision(x.dtype), **(quant.flags() if quant is not None else NO_QUANT_FLAGS),
-             "BLOCK_R": rank_block(f.k), "BLOCK_RR": rank_block(f.r)}
+             "BASE": base, "BLOCK_R": rank_block(f.k), "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
         row_tiles, col_tiles = cdiv(m, meta["BLOCK_M"]), cdiv(out_features, meta["BLOCK_N"])
@@ -841,9 +857,11 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
 
 def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_strides: tuple[int, int],
               h: torch.Tensor, f: Factors, b2: torch.Tensor, dropout_p: float, seed: "torch.Tensor | int",
-              compute_dx: bool,
-              quant: Quant4 | None = None) -> tuple[Launch, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """dX (M × in) and the per-row-tile partials of dB₂, dA₁ and dC: the launch and its outputs."""
+              compute_dx: bool, quant: Quant4 | None = None, dx: torch.Tensor | None = None
+              ) -> tuple[Launch, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """dX (M × in) and the per-row-tile partials of dB₂, dA₁ and dC: the launch and its outputs. Given
+    ``dx`` (the cuBLAS split: it holds dY·W), the launch adds the adapter's share into it."""
+    base = dx is None
     m, out_features = dy.shape
     in_features = x.shape[1]
     block_r = rank_block(f.k)
@@ -854,7 +872,8 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
     partials = {"b2": torch.empty((tiles, out_features, f.k), device=dy.device, dtype=torch.float32),
                 "a1": torch.empty((tiles, f.k, in_features), device=dy.device, dtype=torch.float32),
                 "core": torch.empty((tiles, block_r, block_r), device=dy.device, dtype=torch.float32)}
-    dx = torch.empty((m, in_features), device=dy.device, dtype=dy.dtype) if compute_dx else None
+    if dx is None and compute_dx:
+        dx = torch.empty((m, in_features), device=dy.device, dtype=dy.dtype)
     out = dx if dx is not None else partials["a1"]  # a pointer the launch never writes without dX
     args = (dy, weight if weight is not None else dy, x, h, f.q_down, b2, *f.core_args(), out,
             partials["b2"], partials["a1"], partials["core"], m, in_features, out_features, f.r, f.k,
@@ -865,7 +884,7 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
     flags = {"COMPUTE_DX": compute_dx, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
              "PRECISION": dot_precision(dy.dtype),
              **(quant.flags() if quant is not None and compute_dx else NO_QUANT_FLAGS),
-             "BLOCK_R": block_r, "BLOCK_RR": rank_block(f.r)}
+             "BASE": base, "BLOCK_R": block_r, "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
         return (cdiv(m, meta["BLOCK_M"]) * (cdiv(in_features, meta["BLOCK_N"]) + 1),)
@@ -920,25 +939,81 @@ def _dequantize_for(tokens: int, weight: torch.Tensor, quant: Quant4 | None, dty
     return dense, None, [launch]
 
 
+# The cuBLAS split (issue "Kernels v3", item 5): the base GEMM through torch.mm (cuBLAS) and the adapter in a
+# Triton launch that adds into its output (forward_kernel / dx_kernel with BASE False: no W in their K loops,
+# the forward in row bands), one launch more each way. The fused kernels' GEMM core loads through pointers
+# (no TMA, not persistent, no warp specialisation); where cuBLAS's GEMM is faster by more than the split's
+# extra read and write of y (or dX), the split wins. On a GPU the first call of a key times both and keeps
+# the faster (logged); LORA2_BASE_GEMM=fused or =cublas forces one. Never during a CUDA-graph capture or
+# under the interpreter (there: fused, unless forced), and never over a 4-bit W kept packed.
+BASE_GEMM_CHOICES = ("auto", "fused", "cublas")
+_BASE_GEMM_CHOSEN: dict[tuple, str] = {}
+logger = logging.getLogger("lora2_kernels.triton_kernels")
+
+
+def base_gemm(key: tuple, device: torch.device, run: Callable[[bool], object]) -> str:
+    """"fused" or "cublas" for this launch key; ``run(split)`` runs the whole variant (for timing)."""
+    forced = os.environ.get("LORA2_BASE_GEMM", "auto")
+    if forced not in BASE_GEMM_CHOICES:
+        raise ValueError(f"LORA2_BASE_GEMM={forced!r}: use one of {BASE_GEMM_CHOICES}")
+    if forced != "auto":
+        return forced
+    if key in _BASE_GEMM_CHOSEN:
+        return _BASE_GEMM_CHOSEN[key]
+    if device.type != "cuda" or INTERPRET or torch.cuda.is_current_stream_capturing():
+        return "fused"
+    import triton.testing
+
+    times = {}
+    for choice in ("fused", "cublas"):
+        run(choice == "cublas")  # compiles and autotunes outside the timing
+        times[choice] = triton.testing.do_bench(lambda: run(choice == "cublas"), warmup=5, rep=25,
+                                                return_mode="median")
+    chosen = min(times, key=times.get)
+    _BASE_GEMM_CHOSEN[key] = chosen
+    logger.info("lora2 kernels: %s %s → %s (fused %.1f µs, cuBLAS split %.1f µs)", key[0], key[1:], chosen,
+                1000 * times["fused"], 1000 * times["cublas"])
+    return chosen
+
+
+def _dense_weight(weight: torch.Tensor, fan_in_fan_out: bool, backward: bool) -> torch.Tensor:
+    """W as torch.mm's right operand: in × out in the forward (x·Wᵀ), out × in in the backward (dY·W)."""
+    forward_operand = weight if fan_in_fan_out else weight.t()
+    return forward_operand.t() if backward else forward_operand
+
+
 def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, f: Factors,
                   fan_in_fan_out: bool = False, dropout_p: float = 0.0, seed: "torch.Tensor | int" = 0,
                   quant: Quant4 | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, B₂ in x's dtype): the forward of a LoRA² layer in one launch (two for half inputs).
+    """(y, h, B₂ in x's dtype): the forward of a LoRA² layer in one launch (plus the factors' cast where
+    their dtype is not x's; plus cuBLAS's GEMM where the split is faster, see `base_gemm`).
 
     x and W share a dtype (callers apply autocast); h (fp32) and B₂ (cast) are for the backward.
     With ``quant`` W is bitsandbytes' 4-bit weight, dequantised tile by tile inside the K loop."""
     x2 = _flat(x)
     casts, a1, b2 = in_activation_dtype(f, x.dtype)
-    weight, quant, dequant = _dequantize_for(x2.shape[0], weight, quant, x.dtype)
-    weight, out_features, w_strides = _weight_view(weight, quant, fan_in_fan_out, backward=False)
-    launch, y, h = forward_launch(x2, weight, w_strides, bias, f, a1, out_features, dropout_p, seed, quant)
+    dense, quant, dequant = _dequantize_for(x2.shape[0], weight, quant, x.dtype)
+    w_ptr, out_features, w_strides = _weight_view(dense, quant, fan_in_fan_out, backward=False)
+
+    def run(split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.mm(x2, _dense_weight(dense, fan_in_fan_out, backward=False)) if split else None
+        launch, y, h = forward_launch(x2, w_ptr, w_strides, bias, f, a1, out_features, dropout_p, seed, quant, y)
+        if x2.shape[0]:
+            launch.run()
+        return y, h
+
     if x2.shape[0]:
         for cast in casts + dequant:
             cast.run()
-        launch.run()
     elif casts:
         b2 = f.p_up.t().contiguous().to(x.dtype)  # nothing launched for an empty batch; the backward needs B₂ᵀ
+    split = False
+    if quant is None and x2.shape[0]:
+        key = ("forward", token_bucket(x2.shape[0]), out_features, x2.shape[1], f.k, f.r, x.dtype, dropout_p > 0,
+               bias is not None, fan_in_fan_out, x.device)
+        split = base_gemm(key, x.device, run) == "cublas"
+    y, h = run(split)
     return y.view(*x.shape[:-1], out_features), h.view(*x.shape[:-1], f.k), b2
 
 
@@ -948,23 +1023,35 @@ def lora2_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                    needs_input_grad: bool = True, needs_weight_grad: bool = False, needs_bias_grad: bool = False,
                    quant: Quant4 | None = None
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """(dX, dW, db, {factor: gradient}) of `lora2_forward`: two launches (dW and db, only for an
-    unfrozen base, are plain torch ops; a 4-bit base is always frozen)."""
+    """(dX, dW, db, {factor: gradient}) of `lora2_forward`: two launches (plus cuBLAS's dY·W where the split
+    is faster; dW and db, only for an unfrozen base, are plain torch ops; a 4-bit base is always frozen)."""
     if quant is not None and needs_weight_grad:
         raise RuntimeError("a 4-bit weight is frozen: it has no gradient.")
     dy = _flat(grad_y)
     x2 = _flat(x)
     h = _flat(hidden)
-    weight, quant, dequant = _dequantize_for(dy.shape[0] if needs_input_grad else 0, weight, quant, dy.dtype)
-    weight, _, w_strides = _weight_view(weight, quant, fan_in_fan_out, backward=True)
-    launch, grad_x, partials = dx_launch(dy, x2, weight if needs_input_grad else None, w_strides, h, f, b2,
-                                         dropout_p, seed, needs_input_grad, quant)
-    tiles = 0
+    dense, quant, dequant = _dequantize_for(dy.shape[0] if needs_input_grad else 0, weight, quant, dy.dtype)
+    w_ptr, _, w_strides = _weight_view(dense, quant, fan_in_fan_out, backward=True)
+
+    def run(split: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], int]:
+        dx = torch.mm(dy, _dense_weight(dense, fan_in_fan_out, backward=True)) if split else None
+        launch, grad_x, partials = dx_launch(dy, x2, w_ptr if needs_input_grad else None, w_strides, h, f, b2,
+                                             dropout_p, seed, needs_input_grad, quant, dx)
+        tiles = 0
+        if dy.shape[0]:
+            config = launch.run()
+            tiles = cdiv(dy.shape[0], config["BLOCK_M"])
+        return grad_x, partials, tiles
+
     if dy.shape[0]:
         for step in dequant:
             step.run()
-        config = launch.run()
-        tiles = cdiv(dy.shape[0], config["BLOCK_M"])
+    split = False
+    if quant is None and needs_input_grad and dy.shape[0]:
+        key = ("dx", token_bucket(dy.shape[0]), x2.shape[1], dy.shape[1], f.k, f.r, dy.dtype, dropout_p > 0,
+               fan_in_fan_out, dy.device)
+        split = base_gemm(key, dy.device, run) == "cublas"
+    grad_x, partials, tiles = run(split)
     finish, grads = finish_launch(partials, tiles, f)
     finish.run()
     grad_weight = grad_bias = None

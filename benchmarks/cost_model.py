@@ -17,8 +17,9 @@ The LoRA² launches are those of triton_kernels/lora_linear.py (4 a step for bf1
 
 Terms beyond the roofline (Kernels v3, 2026-12-04), each pessimistic, each labelled in the table:
 
-- dropout's ALU work: one Philox evaluation per x element in the forward (its row bands) and one in dX,
-  DROPOUT_OPS CUDA-core instructions each, not overlapped with the tensor cores;
+- dropout's ALU work: one keep decision per x element in the forward (its row bands) and one in dX,
+  DROPOUT_OPS CUDA-core instructions each (a Philox evaluation serves four), not overlapped with the
+  tensor cores;
 - the dX kernel's epilogue reads its x tile (for dA₁ = gᵀ·d(x)) after the K loop: not overlapped, so those
   bytes add to the launch's time instead of hiding under its max();
 - a GEMM-efficiency factor: the fused kernels' GEMM core (pointer loads: no TMA, not persistent, no warp
@@ -47,9 +48,11 @@ H100 = Device("H100 SXM (roofline)", 989e12, 3.35e12, 3e-6)
 # bitsandbytes' 4-bit: half a byte a value plus a fp32 absmax per 64 values (NF4 / FP4, no double quant)
 FOUR_BIT_BYTES = 0.5 + 4 / 64
 DEQUANT_OPS = 8  # instructions to dequantise one value: nibble, code and absmax lookups, scale, convert
-# instructions per dropout keep decision: ten Philox rounds (two IMAD.WIDE and two LOP3 each), the uniform
-# conversion, the compare and the select; the review read ~62 per element off the sm_90 SASS of the old loop
-DROPOUT_OPS = 62
+# CUDA-core instructions per dropout keep decision (an estimate, to be read off SASS): a Philox evaluation is
+# ten rounds of two IMAD.WIDE and two LOP3 plus set-up, ~50, and serves four elements (its four outputs:
+# ~12.5 each); the uniform conversion, the compare, the select and the interleave of the four outputs add ~6.
+# (One evaluation per element, as until 2026-12-04, was ~62 per element in the review's SASS count.)
+DROPOUT_OPS = 19
 
 
 @dataclass(frozen=True)

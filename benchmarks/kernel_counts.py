@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--column-groups", type=int, help="programs per row tile (default: the interpreter's)")
+    parser.add_argument("--tiles", help="BLOCK_M x BLOCK_N x BLOCK_K of the forward and dX programs, e.g. 128x256x64 "
+                                        "(a GPU config's; default: the interpreter's 32x32x32, which crosses every "
+                                        "tile boundary in the tests and recomputes more rank-k work than a GPU)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -118,15 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         from lora2_kernels.triton_kernels import lora_linear
 
         lora_linear.INTERPRETER_COLUMN_GROUPS = args.column_groups
+    tiles = "interpreter tiles"
+    if args.tiles:
+        from lora2_kernels.triton_kernels import lora_linear
+
+        block_m, block_n, block_k = (int(v) for v in args.tiles.lower().split("x"))
+        lora_linear.INTERPRETER_MATMUL_CONFIG = {**lora_linear.INTERPRETER_MATMUL_CONFIG, "BLOCK_M": block_m,
+                                                 "BLOCK_N": block_n, "BLOCK_K": block_k}
+        tiles = f"{block_m} × {block_n} × {block_k} tiles"
     result = count_step(args.tokens, args.in_features, args.out_features, args.k, args.r, args.dropout)
     if args.json:
         print(json.dumps(result, indent=2))  # noqa: T201
         return 0
     print(f"{args.tokens} × {args.in_features} → {args.out_features}, k = {args.k}, r = {args.r}, "  # noqa: T201
-          f"dropout {args.dropout} (interpreter tiles)")
+          f"dropout {args.dropout} ({tiles})")
     for phase in ("forward", "backward"):
         print(f"  {phase:<8} tl.dot FLOPs / GEMM {result[f'{phase}_flops_over_gemm']:.3f}   "  # noqa: T201
-              f"Philox draws / x element {result[f'{phase}_draws_per_element']:.2f}   "
+              f"Philox evaluations / x element {result[f'{phase}_draws_per_element']:.2f}   "
               f"launches {result[f'{phase}_launches']}")
     return 0
 

@@ -119,6 +119,15 @@ MUTANTS = [
     Mutant("row-band-tile-skipped", KERNEL, "    for pid_n in range(first + 1, last):",
            "    for pid_n in range(first + 2, last):", (KERNEL_TESTS, "-k", "dropout_in_the_kernels"),
            "the dropout forward's row band skips a column tile after its first"),
+    # Kernels v3 (2026-12-04)
+    Mutant("split-base-dropped", KERNEL, "    if not BASE:  # the cuBLAS split: y holds x·Wᵀ already",
+           "    if False:  # the cuBLAS split: y holds x·Wᵀ already", (KERNEL_TESTS, "-k", "cublas_split"),
+           "the cuBLAS split's forward overwrites cuBLAS's x·Wᵀ instead of adding to it"),
+    Mutant("b2-layout-by-identity", KERNEL,
+           "    return (b2.stride(1), b2.stride(0)) if factors_cast(f, dtype) else (b2.stride(0), b2.stride(1))",
+           "    return (b2.stride(1), b2.stride(0)) if b2 is not f.p_up else (b2.stride(0), b2.stride(1))",
+           (KERNEL_TESTS, "-k", "checkpointing"),
+           "B₂'s layout taken from object identity, which torch.utils.checkpoint's saved tensors break"),
     # issue 31: six kinds of bug the suite did not see (one mutant per kind)
     Mutant("nested-absmax-group-ignored", KERNEL,
            "scale = scale * tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0)",

@@ -132,10 +132,18 @@ def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
                             x, weight, fwd_w, bias, wide, a1, out_f, p, 1)[0]
                         cases[f"dx{kind}/{layout}/{name}/r32/k{rank}"] = kernels.dx_launch(
                             dy, x, weight, dx_w, h, wide, b2_wide, p, 1, True)[0]
-                        cases[f"forward-split{kind}/{tag}"] = kernels.forward_launch(
-                            x, weight, fwd_w, bias, f, a1, out_f, p, 1, y=torch.empty(tokens, out_f, dtype=dtype))[0]
-                        cases[f"dx-split{kind}/{tag}"] = kernels.dx_launch(
-                            dy, x, weight, dx_w, h, f, b2, p, 1, True, dx=torch.empty(tokens, in_f, dtype=dtype))[0]
+                        # the split is offered to fp32 only where torch allows TF32 (lora_linear.ieee_fp32)
+                        before = torch.get_float32_matmul_precision()
+                        torch.set_float32_matmul_precision("high")
+                        try:
+                            cases[f"forward-split{kind}/{tag}"] = kernels.forward_launch(
+                                x, weight, fwd_w, bias, f, a1, out_f, p, 1,
+                                y=torch.empty(tokens, out_f, dtype=dtype))[0]
+                            cases[f"dx-split{kind}/{tag}"] = kernels.dx_launch(
+                                dy, x, weight, dx_w, h, f, b2, p, 1, True,
+                                dx=torch.empty(tokens, in_f, dtype=dtype))[0]
+                        finally:
+                            torch.set_float32_matmul_precision(before)
                 if dtype == torch.bfloat16 and not conv:
                     # a bitsandbytes 4-bit base (NF4 / FP4 share the kernel; double quantisation adds a table)
                     for nested, p in ((False, 0.0), (True, 0.0), (False, 0.1)):

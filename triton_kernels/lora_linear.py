@@ -114,17 +114,21 @@ def _load_weight(w_ptr, offsets, ok, absmax_ptr, code_ptr, absmax2_ptr, code2_pt
 
 
 @triton.jit
-def _keep(seed_ptr, rows, cols, N, p):
-    """Adapter-dropout keep mask of elements (rows, cols) of an input: Philox with the 64-bit key at
-    ``seed_ptr`` (on the device: drawn there by torch's generator, so a captured CUDA graph draws a new
-    one each replay) at the counter (column, row), two 32-bit words, so no mask repeats within an input of
-    up to 2³² rows and columns. The key is loaded here, where it is used: held in registers through a K
+def _keep(seed_ptr, rows, col0, BLOCK_COLS: tl.constexpr, p):
+    """Adapter-dropout keep mask of rows ``rows`` × columns [col0, col0 + BLOCK_COLS) of an input (col0 a
+    multiple of 4). Philox with the 64-bit key at ``seed_ptr`` (on the device: drawn there by torch's
+    generator, so a captured CUDA graph draws a new one each replay) at the counter (column // 4, row), two
+    32-bit words: each evaluation gives four values, one per column of its quad, so a tile costs a quarter of
+    the Philox rounds of one evaluation per element. No mask repeats within 2³² rows and 2³⁴ columns.
+    The key is loaded here, with a volatile load the compiler cannot hoist: held in registers through a K
     loop, its ten rounds' keys spilled the 4-bit kernels on sm_80."""
-    shape: tl.constexpr = (rows.shape[0], cols.shape[0])
-    c0 = tl.broadcast_to(cols[None, :].to(tl.int32), shape)
+    QUADS: tl.constexpr = BLOCK_COLS // 4
+    shape: tl.constexpr = (rows.shape[0], QUADS)
+    c0 = tl.broadcast_to((col0 // 4 + tl.arange(0, QUADS))[None, :].to(tl.int32), shape)
     c1 = tl.broadcast_to(rows[:, None].to(tl.int32), shape)
     zero = tl.zeros(shape, dtype=tl.int32)
-    bits, _, _, _ = tl.philox(tl.load(seed_ptr, volatile=True), c0, c1, zero, zero)
+    r0, r1, r2, r3 = tl.philox(tl.load(seed_ptr, volatile=True), c0, c1, zero, zero)
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4q + i takes r_i of quad q
     return tl.uint_to_uniform_float(bits) >= p
 
 
@@ -292,7 +296,7 @@ def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, 
                              x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
             acc = _dot(x, w, acc, PRECISION)
         if DROPOUT:
-            x = tl.where(_keep(seed_ptr, rm, cols, K, dropout_p), x, 0.0).to(x.dtype)
+            x = tl.where(_keep(seed_ptr, rm, k0, BLOCK_K, dropout_p), x, 0.0).to(x.dtype)
         hidden = _dot(x, a1, hidden, PRECISION)
     if DROPOUT:
         hidden = hidden * (1.0 / (1.0 - dropout_p))
@@ -387,7 +391,7 @@ def dx_kernel(
         if DROPOUT:
             g = g * (1.0 / (1.0 - dropout_p))
             # the mask as a 0/1 fp32 factor: one i1 tensor used in two layouts does not lower in Triton 3.6
-            keep = _keep(seed_ptr, rm, rn, N, dropout_p).to(tl.float32)
+            keep = _keep(seed_ptr, rm, pid_n * BLOCK_N, BLOCK_N, dropout_p).to(tl.float32)
         if COMPUTE_DX:
             a1 = tl.load(a1_ptr + rr[:, None] * N + rn[None, :], mask=r_ok[:, None] & n_ok[None, :],
                          other=0.0).to(tl.float32)  # A₁ as given (fp32 from LoRA2Linear; any float dtype)
@@ -486,31 +490,68 @@ QUANT_CONFIGS = [
 ]
 ALL_CONFIGS = MATMUL_CONFIGS + IEEE_CONFIGS + QUANT_CONFIGS  # appended: SPILLS keys hold indices
 # (sm, kernel, element size, dropout, index in ALL_CONFIGS, BLOCK_R) that spill registers: read off
-# `compile_all --resources --check-exclusions` (ptxas -v, Triton 3.6, k = 1, 8, 16 for BLOCK_R 16 and
-# k = 32 for 32). The autotuner never runs them on that GPU, and the compile test fails on any spill
-# not listed here, so the list stays true. Every key keeps at least one config.
+# `compile_all --resources` over the whole grid (ptxas -v, Triton 3.6; k = 1, 8, 16 for BLOCK_R 16 and
+# k = 32 for 32, r = 8 and 32, dropout 0 and 0.1; 2026-12-04). The autotuner never runs them on that GPU,
+# and the compile test fails on any spill not listed here, so the list stays true. Every key keeps at least
+# one config (at k = 32 with dropout only the 8-warp tiles of the 4-bit set: see wide_rank_band).
 SPILLS = {
-    (80, "dx", 2, False, 0, 16), (80, "dx", 2, False, 0, 32), (80, "dx", 2, False, 1, 32), (80, "dx", 2, False, 2, 32),
-    (80, "dx", 2, False, 3, 32), (80, "dx", 2, True, 0, 16), (80, "dx", 2, True, 1, 16), (80, "dx", 2, True, 2, 16),
-    (80, "dx", 2, True, 3, 16), (80, "dx", 4, False, 6, 32), (80, "forward", 2, False, 0, 16),
+    (80, "dx", 2, False, 0, 16), (80, "dx", 2, False, 0, 32), (80, "dx", 2, False, 1, 32),
+    (80, "dx", 2, False, 2, 32), (80, "dx", 2, False, 3, 32), (80, "dx", 2, True, 0, 16), (80, "dx", 2, True, 0, 32),
+    (80, "dx", 2, True, 1, 16), (80, "dx", 2, True, 1, 32), (80, "dx", 2, True, 2, 16), (80, "dx", 2, True, 2, 32),
+    (80, "dx", 2, True, 3, 16), (80, "dx", 2, True, 3, 32), (80, "dx", 2, True, 7, 32), (80, "dx", 4, False, 6, 32),
+    (80, "dx", 4, True, 5, 16), (80, "dx", 4, True, 6, 32), (80, "forward", 2, False, 0, 16),
     (80, "forward", 2, False, 0, 32), (80, "forward", 2, False, 1, 16), (80, "forward", 2, False, 2, 16),
     (80, "forward", 2, False, 2, 32), (80, "forward", 2, False, 3, 32), (80, "forward", 2, True, 0, 16),
-    (80, "forward", 2, True, 2, 16), (80, "forward", 2, True, 3, 16), (90, "dx", 2, False, 0, 32), (90, "dx", 2, False, 1, 32),
-    (90, "dx", 2, False, 3, 32), (90, "dx", 2, True, 0, 16), (90, "dx", 2, True, 1, 16), (90, "dx", 2, True, 2, 16),
-    (90, "dx", 2, True, 3, 16), (90, "dx", 4, False, 6, 32), (90, "forward", 2, False, 0, 32),
-    (90, "forward", 2, False, 2, 32), (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 0, 16),
+    (80, "forward", 2, True, 0, 32), (80, "forward", 2, True, 1, 16), (80, "forward", 2, True, 1, 32),
+    (80, "forward", 2, True, 2, 16), (80, "forward", 2, True, 2, 32), (80, "forward", 2, True, 3, 16),
+    (80, "forward", 2, True, 3, 32), (80, "forward", 2, True, 7, 32), (80, "forward", 2, True, 8, 32),
+    (80, "forward", 4, True, 5, 16), (90, "dx", 2, False, 0, 32), (90, "dx", 2, False, 1, 32),
+    (90, "dx", 2, False, 3, 32), (90, "dx", 2, True, 0, 16), (90, "dx", 2, True, 0, 32), (90, "dx", 2, True, 1, 16),
+    (90, "dx", 2, True, 1, 32), (90, "dx", 2, True, 2, 16), (90, "dx", 2, True, 2, 32), (90, "dx", 2, True, 3, 16),
+    (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 7, 32), (90, "dx", 4, False, 6, 32), (90, "dx", 4, True, 6, 32),
+    (90, "forward", 2, False, 0, 32), (90, "forward", 2, False, 2, 32), (90, "forward", 2, False, 3, 32),
+    (90, "forward", 2, True, 0, 16), (90, "forward", 2, True, 0, 32), (90, "forward", 2, True, 1, 32),
+    (90, "forward", 2, True, 2, 32), (90, "forward", 2, True, 3, 32), (90, "forward", 2, True, 4, 32),
+    (90, "forward", 2, True, 7, 32), (90, "forward", 4, True, 5, 32), (90, "forward", 4, True, 6, 16),
 }
 # The same for the 4-bit kernels (`compile_all --resources --cases 4bit`: k = 1, 8, 16, 32, NF4 with and
 # without double quantisation, and dropout at k = 8; the union of the two quant levels).
 QUANT_SPILLS = {
-    (80, "dx", 2, False, 3, 16), (80, "dx", 2, False, 3, 32), (80, "dx", 2, False, 7, 32), (80, "dx", 2, False, 8, 16),
-    (80, "dx", 2, True, 3, 16), (80, "dx", 2, True, 4, 16), (80, "dx", 2, True, 7, 16), (80, "dx", 2, True, 8, 16),
+    (80, "dx", 2, False, 3, 16), (80, "dx", 2, False, 3, 32), (80, "dx", 2, False, 7, 32),
+    (80, "dx", 2, False, 8, 16), (80, "dx", 2, True, 3, 16), (80, "dx", 2, True, 3, 32), (80, "dx", 2, True, 4, 16),
+    (80, "dx", 2, True, 7, 16), (80, "dx", 2, True, 7, 32), (80, "dx", 2, True, 8, 16), (80, "dx", 2, True, 8, 32),
     (80, "forward", 2, False, 3, 16), (80, "forward", 2, False, 3, 32), (80, "forward", 2, False, 4, 16),
     (80, "forward", 2, False, 7, 16), (80, "forward", 2, False, 7, 32), (80, "forward", 2, False, 8, 16),
-    (80, "forward", 2, False, 8, 32), (80, "forward", 2, True, 3, 16), (80, "forward", 2, True, 4, 16),
-    (80, "forward", 2, True, 7, 16), (80, "forward", 2, True, 8, 16), (90, "dx", 2, False, 3, 32),
-    (90, "dx", 2, False, 7, 32), (90, "dx", 2, True, 3, 16), (90, "dx", 2, True, 7, 16), (90, "forward", 2, False, 3, 32),
-    (90, "forward", 2, False, 7, 16),
+    (80, "forward", 2, False, 8, 32), (80, "forward", 2, True, 3, 16), (80, "forward", 2, True, 3, 32),
+    (80, "forward", 2, True, 4, 16), (80, "forward", 2, True, 4, 32), (80, "forward", 2, True, 7, 16),
+    (80, "forward", 2, True, 7, 32), (80, "forward", 2, True, 8, 16), (90, "dx", 2, False, 3, 32),
+    (90, "dx", 2, False, 7, 32), (90, "dx", 2, True, 3, 16), (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 7, 16),
+    (90, "dx", 2, True, 7, 32), (90, "forward", 2, False, 3, 32), (90, "forward", 2, False, 7, 16),
+    (90, "forward", 2, True, 3, 32),
+}
+# The same for the cuBLAS split's kernels (BASE False: `compile_all --resources --cases split`; the split is
+# not offered to fp32 inputs under IEEE precision, whose both FMA tiles spill at k = 32).
+SPLIT_SPILLS = {
+    (80, "dx", 2, False, 0, 16), (80, "dx", 2, False, 0, 32), (80, "dx", 2, False, 1, 32),
+    (80, "dx", 2, False, 3, 32), (80, "dx", 2, True, 0, 16), (80, "dx", 2, True, 0, 32), (80, "dx", 2, True, 1, 16),
+    (80, "dx", 2, True, 1, 32), (80, "dx", 2, True, 2, 16), (80, "dx", 2, True, 2, 32), (80, "dx", 2, True, 3, 16),
+    (80, "dx", 2, True, 3, 32), (80, "dx", 2, True, 7, 32), (80, "dx", 4, False, 3, 32), (80, "dx", 4, False, 5, 32),
+    (80, "dx", 4, False, 6, 16), (80, "dx", 4, False, 6, 32), (80, "dx", 4, True, 3, 16), (80, "dx", 4, True, 3, 32),
+    (80, "dx", 4, True, 6, 32), (80, "dx", 4, True, 7, 32), (80, "forward", 2, False, 0, 16),
+    (80, "forward", 2, False, 0, 32), (80, "forward", 2, False, 2, 32), (80, "forward", 2, True, 0, 16),
+    (80, "forward", 2, True, 0, 32), (80, "forward", 2, True, 2, 32), (80, "forward", 4, False, 3, 32),
+    (80, "forward", 4, False, 5, 32), (80, "forward", 4, False, 6, 32), (80, "forward", 4, True, 3, 32),
+    (80, "forward", 4, True, 5, 32), (80, "forward", 4, True, 6, 32), (90, "dx", 2, False, 0, 32),
+    (90, "dx", 2, False, 1, 32), (90, "dx", 2, False, 3, 32), (90, "dx", 2, False, 7, 32), (90, "dx", 2, True, 0, 16),
+    (90, "dx", 2, True, 0, 32), (90, "dx", 2, True, 1, 32), (90, "dx", 2, True, 2, 16), (90, "dx", 2, True, 2, 32),
+    (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 7, 32), (90, "dx", 4, False, 3, 32), (90, "dx", 4, False, 5, 32),
+    (90, "dx", 4, False, 6, 16), (90, "dx", 4, False, 6, 32), (90, "dx", 4, True, 2, 16), (90, "dx", 4, True, 2, 32),
+    (90, "dx", 4, True, 3, 16), (90, "dx", 4, True, 3, 32), (90, "dx", 4, True, 6, 32), (90, "dx", 4, True, 7, 32),
+    (90, "forward", 2, False, 0, 16), (90, "forward", 2, False, 0, 32), (90, "forward", 2, False, 2, 32),
+    (90, "forward", 2, True, 0, 16), (90, "forward", 2, True, 0, 32), (90, "forward", 2, True, 2, 32),
+    (90, "forward", 4, False, 2, 32), (90, "forward", 4, False, 5, 32), (90, "forward", 4, False, 6, 32),
+    (90, "forward", 4, True, 2, 32), (90, "forward", 4, True, 3, 32), (90, "forward", 4, True, 5, 32),
+    (90, "forward", 4, True, 6, 32),
 }
 FINISH_BLOCK = 128
 CAST_BLOCK = 1024
@@ -541,17 +582,24 @@ def shared_memory_bytes(config: triton.Config, element_size: int, rank_block: in
     return per_stage * config.num_stages + (config.num_stages - 1) * w_tile * element_size + 6144
 
 
+def wide_rank_band(kernel: str, flags: dict) -> bool:
+    """A launch whose rank tile is 32 wide and that draws dropout or runs the split's band: every 4-warp
+    tensor-core tile spills there (compile_all over the whole grid, 2026-12-04), so the 8-warp tiles of the
+    4-bit set are candidates too."""
+    return flags["BLOCK_R"] >= 32 and (bool(flags["DROPOUT"]) or not flags.get("BASE", True))
+
+
 def config_excluded(config: triton.Config, kernel: str, arch: int, element_size: int, flags: dict,
                     shared_memory_limit: int) -> str | None:
     """Why the autotuner must not run ``config`` for this launch on an sm_``arch`` GPU, or None."""
     ieee = flags["PRECISION"] == "ieee" and element_size == 4
     if ieee != (config in IEEE_CONFIGS):
         return "IEEE fp32 dots take the FMA tiles, tensor-core dots the others"
-    if config in QUANT_CONFIGS and not flags.get("QUANT"):
-        return "a 4-bit weight's tiles: for 4-bit launches only"
+    if config in QUANT_CONFIGS and not flags.get("QUANT") and not wide_rank_band(kernel, flags):
+        return "a 4-bit weight's tiles: for 4-bit launches (and k > 16 with dropout or the split) only"
     if shared_memory_bytes(config, element_size, flags["BLOCK_R"], flags.get("QUANT", 0)) > shared_memory_limit:
         return "does not fit this GPU's shared memory"
-    table = QUANT_SPILLS if flags.get("QUANT") else SPILLS
+    table = QUANT_SPILLS if flags.get("QUANT") else SPILLS if flags.get("BASE", True) else SPLIT_SPILLS
     if (arch, kernel, element_size, bool(flags["DROPOUT"]), ALL_CONFIGS.index(config), flags["BLOCK_R"]) in table:
         return "spills registers on this GPU"
     return None
@@ -945,7 +993,8 @@ def _dequantize_for(tokens: int, weight: torch.Tensor, quant: Quant4 | None, dty
 # (no TMA, not persistent, no warp specialisation); where cuBLAS's GEMM is faster by more than the split's
 # extra read and write of y (or dX), the split wins. On a GPU the first call of a key times both and keeps
 # the faster (logged); LORA2_BASE_GEMM=fused or =cublas forces one. Never during a CUDA-graph capture or
-# under the interpreter (there: fused, unless forced), and never over a 4-bit W kept packed.
+# under the interpreter (there: fused, unless forced), and never over a 4-bit W kept packed nor for fp32
+# under IEEE precision (FMA tiles, no cuBLAS tensor cores to win back).
 BASE_GEMM_CHOICES = ("auto", "fused", "cublas")
 _BASE_GEMM_CHOSEN: dict[tuple, str] = {}
 logger = logging.getLogger("lora2_kernels.triton_kernels")
@@ -974,6 +1023,11 @@ def base_gemm(key: tuple, device: torch.device, run: Callable[[bool], object]) -
     logger.info("lora2 kernels: %s %s → %s (fused %.1f µs, cuBLAS split %.1f µs)", key[0], key[1:], chosen,
                 1000 * times["fused"], 1000 * times["cublas"])
     return chosen
+
+
+def ieee_fp32(dtype: torch.dtype) -> bool:
+    """fp32 inputs with IEEE dots (torch's "highest" matmul precision): the FMA tiles, which take no split."""
+    return dtype == torch.float32 and dot_precision(dtype) == "ieee"
 
 
 def _dense_weight(weight: torch.Tensor, fan_in_fan_out: bool, backward: bool) -> torch.Tensor:
@@ -1009,7 +1063,7 @@ def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     elif casts:
         b2 = f.p_up.t().contiguous().to(x.dtype)  # nothing launched for an empty batch; the backward needs B₂ᵀ
     split = False
-    if quant is None and x2.shape[0]:
+    if quant is None and x2.shape[0] and not ieee_fp32(x.dtype):
         key = ("forward", token_bucket(x2.shape[0]), out_features, x2.shape[1], f.k, f.r, x.dtype, dropout_p > 0,
                bias is not None, fan_in_fan_out, x.device)
         split = base_gemm(key, x.device, run) == "cublas"
@@ -1047,7 +1101,7 @@ def lora2_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         for step in dequant:
             step.run()
     split = False
-    if quant is None and needs_input_grad and dy.shape[0]:
+    if quant is None and needs_input_grad and dy.shape[0] and not ieee_fp32(dy.dtype):
         key = ("dx", token_bucket(dy.shape[0]), x2.shape[1], dy.shape[1], f.k, f.r, dy.dtype, dropout_p > 0,
                fan_in_fan_out, dy.device)
         split = base_gemm(key, dy.device, run) == "cublas"
@@ -1079,7 +1133,7 @@ def dropout_keep_mask(seed: "torch.Tensor | int", rows: int, cols: int, p: float
 def keep_mask_kernel(out_ptr, M, N, p, seed_ptr, BLOCK: tl.constexpr):
     rm = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     rn = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], _keep(seed_ptr, rm, rn, N, p).to(tl.int8),
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], _keep(seed_ptr, rm, tl.program_id(1) * BLOCK, BLOCK, p).to(tl.int8),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 

@@ -4,6 +4,8 @@ the benchmark, not by unit tests."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import torch
@@ -62,6 +64,7 @@ def test_main_writes_markdown_and_json(tmp_path, monkeypatch):
     assert "## Layers" in markdown and "## Training steps" in markdown and "need a GPU" in markdown
 
 
+@pytest.mark.slow
 def test_work_and_model_sections_print_the_counts_and_the_labelled_model(tmp_path):
     """The device-work counts (counted under the interpreter in a subprocess on a CPU) and the cost model,
     labelled as a model, with no measured ratio on a CPU."""
@@ -78,6 +81,7 @@ def test_work_and_model_sections_print_the_counts_and_the_labelled_model(tmp_pat
     assert rows["llama-1.1b q/o"]["floor_us"] > 0 and rows["llama-1.1b q/o"]["lora2_us"] > rows["llama-1.1b q/o"]["floor_us"]
 
 
+@pytest.mark.slow
 def test_smoke_mode_runs_every_section_and_each_table_has_its_peers(tmp_path):
     """``--smoke``: every section on tiny shapes in one run (what CI runs of the benchmark). The layer rows
     cover dropout 0 and 0.1 for LoRA² and PEFT alike, the host section times lora2 beside the frozen layer

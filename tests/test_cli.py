@@ -207,6 +207,7 @@ def test_merge_never_writes_over_its_inputs_or_someone_elses_folder(runs, tiny_b
 # --- output: quiet and true -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_prints_no_misleading_load_report_or_peer_warnings(runs, small_files, tiny_bert_dir):
     """transformers reports the classifier as MISSING although the adapter then loads it; PEFT warns about
     DeepSpeed for AdaLoRA's rank-0 modules and about rank_pattern keys. None of it is true here."""
@@ -234,6 +235,7 @@ def test_a_head_really_missing_is_reported(small_files, tmp_path, caplog):
     assert "classifier.weight" in caplog.text and "randomly initialised" in caplog.text
 
 
+@pytest.mark.slow
 def test_training_without_a_terminal_logs_readable_lines(small_files, tmp_path):
     """Redirected (no TTY), the progress bar would be one line of carriage returns: log lines instead,
     every --log-every steps, with step, loss, lr, budget and speed. MiniLM has no classifier: one

@@ -31,6 +31,7 @@ def small_grids(monkeypatch):
     monkeypatch.setattr(compare_module, "METHODS", specs)
 
 
+@pytest.mark.slow
 def test_sweep_then_compare_on_test_with_read_back(tiny_bert_dir, tmp_path, monkeypatch, small_grids):
     cfg = CompareConfig(model=tiny_bert_dir, output_dir=str(tmp_path), tasks=["adjective-polarity", "qa-match"],
                         methods=["lora-r2", "adalora", "lora2"], seeds=[0, 1], max_steps=4, batch_size=8,
@@ -75,6 +76,7 @@ def test_sweep_then_compare_on_test_with_read_back(tiny_bert_dir, tmp_path, monk
     assert [r["result"] for r in again["runs"]] == [r["result"] for r in report["runs"]]
 
 
+@pytest.mark.slow
 def test_runs_in_parallel_processes_give_the_same_comparison(tiny_bert_dir, tmp_path, small_grids):
     """--jobs 2 trains runs in two spawned processes; the same runs, configs and (to float noise from
     the thread count) results as one at a time, and a diverged run loses the sweep instead of crashing it."""
@@ -142,6 +144,7 @@ def test_compare_rejects_unknown_tasks_and_methods(capsys):
     assert main(["compare", "--methods", "dora"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers follow their parent through Linux's prctl")
 @pytest.mark.parametrize("stop", ["kill-the-parent", "ctrl-c"])
 def test_a_stopped_parallel_comparison_leaves_no_worker_training(tiny_bert_dir, tmp_path, stop):

@@ -22,6 +22,9 @@ from lora2 import LoRA2Config, get_lora2_model
 from lora2.allocator import RankAllocator
 from lora2.train import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # process groups and launchers: minutes of CPU
+
+
 STEPS = 8
 FSDP_STEPS = 4
 GLOBAL_BATCH = 8

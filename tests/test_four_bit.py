@@ -348,6 +348,7 @@ def test_torch_save_of_a_whole_4bit_layer_loads_back_and_computes_the_same(tmp_p
         torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_importing_lora2_and_peft_logs_no_bitsandbytes_hub_warning():
     """bitsandbytes >= 0.50 logs a warning at import on AVX512-BF16 CPUs when it cannot fetch an optional CPU
     kernel from a hub (peft imports it for every run); lora2 never uses that kernel and drops the notice."""

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 CI_MUTANTS = ["bias-dropped-half", "conv1d-strides-ignored", "4bit-nibble-order-swapped", "rank-k-term-doubled",
               "partial-sum-dropped", "mask-dropped", "masked-lambda-gets-gradient", "dropout-unscaled",
@@ -25,6 +27,7 @@ CI_MUTANTS = ["bias-dropped-half", "conv1d-strides-ignored", "4bit-nibble-order-
               "split-base-dropped", "b2-layout-by-identity"]
 
 
+@pytest.mark.slow
 def test_every_cpu_visible_mutant_is_killed():
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "mutants.py"), "--no-baseline", *CI_MUTANTS], cwd=ROOT,
                          capture_output=True, text=True, timeout=1200, check=False)

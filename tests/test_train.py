@@ -224,6 +224,7 @@ def test_baselines_checkpoint_and_resume_through_the_same_loop(method, tiny_bert
 # --- correctness of the loop (issue: gradient accumulation, host syncs, checkpoint loading) ----------------
 
 
+@pytest.mark.slow
 def test_grad_accum_runs_no_leftover_micro_batches_and_resumes_bit_identically(small_files, tmp_path, monkeypatch):
     """64 rows of batch 8 = 8 batches per epoch; with --grad-accum 3 two steps fit and 2 batches are
     left over. They must not run: their gradients would leak into the next epoch's first step, and a

@@ -792,6 +792,7 @@ def compile_report() -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 def test_every_kernel_and_config_compiles_for_hopper_and_ampere_without_spilling(compile_report):
     """triton.compile(..., target=GPUTarget("cuda", 90 / 80, 32)) on the launches the host code makes:
     the compiler's checks the interpreter skips (tl.dot K >= 16, shared memory, layouts); every
@@ -815,6 +816,7 @@ def test_every_kernel_and_config_compiles_for_hopper_and_ampere_without_spilling
                                                           "dx-split-dropout"}
 
 
+@pytest.mark.slow
 def test_hopper_main_loops_keep_wgmmas_in_flight(compile_report):
     """In the sm_90 TTGIR of every bf16 / fp16 GEMM kernel, no wgmma wait inside a K loop has
     pendings = 0 (which would make each wgmma wait for the one before: a serialised main loop).
@@ -835,6 +837,7 @@ def test_hopper_main_loops_keep_wgmmas_in_flight(compile_report):
     assert not serial, "\n".join(serial)
 
 
+@pytest.mark.slow
 def test_no_atomics_in_any_kernel(compile_report):
     """Determinism by construction: no compiled kernel has an atomic (the interpreter, which runs the
     programs one after another, cannot show a race; the IR can)."""

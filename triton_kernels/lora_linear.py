@@ -3,13 +3,14 @@
     y = x·Wᵀ + b + (d(x)·A₁ᵀ)·(B₂·C)ᵀ,   C = s·A₂·diag(λ⊙m)·B₁ (k × k),   s = α/r (or α/kept)
 
 d(x) is adapter dropout (PEFT's semantics: the base sees x, the adapter sees dropout(x)); the keep
-mask is Philox noise of (seed, row·in + column), generated in the forward and again in the
-backward, never stored. The reference of every function here is lora2_kernels/reference.py.
+mask is Philox noise of (seed, (column // 4, row)), one evaluation per four columns, the seed read from
+the device; generated in the forward and again in the backward, never stored. The reference of every function here is lora2_kernels/reference.py.
 
 Launches of one training step of one layer (counted by tests/test_device_work.py):
 
-``cast_factors_kernel`` (half-precision inputs only): A₁ and B₂ in the activation dtype, one launch
-    for both, so no K loop converts an operand (a cast inside the loop serialises Hopper's wgmma).
+``cast_factors_kernel`` (only where the factors' dtype is not the activations', e.g. an fp32 adapter on a
+    bf16 base): A₁ and B₂ in the activation dtype, one launch for both, so no K loop converts an operand
+    (a cast inside the loop serialises Hopper's wgmma).
 ``forward_kernel``: y and h = d(x)·A₁ᵀ (fp32, saved). Each program computes the core and its
     up-projection tile (B₂·C)ᵀ in its epilogue from λ, m, A₂, B₁, B₂ (k × k · k × BLOCK_N: a few
     thousand FMAs); the rank-k product rides in the K loop of the base GEMM, so x is read once. With
@@ -22,7 +23,8 @@ Launches of one training step of one layer (counted by tests/test_device_work.py
     dC = (dY·B₂)ᵀ·h. Per-row-tile partials, fixed-order sums: no atomics, deterministic.
 ``finish_kernel``: sums the partials (dB₂, dA₁, dC) and turns dC into dλ, dB₁ and dA₂.
 
-So 4 launches a step (3 for fp32 inputs), against 2 for the frozen nn.Linear and 17 for PEFT LoRA.
+So 4 launches a step (3 where the factors already have the activations' dtype), against 2 for the frozen
+nn.Linear and 17 for PEFT LoRA; the cuBLAS split (`base_gemm`) adds a torch.mm each way where it is faster.
 
 Rank tiles are padded to BLOCK_R = max(16, next power of two of k) (and BLOCK_RR for r) with
 masked loads (Triton 3.6 rejects a tl.dot whose K is below 16). All rank-k quantities accumulate
@@ -187,9 +189,10 @@ def forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y = x·Wᵀ + b + h·(B₂C)ᵀ, h = d(x)·A₁ᵀ. BASE False (the cuBLAS split): y already holds x·Wᵀ (a
-    torch.mm before this launch) and the kernel adds the rest, in row bands, with no W in its K loop. W is read as B[k, n] through (stride_wk, stride_wn);
-    A₁ (k × K, in x's dtype), B₂ (N × k), h (M × k) are contiguous.
+    """y = x·Wᵀ + b + h·(B₂C)ᵀ, h = d(x)·A₁ᵀ. W is read as B[k, n] through (stride_wk, stride_wn);
+    A₁ (k × K, in x's dtype), B₂ (N × k), h (M × k) are contiguous. BASE False (the cuBLAS split): y
+    already holds x·Wᵀ (a torch.mm before this launch) and the kernel adds the rest, in row bands, with no
+    W in its K loop.
 
     Without dropout: a program per (row tile, column tile); each computes h for its rows again in the K
     loop it reads x in for the base GEMM (BLOCK_R / BLOCK_N more dot work: 6 % at 256-wide tiles).

@@ -78,6 +78,17 @@ class DeviceWork(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
+class _Model(torch.nn.Module):
+    """A model whose one projection is ``proj`` (what PEFT's target_modules name)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 def step_work(module: torch.nn.Module, x: torch.Tensor) -> DeviceWork:
     """The device work of one forward + backward of ``module`` on ``x`` (which requires grad, as the
     input of a layer inside a model does); the upstream gradient is made outside the count."""
@@ -107,18 +118,11 @@ def peer_counts(device: str = "cpu", in_f: int = 48, out_f: int = 40, tokens: in
         layer.weight.data, layer.bias.data = layer.weight.data.to(dtype), layer.bias.data.to(dtype)
         return layer.train()
 
-    class One(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(in_f, out_f)
-
-        def forward(self, x):
-            return self.proj(x)
-
     x = torch.randn(tokens, in_f, device=device)
     counts = {"frozen nn.Linear": step_work(nn.Linear(in_f, out_f).to(device, torch.bfloat16).requires_grad_(False),
                                             x.bfloat16()).total}
-    model = peft.get_peft_model(One(), peft.LoraConfig(r=8, target_modules=["proj"])).to(device).train()
+    model = peft.get_peft_model(_Model(nn.Linear(in_f, out_f)), peft.LoraConfig(r=8, target_modules=["proj"]))
+    model = model.to(device).train()
     with torch.autocast(device, dtype=torch.bfloat16):
         counts["PEFT LoRA r=8 (bf16 autocast)"] = step_work(model, x).total
     counts["LoRA² kernels, bf16"] = step_work(lora2(in_f, out_f, torch.bfloat16), x.bfloat16()).total
@@ -184,20 +188,12 @@ def regime_counts(device: str = "cpu", in_f: int = 48, out_f: int = 40, tokens: 
 
     from lora2_kernels import LoRA2Linear
 
-    class One(nn.Module):
-        def __init__(self, layer: nn.Module):
-            super().__init__()
-            self.proj = layer
-
-        def forward(self, x):
-            return self.proj(x)
-
     def build(method: str, base: torch.dtype, adapter: torch.dtype) -> nn.Module:
         torch.manual_seed(0)
         if method == "lora2":
-            model = One(LoRA2Linear(in_f, out_f, r=8, k=8, backend="triton"))
+            model = _Model(LoRA2Linear(in_f, out_f, r=8, k=8, backend="triton"))
         else:
-            model = One(nn.Linear(in_f, out_f))
+            model = _Model(nn.Linear(in_f, out_f))
             if method == "peft":
                 model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["proj"]))
             else:

@@ -513,20 +513,25 @@ def allocator_table(result: AllocatorResult, steps: list[StepResult]) -> str:
 # --- device work --------------------------------------------------------------------------------------------
 
 
+def _under_interpreter(module: str):
+    """The JSON that ``python -m <module>`` prints last, run in a subprocess under the Triton interpreter
+    (TRITON_INTERPRET must be set before Triton compiles anything in a process)."""
+    import os
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parent.parent,
+                         check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def count_device_work(device: torch.device) -> dict[str, int]:
-    """benchmarks.device_work's counts: in this process on a GPU, else under the interpreter in a subprocess
-    (TRITON_INTERPRET must be set before Triton compiles anything)."""
+    """benchmarks.device_work's counts: in this process on a GPU, else under the interpreter in a subprocess."""
     if device.type == "cuda":
         from . import device_work
 
         return {"peers": device_work.peer_counts("cuda"), "regimes": device_work.regime_counts("cuda")}
-    import os
-    import subprocess
-
-    run = subprocess.run([sys.executable, "-m", "benchmarks.device_work"], capture_output=True, text=True,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parent.parent,
-                         check=True)
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return _under_interpreter("benchmarks.device_work")
 
 
 def measure_host_time(device: torch.device) -> dict[str, dict[str, float]]:
@@ -536,13 +541,7 @@ def measure_host_time(device: torch.device) -> dict[str, dict[str, float]]:
         from . import host_time
 
         return host_time.measure("cuda")
-    import os
-    import subprocess
-
-    run = subprocess.run([sys.executable, "-m", "benchmarks.host_time"], capture_output=True, text=True,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parent.parent,
-                         check=True)
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return _under_interpreter("benchmarks.host_time")
 
 
 # --- main --------------------------------------------------------------------------------------------------

@@ -123,8 +123,7 @@ class LoRA2Linear(nn.Linear):
 
     def __getstate__(self) -> dict:
         # a model's seed source is the model's: a copy or a pickle of the layer alone draws its own seeds
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
+        state = dict(super().__getstate__())
         state.pop("_seed_source", None)
         return state
 

@@ -458,20 +458,28 @@ def _recorded_launches(monkeypatch) -> list:
     return seen
 
 
+def _dropout_model(features: int = 256, dropout: float = 0.3, shared: bool = True) -> nn.Module:
+    """Two LoRA2Linear layers (trained-looking λ) through the kernels; ``shared``: their seeds drawn once
+    per forward of the pair, as LoRA2Model does (DropoutSeeds)."""
+    from lora2_kernels.linear import DropoutSeeds
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[LoRA2Linear(features, features, r=4, k=4, dropout=dropout, backend="triton")
+                            for _ in range(2)]).to(KERNEL_DEVICE).train()
+    for layer in model:
+        with torch.no_grad():
+            layer.singular_values.normal_()
+    if shared:
+        DropoutSeeds(model, list(model))
+    return model
+
+
 def test_no_launch_takes_a_host_value_that_changes_between_steps(monkeypatch):
     """Issue "Kernels v3, the host side", item 1: a captured CUDA graph replays its launches' arguments as
     they were. So between two training steps with dropout no launch may differ in anything but tensors
     (the seed was a host int drawn per call: a replayed graph drew the same mask every step); the seeds
     are drawn on the device, one tensor per model forward, and the masks differ between the steps."""
-    from lora2_kernels.linear import DropoutSeeds
-
-    torch.manual_seed(0)
-    model = nn.Sequential(*[LoRA2Linear(70, 70, r=4, k=4, dropout=0.3, backend="triton") for _ in range(2)])
-    model.to(KERNEL_DEVICE).train()
-    for layer in model:
-        with torch.no_grad():
-            layer.singular_values.normal_()
-    DropoutSeeds(model, list(model))
+    model = _dropout_model(70)
     x = torch.randn(37, 70, device=KERNEL_DEVICE)
     seen = _recorded_launches(monkeypatch)
     steps, outputs = [], []
@@ -484,19 +492,6 @@ def test_no_launch_takes_a_host_value_that_changes_between_steps(monkeypatch):
     assert [launch[0] for launch in steps[0]] == ["forward", "forward", "dx", "finish", "dx", "finish"]
     assert steps[0] == steps[1]
     assert not torch.equal(outputs[0], outputs[1])  # new masks: the seeds changed on the device
-
-
-def _dropout_model(features: int = 256) -> nn.Module:
-    from lora2_kernels.linear import DropoutSeeds
-
-    torch.manual_seed(0)
-    model = nn.Sequential(*[LoRA2Linear(features, features, r=4, k=4, dropout=0.3, backend="triton")
-                            for _ in range(2)]).to(KERNEL_DEVICE).train()
-    for layer in model:
-        with torch.no_grad():
-            layer.singular_values.normal_()
-    DropoutSeeds(model, list(model))
-    return model
 
 
 @pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="CUDA graphs need a GPU (scripts/gpu_session.sh runs this)")
@@ -550,17 +545,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     (DropoutSeeds); a lone layer's draw is torch's RNG, which checkpoint restores."""
     from torch.utils.checkpoint import checkpoint
 
-    from lora2_kernels.linear import DropoutSeeds
-
     def grads(shared: bool, checkpointed: bool) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        model = nn.Sequential(*[LoRA2Linear(70, 70, r=4, k=4, dropout=dropout, backend="triton") for _ in range(2)])
-        model.to(KERNEL_DEVICE).train()
-        for layer in model:
-            with torch.no_grad():
-                layer.singular_values.normal_()
-        if shared:
-            DropoutSeeds(model, list(model))
+        model = _dropout_model(70, dropout, shared)
         torch.manual_seed(1)
         x = torch.randn(37, 70, device=KERNEL_DEVICE)
         if shared and dropout:

@@ -77,6 +77,17 @@ def quant4(out_f: int, in_f: int, nested: bool) -> kernels.Quant4:
                           torch.empty(256) if nested else None, 256, 0.0)
 
 
+@contextlib.contextmanager
+def tf32_allowed():
+    """torch's fp32 matmul precision "high" while launches are built (their dot precision follows it)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
     """The launches the host functions make, on small CPU tensors of real-model divisibility.
 
@@ -133,17 +144,13 @@ def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
                         cases[f"dx{kind}/{layout}/{name}/r32/k{rank}"] = kernels.dx_launch(
                             dy, x, weight, dx_w, h, wide, b2_wide, p, 1, True)[0]
                         # the split is offered to fp32 only where torch allows TF32 (lora_linear.ieee_fp32)
-                        before = torch.get_float32_matmul_precision()
-                        torch.set_float32_matmul_precision("high")
-                        try:
+                        with tf32_allowed():
                             cases[f"forward-split{kind}/{tag}"] = kernels.forward_launch(
                                 x, weight, fwd_w, bias, f, a1, out_f, p, 1,
                                 y=torch.empty(tokens, out_f, dtype=dtype))[0]
                             cases[f"dx-split{kind}/{tag}"] = kernels.dx_launch(
                                 dy, x, weight, dx_w, h, f, b2, p, 1, True,
                                 dx=torch.empty(tokens, in_f, dtype=dtype))[0]
-                        finally:
-                            torch.set_float32_matmul_precision(before)
                 if dtype == torch.bfloat16 and not conv:
                     # a bitsandbytes 4-bit base (NF4 / FP4 share the kernel; double quantisation adds a table)
                     for nested, p in ((False, 0.0), (True, 0.0), (False, 0.1)):
@@ -158,15 +165,11 @@ def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
                         if rank == 8 and not p:  # the large-batch path: W dequantised once, then the above
                             cases[f"dequantize-{kind}/{tag}"] = kernels.dequantize_launch(q, dtype)[0]
                 if rank == 8 and dtype == torch.float32:  # fp32 where torch allows TF32: tensor-core tiles
-                    before = torch.get_float32_matmul_precision()
-                    torch.set_float32_matmul_precision("high")
-                    try:
+                    with tf32_allowed():
                         cases[f"forward/{layout}/float32-tf32/k8"] = kernels.forward_launch(
                             x, weight, fwd_w, bias, f, a1, out_f, 0.0, 0)[0]
                         cases[f"dx/{layout}/float32-tf32/k8"] = kernels.dx_launch(
                             dy, x, weight, dx_w, h, f, b2, 0.0, 0, True)[0]
-                    finally:
-                        torch.set_float32_matmul_precision(before)
     return cases
 
 

@@ -9,10 +9,11 @@ measured" on a CPU and beside the measured ratio on a GPU, so a lent GPU checks 
 The LoRA² launches are those of triton_kernels/lora_linear.py (4 a step for bf16 inputs):
 
     cast     A₁ and B₂ to bf16 (reads fp32, writes bf16)
-    forward  x·Wᵀ + h·(B₂C)ᵀ with h = x·A₁ᵀ recomputed by every column tile (BLOCK_R / BLOCK_N more
-             tensor-core work: computing it once would cost a second read of x, more than this)
-    dx       dY·W + g·A₁ with gB = dY·B₂ recomputed by every column tile and the rank program,
-             dB₂ partials (zᵀ·dY), dA₁ partials (gᵀ·x: x read once more), per row tile
+    forward  x·Wᵀ + h·(B₂C)ᵀ in row bands: h = d(x)·A₁ᵀ once per row tile and column group (the GPU runs
+             as many groups as one wave of programs holds: ``column_groups``); over a 4-bit W kept packed,
+             once per column tile
+    dx       dY·W + g·A₁ in row bands: gB = dY·B₂ once per row tile and column group, dB₂ partials
+             (zᵀ·dY), dA₁ partials (gᵀ·x: x read once more), per row tile
     finish   the partials summed (read once), the k × k core's gradients
 
 Terms beyond the roofline (Kernels v3, 2026-12-04), each pessimistic, each labelled in the table:
@@ -20,8 +21,9 @@ Terms beyond the roofline (Kernels v3, 2026-12-04), each pessimistic, each label
 - dropout's ALU work: one keep decision per x element in the forward (its row bands) and one in dX,
   DROPOUT_OPS CUDA-core instructions each (a Philox evaluation serves four), not overlapped with the
   tensor cores;
-- the dX kernel's epilogue reads its x tile (for dA₁ = gᵀ·d(x)) after the K loop: not overlapped, so those
-  bytes add to the launch's time instead of hiding under its max();
+- the dX kernel reads x (for dA₁ = gᵀ·d(x)) outside the GEMM's K loops (a pass of its own, or with dropout
+  the tiles' epilogues): not overlapped with them, so those bytes add to the launch's time instead of hiding
+  under its max();
 - a GEMM-efficiency factor: the fused kernels' GEMM core (pointer loads: no TMA, not persistent, no warp
   specialisation) at a fraction of cuBLAS's rate, which the floor runs at; reported at 100 % and 85 %;
 - the cuBLAS split (lora_linear.base_gemm): cuBLAS's GEMM plus an adapter launch that reads x (or dY) again
@@ -41,10 +43,12 @@ class Device:
     tensor_flops: float  # dense bf16 tensor-core FLOP/s
     bandwidth: float  # DRAM bytes/s
     launch_seconds: float  # fixed cost of a launch: its latency and its tail wave
+    sms: int = 132  # streaming multiprocessors: how many column groups the row-band kernels run
     alu_ops: float = 20e12  # CUDA-core integer / float instructions a second (dequantising 4-bit values)
 
 
 H100 = Device("H100 SXM (roofline)", 989e12, 3.35e12, 3e-6)
+H100_SMS = H100.sms
 # bitsandbytes' 4-bit: half a byte a value plus a fp32 absmax per 64 values (NF4 / FP4, no double quant)
 FOUR_BIT_BYTES = 0.5 + 4 / 64
 DEQUANT_OPS = 8  # instructions to dequantise one value: nibble, code and absmax lookups, scale, convert
@@ -77,19 +81,27 @@ def floor_launches(tokens: int, in_f: int, out_f: int, element: int = 2) -> list
             Launch("dx", gemm, element * (tokens * out_f + in_f * out_f + tokens * in_f))]
 
 
+def column_groups(row_tiles: int, col_tiles: int, sms: int) -> int:
+    """lora_linear.column_groups on a GPU of ``sms`` SMs: one wave of programs, no group without a tile."""
+    wanted = max(1, min(sms // max(row_tiles, 1), col_tiles))
+    return math.ceil(col_tiles / math.ceil(col_tiles / wanted))
+
+
 def lora2_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int = 2, block_m: int = 128,
-                   block_n: int = 256, dropout: float = 0.0, efficiency: float = 1.0) -> list[Launch]:
+                   block_n: int = 256, dropout: float = 0.0, efficiency: float = 1.0, sms: int = H100_SMS,
+                   bands: bool = True) -> list[Launch]:
     """The fused LoRA² step (k padded to the rank tile, as the tensor cores compute it). Tiles: the
-    128 × 256 config, the one of the Hopper set meant for these shapes (on a GPU the autotuner picks;
-    with 128 × 128 tiles the recomputed rank-k products cost twice as much). With dropout the forward runs
-    row bands (h once per row tile) and both directions draw one Philox value per x element."""
+    128 × 256 config, the one of the Hopper set meant for these shapes (on a GPU the autotuner picks).
+    Row bands: h (forward) and gB (dX) once per row tile and column group; ``bands`` False (a 4-bit W kept
+    packed) computes h in every column tile. With dropout both directions draw one Philox value per x element."""
     rank = max(16, 2 ** math.ceil(math.log2(k)))
     m_tiles = math.ceil(tokens / block_m)
     gemm = 2.0 * tokens * in_f * out_f
-    h_passes = 1 if dropout else math.ceil(out_f / block_n)  # h = d(x)·A₁ᵀ per row band, or per column tile
+    out_tiles, in_tiles = math.ceil(out_f / block_n), math.ceil(in_f / block_n)
+    h_passes = column_groups(m_tiles, out_tiles, sms) if bands else out_tiles  # h = d(x)·A₁ᵀ
     forward_flops = gemm + 2.0 * tokens * in_f * rank * h_passes + 2.0 * tokens * out_f * rank
     forward_bytes = element * (tokens * in_f + in_f * out_f + tokens * out_f + k * in_f) + 4 * tokens * k
-    dx_flops = (gemm + 2.0 * tokens * out_f * rank * (math.ceil(in_f / block_n) + 1)  # gB, every tile + rank program
+    dx_flops = (gemm + 2.0 * tokens * out_f * rank * column_groups(m_tiles, in_tiles, sms)  # gB, once a group
                 + 2.0 * tokens * out_f * rank  # dB₂ partials
                 + 4.0 * tokens * in_f * rank)  # g·A₁ and the dA₁ partials
     partial_bytes = 4 * m_tiles * (out_f * k + k * in_f + rank * rank)
@@ -107,8 +119,8 @@ def lora2_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int 
 def split_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int = 2, dropout: float = 0.0
                    ) -> dict[str, list[Launch]]:
     """The cuBLAS split per direction: cuBLAS's GEMM (the floor's launch) and the adapter kernel (BASE False):
-    the forward's reads x for h once per row band and reads + writes y; dX's streams dY for gB per in tile
-    as the fused one does (out·k per row, small), reads + writes dX and reads x for dA₁."""
+    the forward's reads x for h once per row band and reads + writes y; dX's streams dY for gB once per row
+    band as the fused one does, reads + writes dX and reads x for dA₁."""
     rank = max(16, 2 ** math.ceil(math.log2(k)))
     floor = floor_launches(tokens, in_f, out_f, element)
     draws = DROPOUT_OPS * tokens * in_f if dropout else 0.0
@@ -125,7 +137,7 @@ def step_seconds(tokens: int, in_f: int, out_f: int, k: int = 8, device: "Device
     launch and the cuBLAS split, as lora_linear.base_gemm does on a GPU."""
     device = device or H100
     launches = {launch.name: launch for launch in lora2_launches(tokens, in_f, out_f, k, dropout=dropout,
-                                                                  efficiency=efficiency)}
+                                                                  efficiency=efficiency, sms=device.sms)}
     alternatives = split_launches(tokens, in_f, out_f, k, dropout=dropout) if split else {}
     total = launches["cast"].seconds(device) + launches["finish"].seconds(device)
     for direction in ("forward", "dx"):
@@ -143,7 +155,7 @@ def qlora2_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int
     above, one launch per direction dequantises W into a bf16 buffer and the bf16 kernels follow."""
     from lora2_kernels.triton_kernels.lora_linear import FUSED_DEQUANT_MAX_TOKENS
 
-    launches = lora2_launches(tokens, in_f, out_f, k, element, block_m)
+    launches = lora2_launches(tokens, in_f, out_f, k, element, block_m, bands=tokens > FUSED_DEQUANT_MAX_TOKENS)
     values = in_f * out_f
     if tokens > FUSED_DEQUANT_MAX_TOKENS:
         dequant = Launch("dequantize", 0.0, values * (FOUR_BIT_BYTES + element), alu=DEQUANT_OPS * values)

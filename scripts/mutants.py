@@ -73,8 +73,8 @@ MUTANTS = [
            "nibble = (packed >> ((offsets & 1) << 2)) & 15",
            ("tests/test_four_bit.py", "-k", "oracle and 37rows-nf4-float32"),
            "the 4-bit kernels read the low nibble first (bitsandbytes packs the even value high)"),
-    Mutant("rank-k-term-doubled", KERNEL, "acc = tl.dot(hidden, up_t, acc, input_precision=PRECISION)",
-           "acc = tl.dot(2.0 * hidden, up_t, acc, input_precision=PRECISION)",
+    Mutant("rank-k-term-doubled", KERNEL, "acc = tl.dot(z, b2t, acc, input_precision=PRECISION)",
+           "acc = tl.dot(2.0 * z, b2t, acc, input_precision=PRECISION)",
            (KERNEL_TESTS, "-k", "oracle"), "the adapter term added twice"),
     Mutant("partial-sum-dropped", KERNEL,
            "        for t in range(0, TILES):\n            total += tl.load(part_b2_ptr",
@@ -89,7 +89,7 @@ MUTANTS = [
     Mutant("masked-lambda-gets-gradient", KERNEL, "grad_sv = tl.sum(a2t_dc * b1, axis=1) * m * s",
            "grad_sv = tl.sum(a2t_dc * b1, axis=1) * s",
            (KERNEL_TESTS, "-k", "oracle"), "the folded core's backward gives masked values a gradient"),
-    Mutant("dropout-not-regenerated-for-da1", KERNEL, "            x = x * keep\n", "            x = x\n",
+    Mutant("dropout-not-regenerated-for-da1", KERNEL, "                x = x * keep\n", "                x = x\n",
            (KERNEL_TESTS, "-k", "dropout"), "the backward forgets the dropout mask in dA₁"),
     Mutant("dropout-unscaled", KERNEL, "        hidden = hidden * (1.0 / (1.0 - dropout_p))",
            "        hidden = hidden", (KERNEL_TESTS, "-k", "dropout"), "the fused dropout does not rescale by 1 / (1 − p)"),
@@ -116,9 +116,12 @@ MUTANTS = [
            (IMPORTANCE_TESTS, "-k", "not nvcc and not glue"), "the PyTorch reference uses β₂ for Ī"),
     Mutant("budget-schedule-quadratic", "lora2/allocator.py", "* (1.0 - progress) ** 3", "* (1.0 - progress) ** 2",
            ("tests/test_allocator.py", "-k", "budget"), "the budget decays quadratically, not cubically"),
-    Mutant("row-band-tile-skipped", KERNEL, "    for pid_n in range(first + 1, last):",
-           "    for pid_n in range(first + 2, last):", (KERNEL_TESTS, "-k", "dropout_in_the_kernels"),
-           "the dropout forward's row band skips a column tile after its first"),
+    Mutant("row-band-tile-skipped", KERNEL,
+           "        for pid_n in range(first, last):\n            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+           "            n_ok = rn < N\n            acc = tl.zeros(",
+           "        for pid_n in range(first + 1, last):\n            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+           "            n_ok = rn < N\n            acc = tl.zeros(", (KERNEL_TESTS, "-k", "dropout_in_the_kernels"),
+           "the forward's row band skips its group's first column tile"),
     # Kernels v3 (2026-12-04)
     Mutant("split-base-dropped", KERNEL, "    if not BASE:  # the cuBLAS split: y holds x·Wᵀ already",
            "    if False:  # the cuBLAS split: y holds x·Wᵀ already", (KERNEL_TESTS, "-k", "cublas_split"),
@@ -128,6 +131,12 @@ MUTANTS = [
            "    return (b2.stride(1), b2.stride(0)) if b2 is not f.p_up else (b2.stride(0), b2.stride(1))",
            (KERNEL_TESTS, "-k", "checkpointing"),
            "B₂'s layout taken from object identity, which torch.utils.checkpoint's saved tensors break"),
+    Mutant("dx-band-group-skips-gb", KERNEL,
+           "    else:  # the same rows' gB again (a GPU with more SMs than row tiles runs several groups)\n"
+           "        for k0 in range(0, K, BLOCK_K):",
+           "    else:  # the same rows' gB again (a GPU with more SMs than row tiles runs several groups)\n"
+           "        for k0 in range(0, 0, BLOCK_K):", (KERNEL_TESTS, "-k", "several_column_groups"),
+           "dX's row band: a column group other than the first takes g = 0 (gB is group 0's alone)"),
     # issue 31: six kinds of bug the suite did not see (one mutant per kind)
     Mutant("nested-absmax-group-ignored", KERNEL,
            "scale = scale * tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0)",

@@ -24,8 +24,18 @@ def test_dropout_costs_one_draw_per_x_element_each_way_and_computes_h_once():
     dropped = {launch.name: launch for launch in cm.lora2_launches(*Q_O, dropout=0.1)}
     for name in ("forward", "dx"):
         assert dropped[name].alu - plain[name].alu == cm.DROPOUT_OPS * tokens * in_f
-    # row bands: h once per row tile instead of once per 256-wide column tile (8 here)
-    assert plain["forward"].flops - dropped["forward"].flops == pytest.approx(2.0 * tokens * in_f * 16 * 7)
+    assert plain["forward"].flops == dropped["forward"].flops  # row bands either way
+
+
+def test_row_bands_compute_the_rank_k_products_once_per_row_tile_and_column_group():
+    tokens, in_f, out_f = Q_O  # 64 row tiles of 128 on 132 SMs: two column groups of four 256-wide tiles
+    assert cm.column_groups(64, 8, 132) == 2 and cm.column_groups(200, 8, 132) == 1
+    banded = {launch.name: launch for launch in cm.lora2_launches(*Q_O)}
+    per_tile = {launch.name: launch for launch in cm.lora2_launches(*Q_O, bands=False)}
+    # h = x·A₁ᵀ (16 wide, padded) twice per row tile instead of once per column tile (8)
+    assert per_tile["forward"].flops - banded["forward"].flops == pytest.approx(2.0 * tokens * in_f * 16 * 6)
+    one_wave = {launch.name: launch for launch in cm.lora2_launches(*Q_O, sms=64)}  # one group: gB once
+    assert banded["dx"].flops - one_wave["dx"].flops == pytest.approx(2.0 * tokens * out_f * 16)
 
 
 def test_a_slower_gemm_core_costs_in_proportion_and_the_split_caps_it():

@@ -3,9 +3,9 @@ see (a dropped bias or base GEMM, Conv1D strides swapped, the core's scale doubl
 β₁ ↔ β₂ in the compiled op, ...) must make the tests that should catch it fail.
 
 The unmutated baseline of those tests is the rest of this run, so the script runs with --no-baseline.
-CI runs the 17 below, one per kind of bug: it leaves out the three mutants of csrc/ (each rebuilds the
+CI runs the 18 below, one per kind of bug: it leaves out the three mutants of csrc/ (each rebuilds the
 C++ op, 35 s), the CUDA kernel's (GPU only) and nine whose bug another CI mutant's kind already covers.
-`python scripts/mutants.py` runs all 29 a CPU can see, and README has a run's table.
+`python scripts/mutants.py` runs all 30 a CPU can see, and README has a run's table.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ CI_MUTANTS = ["bias-dropped-half", "conv1d-strides-ignored", "4bit-nibble-order-
               # issue 31's kinds, one each
               "nested-absmax-group-ignored", "half-rounded-twice", "compiled-backward-loses-seed",
               "last-scoring-step-skipped", "monotone-export-over-k", "labels-sorted-as-text",
-              # Kernels v3's kinds: the cuBLAS split, a layout read off object identity
-              "split-base-dropped", "b2-layout-by-identity"]
+              # Kernels v3's kinds: the cuBLAS split, a layout read off object identity, a row band's group
+              "split-base-dropped", "b2-layout-by-identity", "dx-band-group-skips-gb"]
 
 
 @pytest.mark.slow

@@ -196,24 +196,32 @@ def specialise(fn, launch: kernels.Launch, config: triton.Config) -> tuple[dict,
 
 
 def loop_wait_pendings(ttgir: str) -> list[int]:
-    """`pendings` of each ttng.warp_group_dot_wait in an innermost scf.for (a K loop) of a TTGIR module.
+    """`pendings` of each ttng.warp_group_dot_wait in the K loops of a TTGIR module: the innermost scf.for
+    loops where a wgmma accumulates into one of the loop's iter_args.
 
-    A loop holding another loop (the row-band kernels' loop over column tiles) waits for its epilogue's dots
-    once a tile, after the K loop: that serialises nothing."""
-    pendings, loops = [], []  # loops: [brace depth at which an scf.for body opened, holds a loop, its waits]
+    Other loops wait for their dots once an iteration, and that serialises nothing: a loop holding a K loop
+    (the row-band kernels' loop over column tiles), or one whose dots each start from a fresh accumulator
+    (the cuBLAS split's tiles, whose epilogue dot is waited before its store)."""
+    pendings, loops = [], []  # [brace depth at which its body opened, holds a loop, its waits, iter_args, K loop]
     depth = 0
     for line in ttgir.splitlines():
         if "scf.for" in line and line.rstrip().endswith("{"):
             if loops:
                 loops[-1][1] = True
-            loops.append([depth, False, []])
+            carried = re.search(r"iter_args\((.*?)\)\s*->", line)
+            names = set(re.findall(r"(%[\w#]+) =", carried.group(1))) if carried else set()
+            loops.append([depth, False, [], names, False])
+        if loops and "ttng.warp_group_dot " in line:
+            operands = re.search(r"ttng\.warp_group_dot (%[\w#]+), (%[\w#]+), (%[\w#]+)", line)
+            if operands and operands.group(3) in loops[-1][3]:
+                loops[-1][4] = True
         if loops and "warp_group_dot_wait" in line:
             found = re.search(r"pendings\s*=\s*(\d+)", line)
             loops[-1][2].append(int(found.group(1)) if found else -1)
         depth += line.count("{") - line.count("}")
         while loops and depth <= loops[-1][0]:
-            _, outer, waits = loops.pop()
-            if not outer:
+            _, outer, waits, _, k_loop = loops.pop()
+            if not outer and k_loop:
                 pendings.extend(waits)
     return pendings
 
@@ -230,7 +238,7 @@ def compile_case(case: str, arch: int, resources: bool = False, check_exclusions
     element_size = launch.args[0].element_size()
     results = []
     for config in kernels.CONFIGS.get(launch.kernel, [triton.Config({}, num_warps=4, num_stages=1)]):
-        label = ", ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f", w{config.num_warps} s{config.num_stages}"
+        label = config_label(config)
         excluded = launch.kernel in kernels.CONFIGS and kernels.config_excluded(
             config, launch.kernel, arch, element_size, launch.flags, SHARED_MEMORY_LIMIT[arch])
         if excluded and (not check_exclusions or "spills" not in excluded):
@@ -265,6 +273,27 @@ def compile_case(case: str, arch: int, resources: bool = False, check_exclusions
     return results
 
 
+def config_label(config: triton.Config) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f", w{config.num_warps} s{config.num_stages}"
+
+
+def spill_tables(results: list[dict]) -> dict[str, set[tuple]]:
+    """lora_linear's SPILLS, QUANT_SPILLS and SPLIT_SPILLS as a run with ``--resources --check-exclusions``
+    over the whole grid finds them: the key of every forward / dX config that spilled."""
+    cases = launches(RANKS)
+    index = {config_label(c): i for i, c in enumerate(kernels.ALL_CONFIGS)}
+    tables: dict[str, set[tuple]] = {"SPILLS": set(), "QUANT_SPILLS": set(), "SPLIT_SPILLS": set()}
+    for r in results:
+        if r["kernel"] not in ("forward", "dx") or not r["spill_bytes"]:
+            continue
+        launch = cases[r["case"]]
+        flags = launch.flags
+        name = "QUANT_SPILLS" if flags.get("QUANT") else "SPILLS" if flags.get("BASE", True) else "SPLIT_SPILLS"
+        tables[name].add((r["arch"], r["kernel"], launch.args[0].element_size(), bool(flags["DROPOUT"]),
+                          index[r["config"]], flags["BLOCK_R"]))
+    return tables
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_MEMORY_LIMIT))
@@ -274,8 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resources", action="store_true", help="also report registers and spills (ptxas -v)")
     parser.add_argument("--check-exclusions", action="store_true",
                         help="also compile the configs excluded for spilling (to re-derive lora_linear.SPILLS)")
+    parser.add_argument("--tables", metavar="JSON",
+                        help="print lora_linear's spill tables as a saved `--resources --check-exclusions --json` run "
+                             "over the whole grid found them, and compile nothing")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     args = parser.parse_args(argv)
+    if args.tables:
+        with open(args.tables) as saved:
+            for name, table in spill_tables(json.load(saved)["results"]).items():
+                print(f"{name} = {{\n    " + ", ".join(map(str, sorted(table))) + ",\n}")
+        return 0
     jobs = [(case, arch) for case in launches(RANKS) if (not args.cases or any(c in case for c in args.cases))
             and not any(c in case for c in args.exclude)
             for arch in args.arch]

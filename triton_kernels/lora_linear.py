@@ -11,16 +11,16 @@ Launches of one training step of one layer (counted by tests/test_device_work.py
 ``cast_factors_kernel`` (only where the factors' dtype is not the activations', e.g. an fp32 adapter on a
     bf16 base): A₁ and B₂ in the activation dtype, one launch for both, so no K loop converts an operand
     (a cast inside the loop serialises Hopper's wgmma).
-``forward_kernel``: y and h = d(x)·A₁ᵀ (fp32, saved). Each program computes the core and its
-    up-projection tile (B₂·C)ᵀ in its epilogue from λ, m, A₂, B₁, B₂ (k × k · k × BLOCK_N: a few
-    thousand FMAs); the rank-k product rides in the K loop of the base GEMM, so x is read once. With
-    dropout (over a 16-bit W) in row bands: h and the keep mask once per row tile and column group
-    (``row_bands``, ``column_groups``), not once per output tile.
-``dx_kernel``: programs (row tile, in tile) compute dX = dY·W + (g·A₁)⊙keep/(1−p) with
-    gB = dY·B₂ in the same K loop over out and g = gB·C, then the row tile's partial of
-    dA₁ = gᵀ·d(x) (the x tile is read in the epilogue). One extra program per row tile (the
-    "rank program") streams the same dY rows for the partials of dB₂ = dYᵀ·(h·Cᵀ) and
-    dC = (dY·B₂)ᵀ·h. Per-row-tile partials, fixed-order sums: no atomics, deterministic.
+``forward_kernel``: y and h = d(x)·A₁ᵀ (fp32, saved), in row bands (``row_bands``, ``column_groups``): a
+    program streams its row tile's x once for h (the keep mask drawn there), folds the k × k core in once
+    (z = h·Cᵀ), then runs the base GEMM's K loop for each column tile of its run and adds z·B₂ᵀ in the
+    epilogue. The rank-k product and the mask cost once per row tile and column group, not once per output
+    tile. (Over a 4-bit W kept packed: a program per output tile, h in the GEMM's K loop.)
+``dx_kernel``: row bands as well. A program streams its row tile's dY once for gB = dY·B₂ (group 0 also
+    takes the row tile's partials of dB₂ = dYᵀ·(h·Cᵀ) and dC = gBᵀ·h there), turns it into g = gB·C, then runs
+    dY·W's K loop for each column tile and adds (g·A₁)⊙keep/(1−p) in the epilogue; the partial of
+    dA₁ = gᵀ·d(x) in a pass over x of its own (with dropout: in the tiles' epilogues, with the same mask).
+    Per-row-tile partials, fixed-order sums: no atomics, deterministic.
 ``finish_kernel``: sums the partials (dB₂, dA₁, dC) and turns dC into dλ, dB₁ and dA₂.
 
 So 4 launches a step (3 where the factors already have the activations' dtype), against 2 for the frozen
@@ -180,7 +180,7 @@ def _tile_ids(M, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr, h_more_ptr,
+    x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr, z_ptr,
     M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed_ptr,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
     absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
@@ -189,22 +189,21 @@ def forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y = x·Wᵀ + b + h·(B₂C)ᵀ, h = d(x)·A₁ᵀ. W is read as B[k, n] through (stride_wk, stride_wn);
-    A₁ (k × K, in x's dtype), B₂ (N × k), h (M × k) are contiguous. BASE False (the cuBLAS split): y
-    already holds x·Wᵀ (a torch.mm before this launch) and the kernel adds the rest, in row bands, with no
-    W in its K loop.
+    """y = x·Wᵀ + b + z·B₂ᵀ with z = h·Cᵀ, h = d(x)·A₁ᵀ. W is read as B[k, n] through (stride_wk, stride_wn);
+    A₁ (k × K, in x's dtype), B₂ (N × k), h (M × k) are contiguous; z: a (groups, M, k) fp32 scratch. BASE
+    False (the cuBLAS split): y already holds x·Wᵀ (a torch.mm before this launch) and the kernel adds the rest.
 
-    Without dropout: a program per (row tile, column tile); each computes h for its rows again in the K
-    loop it reads x in for the base GEMM (BLOCK_R / BLOCK_N more dot work: 6 % at 256-wide tiles).
+    Row bands (over a 16-bit W, and in the split): the grid is (row tiles) × (column groups), and a program
+    computes its row tile's y over a contiguous run of column tiles (its group's). It first streams the row
+    tile's x once for h = d(x)·A₁ᵀ (the dropout mask drawn there: once per element with one group a row tile,
+    the interpreter's default and a GPU whose SMs the row tiles fill; more groups, ``column_groups``, keep a
+    GPU busy for few rows), folds the k × k core in once (z = h·Cᵀ), and then, per column tile, runs the base
+    GEMM's K loop alone and adds z·B₂ᵀ in the epilogue. So the rank-k products cost once per row tile and
+    group, not once per output tile, and the GEMM's K loops hold one dot.
 
-    With dropout, row bands: the grid is (row tiles) × (column groups), and a program computes its row
-    tile's y over a contiguous run of column tiles (its group's). h, with the dropout mask, is computed in
-    the K loop of its first column tile only; the others read it back from memory in their epilogues. With
-    one group per row tile (the interpreter's default; a GPU whose SMs the row tiles fill) the mask is drawn
-    once per element instead of once per column tile; more groups (column_groups) keep a GPU busy for few
-    rows. Only with dropout: the band's second K loop costs registers, and without dropout the 256-wide
-    tiles spill with it (compile_all), while the per-tile schedule's extra work is 6 %."""
-    if (DROPOUT and QUANT == 0) or not BASE:  # row bands (the host's row_bands)
+    Over a 4-bit W kept packed: a program per (row tile, column tile), which computes h in the K loop it
+    dequantises W in (the band's loops spilled on sm_80 there)."""
+    if QUANT == 0 or not BASE:  # row bands (the host's row_bands)
         row_tiles = tl.cdiv(M, BLOCK_M)
         col_tiles = tl.cdiv(N, BLOCK_N)
         groups = tl.num_programs(0) // row_tiles
@@ -220,42 +219,48 @@ def forward_kernel(
         m_ok = rm < M
         r_ok = rr < RANK
 
-        # the first column tile: the base GEMM and h = d(x)·A₁ᵀ in one K loop (x is read once for both). Its
-        # own loop, before the others' (not a branch inside theirs): Triton then reuses the pipeline buffers.
-        rn = (first * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        n_ok = rn < N
-        acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
-                                       stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
-                                       code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BASE,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
-        _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
-                          p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS, SCALE_BY_KEPT, PRECISION,
-                          BASE, BLOCK_R, BLOCK_RR)
-        # h goes to memory, not through the other tiles' K loops in registers (they spilled there): group 0's rows
-        # are the h the backward reads, each other group writes its own (identical) copy to a slot of h_more
-        if group > 0:
-            h_ptr = h_more_ptr + tl.cast(group - 1, tl.int64) * M * RANK
-        tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
+        # h = d(x)·A₁ᵀ in a K loop of its own (x is read once more than the GEMM reads it, from L2 mostly)
+        _, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rm, m_ok, m_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
+                                     stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
+                                     code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, False,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        if group == 0:  # the h the backward reads (every group computed the same rows)
+            tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
+        core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
+        # z goes to memory, not through the tiles' K loops in registers (they spilled there)
+        z_ptr += tl.cast(group, tl.int64) * M * RANK
+        tl.store(z_ptr + rm[:, None] * RANK + rr[None, :], tl.dot(hidden, tl.trans(core), input_precision="ieee"),
+                 mask=m_ok[:, None] & r_ok[None, :])
         tl.debug_barrier()  # the epilogues below read rows other threads of this program wrote
-        # the group's other column tiles: the base GEMM alone, h from the first
-        for pid_n in range(first + 1, last):
-            rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+
+        # Rows addressed from scalar row-tile bases with int32 offsets: what the compiler hoists out of the loop
+        # over tiles (per-row pointers in each layout the loop uses) stays small
+        row0 = tl.cast(pid_m, tl.int64) * BLOCK_M
+        ri = tl.arange(0, BLOCK_M)
+        ri_ok = ri < M - row0
+        x_rows = x_ptr + row0 * stride_xm
+        y_rows = y_ptr + row0 * stride_ym
+        z_rows = z_ptr + row0 * RANK
+        k_steps = tl.cdiv(K, BLOCK_K)
+        for pid_n in range(first, last):
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = rn < N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if BASE:
-                for k0 in range(0, K, BLOCK_K):
-                    cols = k0 + rk
+                for step in range(0, k_steps):
+                    # each tile starts its K loop at another chunk: no x pointer is the same in every tile, so
+                    # none is hoisted out of the loop over tiles into registers held through it (they spilled)
+                    cols = ((step + pid_n) % k_steps) * BLOCK_K + rk
                     k_ok = cols < K
-                    x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
-                                mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                    w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn,
+                    x = tl.load(x_rows + ri[:, None] * stride_xm + cols[None, :] * stride_xk,
+                                mask=ri_ok[:, None] & k_ok[None, :], other=0.0)
+                    w = _load_weight(w_ptr, cols[:, None].to(tl.int64) * stride_wk + rn[None, :] * stride_wn,
                                      k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
                                      offset_ptr, x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
                     acc = _dot(x, w, acc, PRECISION)
-            hidden = tl.load(h_ptr + rm[:, None] * RANK + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr,
-                              p_down_ptr, p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS, SCALE_BY_KEPT,
-                              PRECISION, BASE, BLOCK_R, BLOCK_RR)
+            z = tl.load(z_rows + ri[:, None] * RANK + rr[None, :], mask=ri_ok[:, None] & r_ok[None, :], other=0.0)
+            _forward_epilogue(acc, z, ri, rn, ri_ok, n_ok, rr, r_ok, bias_ptr, p_up_ptr, y_rows, RANK, stride_ym,
+                              stride_yn, HAS_BIAS, PRECISION, BASE)
     else:
         pid_m, pid_n = _tile_ids(M, tl.cdiv(N, BLOCK_N), BLOCK_M, GROUP_M)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -266,14 +271,16 @@ def forward_kernel(
         n_ok = rn < N
         r_ok = rr < RANK
 
-        # with dropout (over a 4-bit W: its band spilled on sm_80) the mask is drawn in every column tile here
+        # with dropout the mask is drawn in every column tile here
         acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
                                        stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
                                        code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BASE,
                                        BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
-        _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
-                          p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS, SCALE_BY_KEPT, PRECISION,
-                          BASE, BLOCK_R, BLOCK_RR)
+        # the k × k core recomputed here, per tile (a few thousand FMAs), not kept in registers through the K loop
+        core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
+        z = tl.dot(hidden, tl.trans(core), input_precision="ieee")
+        _forward_epilogue(acc, z, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, p_up_ptr, y_ptr, RANK, stride_ym, stride_yn,
+                          HAS_BIAS, PRECISION, BASE)
         if pid_n == 0:  # every column tile computed the same rows of h; one of them writes them
             tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
 
@@ -307,20 +314,15 @@ def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, 
 
 
 @triton.jit
-def _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
-                      p_up_ptr, y_ptr, R, RANK, alpha, stride_ym, stride_yn, HAS_BIAS: tl.constexpr,
-                      SCALE_BY_KEPT: tl.constexpr, PRECISION: tl.constexpr, BASE: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_RR: tl.constexpr):
-    """y tile = acc + h·(B₂C)ᵀ + b, rounded once to y's dtype. The k × k core is recomputed here, per tile
-    (a few thousand FMAs), rather than kept in registers through the K loops."""
-    core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
+def _forward_epilogue(acc, z, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, p_up_ptr, y_ptr, RANK, stride_ym, stride_yn,
+                      HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BASE: tl.constexpr):
+    """y tile = acc + z·B₂ᵀ + b (z = h·Cᵀ), rounded once to y's dtype."""
     b2t = tl.load(p_up_ptr + rn[None, :] * RANK + rr[:, None], mask=r_ok[:, None] & n_ok[None, :],
                   other=0.0).to(tl.float32)  # B₂ᵀ tile: k × BLOCK_N
-    up_t = tl.dot(tl.trans(core), b2t, input_precision="ieee")  # (B₂·C)ᵀ tile
     if not BASE:  # the cuBLAS split: y holds x·Wᵀ already
         acc += tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=m_ok[:, None] & n_ok[None, :],
                        other=0.0).to(tl.float32)
-    acc = tl.dot(hidden, up_t, acc, input_precision=PRECISION)
+    acc = tl.dot(z, b2t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -330,7 +332,7 @@ def _forward_epilogue(acc, hidden, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, q_up_
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def dx_kernel(
     dy_ptr, w_ptr, x_ptr, h_ptr, a1_ptr, b2_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
-    dx_ptr, part_b2_ptr, part_a1_ptr, part_core_ptr,
+    dx_ptr, part_b2_ptr, part_a1_ptr, part_core_ptr, grad_h_ptr,
     M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed_ptr,
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_xm, stride_xn, stride_dxm, stride_dxn, stride_b2k, stride_b2r,
     absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
@@ -342,19 +344,36 @@ def dx_kernel(
     """dY: M × K (K = out), W read as B[k, n] (n over in, N = in); x: M × N; h: M × k (fp32);
     A₁: k × N (fp32); B₂ read as B₂[k_out, r] through (stride_b2k, stride_b2r): the transposed cast
     (k × K, contiguous along K) for half inputs, the fp32 parameter itself otherwise. Partials (fp32,
-    contiguous): dB₂ (tiles, K, k),
-    dA₁ (tiles, k, N), dC (tiles, k, k). Column tile index n_tiles is the row tile's rank program."""
+    contiguous): dB₂ (tiles, K, k), dA₁ (tiles, k, N), dC (tiles, k, k); grad_h: a (groups, M, k) fp32
+    scratch for g = dL/dh.
+
+    Row bands, as the forward's: the grid is (row tiles) × (column groups), and a program takes its row
+    tile's dX over a contiguous run of column tiles. It first streams the row tile's dY once for gB = dY·B₂
+    (group 0 also takes the row tile's partials of dB₂ = dYᵀ·(h·Cᵀ) and dC = gBᵀ·h in that pass) and turns
+    gB into g = gB·C; then (without dropout) it streams x over its columns for the row tile's share of
+    dA₁ = gᵀ·x, a loop of its own (in the tiles' epilogues the x tile and its dot spilled every 128-row
+    config); then, per column tile, it runs the base GEMM's K loop alone and adds (g·A₁)⊙keep/(1−p) in the
+    epilogue (with dropout, and the tile's dA₁ share there too, with the same keep mask). So gB is computed
+    once per row tile and column group (it was once per column tile, 9 % of the GEMM at 64 × 512 → 1024), and
+    the GEMM's K loops hold one dot. BASE False (the cuBLAS split): dX holds dY·W already; no K loop over W."""
+    row_tiles = tl.cdiv(M, BLOCK_M)
     n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _tile_ids(M, n_tiles + 1, BLOCK_M, GROUP_M)
+    groups = tl.num_programs(0) // row_tiles
+    pid = tl.program_id(0)
+    pid_m = pid % row_tiles  # consecutive programs: other rows, the same W columns (shared in L2)
+    group = pid // row_tiles
+    per_group = tl.cdiv(n_tiles, groups)
+    first = group * per_group
+    last = tl.minimum(first + per_group, n_tiles)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M
     r_ok = rr < RANK
-    core, w, s = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
+    core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
     grad_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # gB = dY·B₂
 
-    if pid_n == n_tiles:  # the rank program: dB₂ = dYᵀ·(h·Cᵀ) by out chunks, dC = gBᵀ·h
+    if group == 0:  # gB, and the row tile's dB₂ by out chunks and dC = gBᵀ·h
         h = tl.load(h_ptr + rm[:, None] * RANK + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         z_t = tl.trans(tl.dot(h, tl.trans(core), input_precision="ieee").to(dy_ptr.dtype.element_ty))  # (h·Cᵀ)ᵀ
         for k0 in range(0, K, BLOCK_K):
@@ -373,10 +392,7 @@ def dx_kernel(
         part_core = tl.dot(tl.trans(grad_b), h, input_precision="ieee")
         tl.store(part_core_ptr + tl.cast(pid_m, tl.int64) * BLOCK_R * BLOCK_R + rr[:, None] * BLOCK_R + rr[None, :],
                  part_core)
-    else:
-        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        n_ok = rn < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:  # the same rows' gB again (a GPU with more SMs than row tiles runs several groups)
         for k0 in range(0, K, BLOCK_K):
             rows = k0 + rk
             k_ok = rows < K
@@ -384,36 +400,82 @@ def dx_kernel(
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b2 = tl.load(b2_ptr + rows[:, None] * stride_b2k + rr[None, :] * stride_b2r,
                          mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            if COMPUTE_DX and BASE:
-                wt = _load_weight(w_ptr, rows[:, None] * stride_wk + rn[None, :] * stride_wn,
-                                  k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
-                                  offset_ptr, dy_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
-                acc = _dot(dy, wt, acc, PRECISION)
             grad_b = _dot(dy, b2, grad_b, PRECISION)
-        g = tl.dot(grad_b, core, input_precision="ieee")  # dL/dh, M × k
-        if DROPOUT:
-            g = g * (1.0 / (1.0 - dropout_p))
-            # the mask as a 0/1 fp32 factor: one i1 tensor used in two layouts does not lower in Triton 3.6
-            keep = _keep(seed_ptr, rm, pid_n * BLOCK_N, BLOCK_N, dropout_p).to(tl.float32)
-        if COMPUTE_DX:
-            a1 = tl.load(a1_ptr + rr[:, None] * N + rn[None, :], mask=r_ok[:, None] & n_ok[None, :],
-                         other=0.0).to(tl.float32)  # A₁ as given (fp32 from LoRA2Linear; any float dtype)
-            adapter = tl.dot(g, a1, input_precision=PRECISION)
+    g = tl.dot(grad_b, core, input_precision="ieee")  # dL/dh, M × k
+    if DROPOUT:
+        g = g * (1.0 / (1.0 - dropout_p))
+    # g goes to memory, not through the column tiles' K loops in registers (they spilled there)
+    grad_h_ptr += tl.cast(group, tl.int64) * M * RANK
+    tl.store(grad_h_ptr + rm[:, None] * RANK + rr[None, :], g, mask=m_ok[:, None] & r_ok[None, :])
+    tl.debug_barrier()  # the epilogues below read rows other threads of this program wrote
+
+    # The tiles' row addressing from scalar row-tile bases and int32 offsets within the tile: what the compiler
+    # hoists out of the loop over column tiles (per-row pointers in every layout the loop uses) stays small.
+    row0 = tl.cast(pid_m, tl.int64) * BLOCK_M
+    ri = tl.arange(0, BLOCK_M)
+    ri_ok = ri < M - row0
+    dy_rows = dy_ptr + row0 * stride_dym
+    x_rows = x_ptr + row0 * stride_xm
+    dx_rows = dx_ptr + row0 * stride_dxm
+    g_rows = grad_h_ptr + row0 * RANK
+    part_a1_ptr += tl.cast(pid_m, tl.int64) * RANK * N
+    k_steps = tl.cdiv(K, BLOCK_K)
+    if not DROPOUT:
+        # the row tile's share of dA₁ = gᵀ·x over the group's columns: a pass of its own that streams x, rather
+        # than a read of x and a dot in each tile's epilogue (they spilled the 128-row tiles there)
+        for pid_n in range(first, last):
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            x = tl.load(x_rows + ri[:, None] * stride_xm + rn[None, :] * stride_xn,
+                        mask=ri_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            part = tl.dot(tl.trans(g), x, input_precision=PRECISION)
+            tl.store(part_a1_ptr + rr[:, None] * N + rn[None, :], part, mask=r_ok[:, None] & n_ok[None, :])
+
+    if COMPUTE_DX or DROPOUT:
+        # tile by tile: dY·W's K loop alone, then dX's adapter term (g·A₁)⊙keep/(1−p) and, with dropout, the
+        # tile's share of dA₁ = gᵀ·d(x) with the same mask (drawn once per element in the backward: where its
+        # 128-row tiles spilled anyway, compile_all). Not pipelined: in the split (no K loop inside) Triton would
+        # multi-buffer the x and dX tiles, past the shared memory of the 128-row tiles with dropout
+        for pid_n in tl.range(first, last, num_stages=1):
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            if COMPUTE_DX:
+                if BASE:
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for step in range(0, k_steps):
+                        # each tile starts its K loop at another chunk: no dY pointer is the same in every
+                        # tile, so none is hoisted out of the loop over tiles into registers held through it
+                        rows = ((step + pid_n) % k_steps) * BLOCK_K + rk
+                        k_ok = rows < K
+                        dy = tl.load(dy_rows + ri[:, None] * stride_dym + rows[None, :] * stride_dyk,
+                                     mask=ri_ok[:, None] & k_ok[None, :], other=0.0)
+                        wt = _load_weight(w_ptr, rows[:, None].to(tl.int64) * stride_wk + rn[None, :] * stride_wn,
+                                          k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                                          offset_ptr, dy_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+                        acc = _dot(dy, wt, acc, PRECISION)
+                else:  # the cuBLAS split: dX holds dY·W already
+                    acc = tl.load(dx_rows + ri[:, None] * stride_dxm + rn[None, :] * stride_dxn,
+                                  mask=ri_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            # g, the mask and A₁'s columns loaded after the K loop, so none holds registers through it
+            g = tl.load(g_rows + ri[:, None] * RANK + rr[None, :], mask=ri_ok[:, None] & r_ok[None, :], other=0.0)
             if DROPOUT:
-                adapter = adapter * keep
-            if not BASE:  # the cuBLAS split: dX holds dY·W already
-                acc = tl.load(dx_ptr + rm[:, None] * stride_dxm + rn[None, :] * stride_dxn,
-                              mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            acc += adapter
-            tl.store(dx_ptr + rm[:, None] * stride_dxm + rn[None, :] * stride_dxn, acc.to(dx_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn, mask=m_ok[:, None] & n_ok[None, :],
-                    other=0.0).to(tl.float32)
-        if DROPOUT:
-            x = x * keep
-        part = tl.dot(tl.trans(g), x, input_precision=PRECISION)  # this row tile's share of dA₁ = gᵀ·d(x)
-        tl.store(part_a1_ptr + tl.cast(pid_m, tl.int64) * RANK * N + rr[:, None] * N + rn[None, :], part,
-                 mask=r_ok[:, None] & n_ok[None, :])
+                # the mask as a 0/1 fp32 factor: one i1 tensor used in two layouts does not lower in Triton 3.6
+                keep = _keep(seed_ptr, row0 + ri, pid_n * BLOCK_N, BLOCK_N, dropout_p).to(tl.float32)
+            if COMPUTE_DX:
+                a1 = tl.load(a1_ptr + rr[:, None] * N + rn[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                             other=0.0).to(tl.float32)  # A₁ as given (fp32 from LoRA2Linear; any float dtype)
+                adapter = tl.dot(g, a1, input_precision=PRECISION)
+                if DROPOUT:
+                    adapter = adapter * keep
+                acc += adapter
+                tl.store(dx_rows + ri[:, None] * stride_dxm + rn[None, :] * stride_dxn,
+                         acc.to(dx_ptr.dtype.element_ty), mask=ri_ok[:, None] & n_ok[None, :])
+            if DROPOUT:
+                x = tl.load(x_rows + ri[:, None] * stride_xm + rn[None, :] * stride_xn,
+                            mask=ri_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                x = x * keep
+                part = tl.dot(tl.trans(g), x, input_precision=PRECISION)
+                tl.store(part_a1_ptr + rr[:, None] * N + rn[None, :], part, mask=r_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -496,65 +558,56 @@ ALL_CONFIGS = MATMUL_CONFIGS + IEEE_CONFIGS + QUANT_CONFIGS  # appended: SPILLS 
 # `compile_all --resources` over the whole grid (ptxas -v, Triton 3.6; k = 1, 8, 16 for BLOCK_R 16 and
 # k = 32 for 32, r = 8 and 32, dropout 0 and 0.1; 2026-12-04). The autotuner never runs them on that GPU,
 # and the compile test fails on any spill not listed here, so the list stays true. Every key keeps at least
-# one config (at k = 32 with dropout only the 8-warp tiles of the 4-bit set: see wide_rank_band).
+# one config (at k = 32 with dropout only the 8-warp tiles of the 4-bit set: see eight_warp_tiles).
 SPILLS = {
-    (80, "dx", 2, False, 0, 16), (80, "dx", 2, False, 0, 32), (80, "dx", 2, False, 1, 32),
-    (80, "dx", 2, False, 2, 32), (80, "dx", 2, False, 3, 32), (80, "dx", 2, True, 0, 16), (80, "dx", 2, True, 0, 32),
-    (80, "dx", 2, True, 1, 16), (80, "dx", 2, True, 1, 32), (80, "dx", 2, True, 2, 16), (80, "dx", 2, True, 2, 32),
-    (80, "dx", 2, True, 3, 16), (80, "dx", 2, True, 3, 32), (80, "dx", 2, True, 7, 32), (80, "dx", 4, False, 6, 32),
+    (80, "dx", 2, False, 0, 16), (80, "dx", 2, False, 0, 32), (80, "dx", 2, False, 3, 32), (80, "dx", 2, True, 0, 16),
+    (80, "dx", 2, True, 0, 32), (80, "dx", 2, True, 1, 16), (80, "dx", 2, True, 1, 32), (80, "dx", 2, True, 2, 16),
+    (80, "dx", 2, True, 2, 32), (80, "dx", 2, True, 3, 16), (80, "dx", 2, True, 3, 32), (80, "dx", 2, True, 4, 16),
+    (80, "dx", 2, True, 4, 32), (80, "dx", 2, True, 7, 16), (80, "dx", 2, True, 7, 32), (80, "dx", 2, True, 8, 32),
     (80, "dx", 4, True, 5, 16), (80, "dx", 4, True, 6, 32), (80, "forward", 2, False, 0, 16),
-    (80, "forward", 2, False, 0, 32), (80, "forward", 2, False, 1, 16), (80, "forward", 2, False, 2, 16),
-    (80, "forward", 2, False, 2, 32), (80, "forward", 2, False, 3, 32), (80, "forward", 2, True, 0, 16),
-    (80, "forward", 2, True, 0, 32), (80, "forward", 2, True, 1, 16), (80, "forward", 2, True, 1, 32),
-    (80, "forward", 2, True, 2, 16), (80, "forward", 2, True, 2, 32), (80, "forward", 2, True, 3, 16),
-    (80, "forward", 2, True, 3, 32), (80, "forward", 2, True, 7, 32), (80, "forward", 2, True, 8, 32),
-    (80, "forward", 4, True, 5, 16), (90, "dx", 2, False, 0, 32), (90, "dx", 2, False, 1, 32),
-    (90, "dx", 2, False, 3, 32), (90, "dx", 2, True, 0, 16), (90, "dx", 2, True, 0, 32), (90, "dx", 2, True, 1, 16),
-    (90, "dx", 2, True, 1, 32), (90, "dx", 2, True, 2, 16), (90, "dx", 2, True, 2, 32), (90, "dx", 2, True, 3, 16),
-    (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 7, 32), (90, "dx", 4, False, 6, 32), (90, "dx", 4, True, 6, 32),
-    (90, "forward", 2, False, 0, 32), (90, "forward", 2, False, 2, 32), (90, "forward", 2, False, 3, 32),
-    (90, "forward", 2, True, 0, 16), (90, "forward", 2, True, 0, 32), (90, "forward", 2, True, 1, 32),
-    (90, "forward", 2, True, 2, 32), (90, "forward", 2, True, 3, 32), (90, "forward", 2, True, 4, 32),
-    (90, "forward", 2, True, 7, 32), (90, "forward", 4, True, 5, 32), (90, "forward", 4, True, 6, 16),
+    (80, "forward", 2, False, 0, 32), (80, "forward", 2, False, 3, 32), (80, "forward", 2, True, 0, 16),
+    (80, "forward", 2, True, 0, 32), (80, "forward", 2, True, 3, 32), (80, "forward", 2, True, 4, 16),
+    (80, "forward", 4, True, 5, 16), (90, "dx", 2, False, 3, 32), (90, "dx", 2, False, 4, 32),
+    (90, "dx", 2, True, 0, 16), (90, "dx", 2, True, 0, 32), (90, "dx", 2, True, 1, 16), (90, "dx", 2, True, 1, 32),
+    (90, "dx", 2, True, 2, 16), (90, "dx", 2, True, 2, 32), (90, "dx", 2, True, 3, 16), (90, "dx", 2, True, 3, 32),
+    (90, "dx", 2, True, 4, 32), (90, "dx", 2, True, 7, 16), (90, "dx", 2, True, 7, 32), (90, "dx", 4, True, 6, 32),
+    (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 3, 32),
 }
 # The same for the 4-bit kernels (`compile_all --resources --cases 4bit`: k = 1, 8, 16, 32, NF4 with and
 # without double quantisation, and dropout at k = 8; the union of the two quant levels).
 QUANT_SPILLS = {
-    (80, "dx", 2, False, 3, 16), (80, "dx", 2, False, 3, 32), (80, "dx", 2, False, 7, 32),
-    (80, "dx", 2, False, 8, 16), (80, "dx", 2, True, 3, 16), (80, "dx", 2, True, 3, 32), (80, "dx", 2, True, 4, 16),
-    (80, "dx", 2, True, 7, 16), (80, "dx", 2, True, 7, 32), (80, "dx", 2, True, 8, 16), (80, "dx", 2, True, 8, 32),
-    (80, "forward", 2, False, 3, 16), (80, "forward", 2, False, 3, 32), (80, "forward", 2, False, 4, 16),
-    (80, "forward", 2, False, 7, 16), (80, "forward", 2, False, 7, 32), (80, "forward", 2, False, 8, 16),
-    (80, "forward", 2, False, 8, 32), (80, "forward", 2, True, 3, 16), (80, "forward", 2, True, 3, 32),
-    (80, "forward", 2, True, 4, 16), (80, "forward", 2, True, 4, 32), (80, "forward", 2, True, 7, 16),
-    (80, "forward", 2, True, 7, 32), (80, "forward", 2, True, 8, 16), (90, "dx", 2, False, 3, 32),
-    (90, "dx", 2, False, 7, 32), (90, "dx", 2, True, 3, 16), (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 7, 16),
-    (90, "dx", 2, True, 7, 32), (90, "forward", 2, False, 3, 32), (90, "forward", 2, False, 7, 16),
-    (90, "forward", 2, True, 3, 32),
+    (80, "dx", 2, False, 3, 16), (80, "dx", 2, False, 3, 32), (80, "dx", 2, False, 4, 16),
+    (80, "dx", 2, False, 7, 16), (80, "dx", 2, False, 9, 16), (80, "dx", 2, True, 3, 16), (80, "dx", 2, True, 3, 32),
+    (80, "dx", 2, True, 4, 32), (80, "dx", 2, True, 7, 16), (80, "dx", 2, True, 7, 32), (80, "dx", 2, True, 8, 32),
+    (80, "dx", 2, True, 9, 32), (80, "forward", 2, False, 3, 16), (80, "forward", 2, False, 3, 32),
+    (80, "forward", 2, False, 4, 16), (80, "forward", 2, False, 4, 32), (80, "forward", 2, False, 7, 16),
+    (80, "forward", 2, False, 7, 32), (80, "forward", 2, False, 8, 16), (80, "forward", 2, False, 8, 32),
+    (80, "forward", 2, True, 3, 16), (80, "forward", 2, True, 3, 32), (80, "forward", 2, True, 4, 32),
+    (80, "forward", 2, True, 7, 16), (80, "forward", 2, True, 7, 32), (90, "dx", 2, False, 3, 32),
+    (90, "dx", 2, True, 3, 16), (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 7, 16), (90, "dx", 2, True, 7, 32),
+    (90, "forward", 2, False, 3, 32), (90, "forward", 2, False, 7, 16), (90, "forward", 2, True, 3, 32),
 }
 # The same for the cuBLAS split's kernels (BASE False: `compile_all --resources --cases split`; the split is
 # not offered to fp32 inputs under IEEE precision, whose both FMA tiles spill at k = 32).
 SPLIT_SPILLS = {
-    (80, "dx", 2, False, 0, 16), (80, "dx", 2, False, 0, 32), (80, "dx", 2, False, 1, 32),
-    (80, "dx", 2, False, 3, 32), (80, "dx", 2, True, 0, 16), (80, "dx", 2, True, 0, 32), (80, "dx", 2, True, 1, 16),
-    (80, "dx", 2, True, 1, 32), (80, "dx", 2, True, 2, 16), (80, "dx", 2, True, 2, 32), (80, "dx", 2, True, 3, 16),
-    (80, "dx", 2, True, 3, 32), (80, "dx", 2, True, 7, 32), (80, "dx", 4, False, 3, 32), (80, "dx", 4, False, 5, 32),
-    (80, "dx", 4, False, 6, 16), (80, "dx", 4, False, 6, 32), (80, "dx", 4, True, 3, 16), (80, "dx", 4, True, 3, 32),
-    (80, "dx", 4, True, 6, 32), (80, "dx", 4, True, 7, 32), (80, "forward", 2, False, 0, 16),
-    (80, "forward", 2, False, 0, 32), (80, "forward", 2, False, 2, 32), (80, "forward", 2, True, 0, 16),
-    (80, "forward", 2, True, 0, 32), (80, "forward", 2, True, 2, 32), (80, "forward", 4, False, 3, 32),
-    (80, "forward", 4, False, 5, 32), (80, "forward", 4, False, 6, 32), (80, "forward", 4, True, 3, 32),
-    (80, "forward", 4, True, 5, 32), (80, "forward", 4, True, 6, 32), (90, "dx", 2, False, 0, 32),
-    (90, "dx", 2, False, 1, 32), (90, "dx", 2, False, 3, 32), (90, "dx", 2, False, 7, 32), (90, "dx", 2, True, 0, 16),
-    (90, "dx", 2, True, 0, 32), (90, "dx", 2, True, 1, 32), (90, "dx", 2, True, 2, 16), (90, "dx", 2, True, 2, 32),
-    (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 7, 32), (90, "dx", 4, False, 3, 32), (90, "dx", 4, False, 5, 32),
-    (90, "dx", 4, False, 6, 16), (90, "dx", 4, False, 6, 32), (90, "dx", 4, True, 2, 16), (90, "dx", 4, True, 2, 32),
-    (90, "dx", 4, True, 3, 16), (90, "dx", 4, True, 3, 32), (90, "dx", 4, True, 6, 32), (90, "dx", 4, True, 7, 32),
-    (90, "forward", 2, False, 0, 16), (90, "forward", 2, False, 0, 32), (90, "forward", 2, False, 2, 32),
-    (90, "forward", 2, True, 0, 16), (90, "forward", 2, True, 0, 32), (90, "forward", 2, True, 2, 32),
-    (90, "forward", 4, False, 2, 32), (90, "forward", 4, False, 5, 32), (90, "forward", 4, False, 6, 32),
-    (90, "forward", 4, True, 2, 32), (90, "forward", 4, True, 3, 32), (90, "forward", 4, True, 5, 32),
-    (90, "forward", 4, True, 6, 32),
+    (80, "dx", 2, False, 0, 16), (80, "dx", 2, False, 0, 32), (80, "dx", 2, False, 3, 32), (80, "dx", 2, True, 0, 16),
+    (80, "dx", 2, True, 0, 32), (80, "dx", 2, True, 1, 16), (80, "dx", 2, True, 1, 32), (80, "dx", 2, True, 2, 16),
+    (80, "dx", 2, True, 2, 32), (80, "dx", 2, True, 3, 16), (80, "dx", 2, True, 3, 32), (80, "dx", 2, True, 4, 32),
+    (80, "dx", 2, True, 7, 16), (80, "dx", 2, True, 7, 32), (80, "dx", 2, True, 8, 32), (80, "dx", 4, False, 3, 32),
+    (80, "dx", 4, True, 3, 16), (80, "dx", 4, True, 3, 32), (80, "dx", 4, True, 4, 16), (80, "dx", 4, True, 4, 32),
+    (80, "dx", 4, True, 7, 16), (80, "dx", 4, True, 7, 32), (80, "dx", 4, True, 8, 32),
+    (80, "forward", 2, False, 0, 16), (80, "forward", 2, False, 0, 32), (80, "forward", 2, False, 3, 32),
+    (80, "forward", 2, True, 0, 16), (80, "forward", 2, True, 0, 32), (80, "forward", 2, True, 3, 32),
+    (80, "forward", 4, False, 3, 16), (80, "forward", 4, False, 3, 32), (80, "forward", 4, False, 7, 32),
+    (80, "forward", 4, True, 3, 16), (80, "forward", 4, True, 3, 32), (80, "forward", 4, True, 7, 32),
+    (90, "dx", 2, False, 0, 16), (90, "dx", 2, False, 0, 32), (90, "dx", 2, False, 3, 32), (90, "dx", 2, True, 0, 16),
+    (90, "dx", 2, True, 0, 32), (90, "dx", 2, True, 1, 16), (90, "dx", 2, True, 1, 32), (90, "dx", 2, True, 2, 16),
+    (90, "dx", 2, True, 2, 32), (90, "dx", 2, True, 3, 16), (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 7, 16),
+    (90, "dx", 2, True, 7, 32), (90, "dx", 4, False, 3, 32), (90, "dx", 4, False, 7, 32), (90, "dx", 4, True, 2, 16),
+    (90, "dx", 4, True, 2, 32), (90, "dx", 4, True, 3, 16), (90, "dx", 4, True, 3, 32), (90, "dx", 4, True, 4, 32),
+    (90, "dx", 4, True, 7, 16), (90, "dx", 4, True, 7, 32), (90, "dx", 4, True, 8, 32),
+    (90, "forward", 2, False, 0, 16), (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 0, 16),
+    (90, "forward", 2, True, 3, 32), (90, "forward", 4, False, 3, 32), (90, "forward", 4, True, 3, 32),
 }
 FINISH_BLOCK = 128
 CAST_BLOCK = 1024
@@ -585,11 +638,13 @@ def shared_memory_bytes(config: triton.Config, element_size: int, rank_block: in
     return per_stage * config.num_stages + (config.num_stages - 1) * w_tile * element_size + 6144
 
 
-def wide_rank_band(kernel: str, flags: dict) -> bool:
-    """A launch whose rank tile is 32 wide and that draws dropout or runs the split's band: every 4-warp
-    tensor-core tile spills there (compile_all over the whole grid, 2026-12-04), so the 8-warp tiles of the
-    4-bit set are candidates too."""
-    return flags["BLOCK_R"] >= 32 and (bool(flags["DROPOUT"]) or not flags.get("BASE", True))
+def eight_warp_tiles(kernel: str, flags: dict) -> bool:
+    """Launches that may also take the 8-warp tiles of the 4-bit set: a 32-wide rank tile with dropout or the
+    split's band (every 4-warp tensor-core tile spills there, compile_all over the whole grid, 2026-12-04), and
+    dX with dropout (its epilogue holds the mask, the x tile and two dots: on sm_80 every 4-warp tile spilled
+    at k ≤ 16 too)."""
+    dropout = bool(flags["DROPOUT"])
+    return (flags["BLOCK_R"] >= 32 and (dropout or not flags.get("BASE", True))) or (kernel == "dx" and dropout)
 
 
 def config_excluded(config: triton.Config, kernel: str, arch: int, element_size: int, flags: dict,
@@ -598,8 +653,8 @@ def config_excluded(config: triton.Config, kernel: str, arch: int, element_size:
     ieee = flags["PRECISION"] == "ieee" and element_size == 4
     if ieee != (config in IEEE_CONFIGS):
         return "IEEE fp32 dots take the FMA tiles, tensor-core dots the others"
-    if config in QUANT_CONFIGS and not flags.get("QUANT") and not wide_rank_band(kernel, flags):
-        return "a 4-bit weight's tiles: for 4-bit launches (and k > 16 with dropout or the split) only"
+    if config in QUANT_CONFIGS and not flags.get("QUANT") and not eight_warp_tiles(kernel, flags):
+        return "a 4-bit weight's tiles: for 4-bit launches (and eight_warp_tiles) only"
     if shared_memory_bytes(config, element_size, flags["BLOCK_R"], flags.get("QUANT", 0)) > shared_memory_limit:
         return "does not fit this GPU's shared memory"
     table = QUANT_SPILLS if flags.get("QUANT") else SPILLS if flags.get("BASE", True) else SPLIT_SPILLS
@@ -615,8 +670,16 @@ def _prune(kernel: str):
         limit = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
         size = named_args["x_ptr" if kernel == "forward" else "dy_ptr"].element_size()
         kept = [c for c in configs if config_excluded(c, kernel, 10 * major + minor, size, kwargs, limit) is None]
+        if kept:
+            return kept
+        # Every candidate spills on this GPU (of the whole grid only dX over a 4-bit W with dropout at k = 32 on
+        # sm_80, by 4 B at best): the smallest tile of the launch's kind runs, and the log says so
         ieee = kwargs["PRECISION"] == "ieee" and size == 4
-        return kept or [c for c in configs if (c in IEEE_CONFIGS) == ieee and c not in QUANT_CONFIGS][-1:]
+        kind = QUANT_CONFIGS if kwargs.get("QUANT") else [c for c in configs
+                                                           if (c in IEEE_CONFIGS) == ieee and c not in QUANT_CONFIGS]
+        logger.warning("lora2 kernels: every %s config spills registers on sm_%d%d for %s; running %s", kernel, major,
+                       minor, {k: kwargs[k] for k in ("DROPOUT", "QUANT", "BLOCK_R") if k in kwargs}, kind[-1])
+        return kind[-1:]
 
     return prune
 
@@ -690,12 +753,10 @@ def rank_block(rank: int) -> int:
 
 
 def row_bands(dropout_p: float, quant: "Quant4 | None", base: bool = True) -> bool:
-    """Whether the forward runs row bands (see forward_kernel): with dropout, over a 16-bit W, and always in
-    the cuBLAS split (no W in its K loop: the band's other tiles have no K loop at all). Without dropout the
-    band's second K loop would only save the rank-k product's recompute (BLOCK_R / BLOCK_N of the GEMM, 6 %
-    at 256-wide tiles) and cost the 256-wide tiles their registers; over a 4-bit W the band spilled on sm_80
-    in every config (compile_all, Triton 3.6)."""
-    return (dropout_p > 0 and quant is None) or not base
+    """Whether the forward runs row bands (see forward_kernel): over a 16-bit W, and in the cuBLAS split; not
+    over a 4-bit W kept packed, where the band spilled on sm_80 in every config (compile_all, Triton 3.6).
+    (dX always runs them.)"""
+    return quant is None or not base
 
 
 # Column groups under the interpreter (CPU tensors, CI): one, so a row tile's rank-k product and dropout
@@ -886,11 +947,11 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
     if y is None:
         y = torch.empty((m, out_features), device=x.device, dtype=x.dtype)
     h = torch.empty((m, f.k), device=x.device, dtype=torch.float32)
-    # a slot per further column group for its copy of h (see forward_kernel); freed with this call
+    # z = h·Cᵀ, a slot per column group (see forward_kernel); freed with this call
     bands = row_bands(dropout_p, quant, base)
-    more = max_column_groups(m, out_features, x.device) - 1 if bands else 0
-    h_more = torch.empty((more, m, f.k), device=x.device, dtype=torch.float32) if more else h
-    args = (x, weight, bias if bias is not None else y, a1, *f.core_args(), f.p_up, y, h, h_more, m, out_features, k_in,
+    z = torch.empty((max_column_groups(m, out_features, x.device), m, f.k), device=x.device,
+                    dtype=torch.float32) if bands else h
+    args = (x, weight, bias if bias is not None else y, a1, *f.core_args(), f.p_up, y, h, z, m, out_features, k_in,
             f.r, f.k, token_bucket(m), float(f.alpha),
             float(dropout_p), seed_pointer(seed, dropout_p, x), x.stride(0), x.stride(1), *w_strides, y.stride(0),
             y.stride(1),
@@ -926,8 +987,11 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
     if dx is None and compute_dx:
         dx = torch.empty((m, in_features), device=dy.device, dtype=dy.dtype)
     out = dx if dx is not None else partials["a1"]  # a pointer the launch never writes without dX
+    # g = dL/dh, a slot per column group (see dx_kernel); freed with this call
+    grad_h = torch.empty((max_column_groups(m, in_features, dy.device), m, f.k), device=dy.device,
+                         dtype=torch.float32)
     args = (dy, weight if weight is not None else dy, x, h, f.q_down, b2, *f.core_args(), out,
-            partials["b2"], partials["a1"], partials["core"], m, in_features, out_features, f.r, f.k,
+            partials["b2"], partials["a1"], partials["core"], grad_h, m, in_features, out_features, f.r, f.k,
             token_bucket(m), float(f.alpha), float(dropout_p), seed_pointer(seed, dropout_p, dy), dy.stride(0),
             dy.stride(1), *w_strides,
             x.stride(0), x.stride(1), out.stride(0) if dx is not None else 0, out.stride(1) if dx is not None else 0,
@@ -938,7 +1002,8 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
              "BASE": base, "BLOCK_R": block_r, "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
-        return (cdiv(m, meta["BLOCK_M"]) * (cdiv(in_features, meta["BLOCK_N"]) + 1),)
+        row_tiles = cdiv(m, meta["BLOCK_M"])
+        return (row_tiles * column_groups(row_tiles, cdiv(in_features, meta["BLOCK_N"]), dy.device),)
 
     return Launch("dx", args, flags, grid, dy.device), dx, partials
 
@@ -963,8 +1028,19 @@ def finish_launch(partials: dict[str, torch.Tensor], tiles: int, f: Factors
     return Launch("finish", args, flags, lambda meta: (programs,), device), grads
 
 
+# The row bands address a row tile's rows with int32 offsets (row · stride < 2³¹ for up to 128 rows): what
+# keeps their loops over column tiles in registers (forward_kernel). A 2-D input whose rows lie further apart
+# than this is refused, not read wrong.
+MAX_ROW_STRIDE = (2**31 - 1) // max(c.kwargs["BLOCK_M"] for c in ALL_CONFIGS)
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+    """A 2-D view (tokens × features) of ``t``, as the kernels address it."""
+    flat = t.reshape(-1, t.shape[-1])
+    if flat.shape[0] > 1 and flat.stride(0) > MAX_ROW_STRIDE:
+        raise ValueError(f"lora2 kernels: rows {flat.stride(0)} elements apart (at most {MAX_ROW_STRIDE}); the "
+                         "kernels address rows with 32-bit offsets: pass a contiguous tensor (.contiguous())")
+    return flat
 
 
 def _weight_view(weight: torch.Tensor, quant: Quant4 | None, fan_in_fan_out: bool, backward: bool

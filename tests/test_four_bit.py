@@ -95,6 +95,23 @@ def test_fused_4bit_kernels_match_the_oracle(case, rows, quant_type, double_quan
     assert_matches_oracle(got, expected, tolerances(raw, x, grad_y, dtype, expected), f"{quant_type} {dtype}")
 
 
+@pytest.mark.parametrize("quant_type, double_quant, dtype", [("nf4", True, torch.bfloat16), ("fp4", False, torch.float32)],
+                         ids=["nf4-dq-bfloat16", "fp4-float32"])
+def test_the_plain_gemm_form_over_a_4bit_w_matches_the_oracle_too(quant_type, double_quant, dtype, monkeypatch):
+    """On Hopper the 4-bit K loops compute yᵀ = W·xᵀ and dXᵀ = Wᵀ·dYᵀ (the dequantised tile as the wgmma's register
+    operand), which the interpreter runs by default; sm_80 keeps the plain form (lora_linear.w_as_a). Both match."""
+    from lora2_kernels.triton_kernels import lora_linear
+
+    monkeypatch.setattr(lora_linear, "INTERPRETER_W_AS_A", False)
+    layer, raw = make_layer()
+    q4, raw = quantised(layer, raw, quant_type, double_quant)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(37, raw["weight"].shape[1], generator=g).to(dtype)
+    grad_y = torch.randn(37, raw["weight"].shape[0], generator=g).to(dtype)
+    expected = oracle(raw, x, grad_y)
+    assert_matches_oracle(run_layer(q4, x, grad_y), expected, tolerances(raw, x, grad_y, dtype, expected), "plain form")
+
+
 @pytest.mark.parametrize("rows", [37, 530], ids=["in-the-k-loop", "dequantised-once"])
 def test_double_quantised_weights_of_several_nested_groups_match_the_oracle(rows):
     """Every other 4-bit kernel case fits its absmax in one nested group; here blocks 256-389 take the

@@ -234,6 +234,8 @@ def compile_case(case: str, arch: int, resources: bool = False, check_exclusions
         # read the registers and spills off Triton's own ptxas run (so no cached kernel may skip it)
         os.environ.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
     launch = launches(RANKS)[case]
+    if "W_AS_A" in launch.flags:  # the host decides it from the GPU (lora_linear.w_as_a): as on an sm_``arch`` one
+        launch.flags["W_AS_A"] = bool(launch.flags["QUANT"]) and arch >= 90
     fn = kernels.KERNELS[launch.kernel]
     element_size = launch.args[0].element_size()
     results = []

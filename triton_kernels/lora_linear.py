@@ -185,7 +185,7 @@ def forward_kernel(
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
     absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     HAS_BIAS: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr, W_AS_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -222,7 +222,7 @@ def forward_kernel(
         # h = d(x)·A₁ᵀ in a K loop of its own (x is read once more than the GEMM reads it, from L2 mostly)
         _, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rm, m_ok, m_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
                                      stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
-                                     code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, False,
+                                     code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, False, False,
                                      BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         if group == 0:  # the h the backward reads (every group computed the same rows)
             tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
@@ -274,7 +274,7 @@ def forward_kernel(
         # with dropout the mask is drawn in every column tile here
         acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
                                        stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
-                                       code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BASE,
+                                       code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BASE, W_AS_A,
                                        BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         # the k × k core recomputed here, per tile (a few thousand FMAs), not kept in registers through the K loop
         core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
@@ -289,10 +289,13 @@ def forward_kernel(
 def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
                      stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
                      offset_ptr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
-                     QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr, W_AS_A: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(x·Wᵀ tile, h = d(x)·A₁ᵀ rows) in one K loop: x is read once for both (BASE False: h only)."""
+    """(x·Wᵀ tile, h = d(x)·A₁ᵀ rows) in one K loop: x is read once for both (BASE False: h only). Over a
+    4-bit W the GEMM runs transposed (see below)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + rk
@@ -301,15 +304,26 @@ def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, 
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if BASE:
-            w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn,
-                             k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                             x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
-            acc = _dot(x, w, acc, PRECISION)
+            if W_AS_A:
+                # yᵀ = W·xᵀ: the dequantised W tile is the wgmma's A operand, which may come from registers (as
+                # B it went through shared memory, and Triton 3.6 waited for every wgmma reading it: a
+                # serialised K loop); the accumulator is transposed once, after the loop
+                w_t = _load_weight(w_ptr, rn[:, None] * stride_wn + cols[None, :] * stride_wk,
+                                   n_ok[:, None] & k_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                                   offset_ptr, x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+                acc_t = _dot(w_t, tl.trans(x), acc_t, PRECISION)
+            else:
+                w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn,
+                                 k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                                 offset_ptr, x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+                acc = _dot(x, w, acc, PRECISION)
         if DROPOUT:
             x = tl.where(_keep(seed_ptr, rm, k0, BLOCK_K, dropout_p), x, 0.0).to(x.dtype)
         hidden = _dot(x, a1, hidden, PRECISION)
     if DROPOUT:
         hidden = hidden * (1.0 / (1.0 - dropout_p))
+    if W_AS_A and BASE:
+        acc = tl.trans(acc_t)
     return acc, hidden
 
 
@@ -337,7 +351,7 @@ def dx_kernel(
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_xm, stride_xn, stride_dxm, stride_dxn, stride_b2k, stride_b2r,
     absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     COMPUTE_DX: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr, W_AS_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -442,6 +456,7 @@ def dx_kernel(
             if COMPUTE_DX:
                 if BASE:
                     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                     for step in range(0, k_steps):
                         # each tile starts its K loop at another chunk: no dY pointer is the same in every
                         # tile, so none is hoisted out of the loop over tiles into registers held through it
@@ -449,10 +464,18 @@ def dx_kernel(
                         k_ok = rows < K
                         dy = tl.load(dy_rows + ri[:, None] * stride_dym + rows[None, :] * stride_dyk,
                                      mask=ri_ok[:, None] & k_ok[None, :], other=0.0)
-                        wt = _load_weight(w_ptr, rows[:, None].to(tl.int64) * stride_wk + rn[None, :] * stride_wn,
-                                          k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
-                                          offset_ptr, dy_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
-                        acc = _dot(dy, wt, acc, PRECISION)
+                        if W_AS_A:  # dXᵀ = Wᵀ·dYᵀ: the dequantised tile as the wgmma's register operand
+                            w_t = _load_weight(w_ptr, rn[:, None] * stride_wn + rows[None, :].to(tl.int64) * stride_wk,
+                                               n_ok[:, None] & k_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr,
+                                               code2_ptr, offset_ptr, dy_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+                            acc_t = _dot(w_t, tl.trans(dy), acc_t, PRECISION)
+                        else:
+                            wt = _load_weight(w_ptr, rows[:, None].to(tl.int64) * stride_wk + rn[None, :] * stride_wn,
+                                              k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr,
+                                              code2_ptr, offset_ptr, dy_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+                            acc = _dot(dy, wt, acc, PRECISION)
+                    if W_AS_A:
+                        acc = tl.trans(acc_t)
                 else:  # the cuBLAS split: dX holds dY·W already
                     acc = tl.load(dx_rows + ri[:, None] * stride_dxm + rn[None, :] * stride_dxn,
                                   mask=ri_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
@@ -584,8 +607,8 @@ QUANT_SPILLS = {
     (80, "forward", 2, False, 7, 32), (80, "forward", 2, False, 8, 16), (80, "forward", 2, False, 8, 32),
     (80, "forward", 2, True, 3, 16), (80, "forward", 2, True, 3, 32), (80, "forward", 2, True, 4, 32),
     (80, "forward", 2, True, 7, 16), (80, "forward", 2, True, 7, 32), (90, "dx", 2, False, 3, 32),
-    (90, "dx", 2, True, 3, 16), (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 7, 16), (90, "dx", 2, True, 7, 32),
-    (90, "forward", 2, False, 3, 32), (90, "forward", 2, False, 7, 16), (90, "forward", 2, True, 3, 32),
+    (90, "dx", 2, True, 3, 16), (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 4, 32), (90, "dx", 2, True, 7, 16),
+    (90, "dx", 2, True, 7, 32), (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 3, 32),
 }
 # The same for the cuBLAS split's kernels (BASE False: `compile_all --resources --cases split`; the split is
 # not offered to fp32 inputs under IEEE precision, whose both FMA tiles spill at k = 32).
@@ -623,11 +646,14 @@ TENSOR_CORE_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in MATMUL_CONFIGS)
 QUANT_BYTES_PER_ELEMENT = {1: 5, 2: 8}
 
 
-def shared_memory_bytes(config: triton.Config, element_size: int, rank_block: int = 16, quant: int = 0) -> int:
+def shared_memory_bytes(config: triton.Config, element_size: int, rank_block: int = 16, quant: int = 0,
+                        w_as_a: bool = False) -> int:
     """Estimated shared memory of a config's pipelined tiles: x / dY, W and the rank-k tile per stage.
 
     A 4-bit W stages its packed bytes and scales instead, and its dequantised tile is written to shared
-    memory for the dot (one buffer per stage but the last), plus some scratch."""
+    memory for the dot (one buffer per stage but the last), plus some scratch; in the transposed form
+    (``w_as_a``, sm_90) the tile stays in registers and the fp32 accumulator is transposed through shared
+    memory once a tile instead (fitted to compile_all's figures, 2026-12-04: at or above every one)."""
     kw = config.kwargs
     w_tile = kw["BLOCK_K"] * kw["BLOCK_N"]
     if not quant:
@@ -635,6 +661,8 @@ def shared_memory_bytes(config: triton.Config, element_size: int, rank_block: in
         return per_stage * config.num_stages
     per_stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * rank_block) * element_size
     per_stage += w_tile * QUANT_BYTES_PER_ELEMENT[quant]
+    if w_as_a:
+        return per_stage * config.num_stages + kw["BLOCK_M"] * kw["BLOCK_N"] * 4 + 6144
     return per_stage * config.num_stages + (config.num_stages - 1) * w_tile * element_size + 6144
 
 
@@ -655,7 +683,8 @@ def config_excluded(config: triton.Config, kernel: str, arch: int, element_size:
         return "IEEE fp32 dots take the FMA tiles, tensor-core dots the others"
     if config in QUANT_CONFIGS and not flags.get("QUANT") and not eight_warp_tiles(kernel, flags):
         return "a 4-bit weight's tiles: for 4-bit launches (and eight_warp_tiles) only"
-    if shared_memory_bytes(config, element_size, flags["BLOCK_R"], flags.get("QUANT", 0)) > shared_memory_limit:
+    if shared_memory_bytes(config, element_size, flags["BLOCK_R"], flags.get("QUANT", 0),
+                           bool(flags.get("W_AS_A"))) > shared_memory_limit:
         return "does not fit this GPU's shared memory"
     table = QUANT_SPILLS if flags.get("QUANT") else SPILLS if flags.get("BASE", True) else SPLIT_SPILLS
     if (arch, kernel, element_size, bool(flags["DROPOUT"]), ALL_CONFIGS.index(config), flags["BLOCK_R"]) in table:
@@ -879,6 +908,25 @@ class Quant4:
 
 NO_QUANT_FLAGS = {"QUANT": 0, "QBLOCK": 1, "QBLOCK2": 1}
 
+# Over a 4-bit W on Hopper the GEMM runs transposed (yᵀ = W·xᵀ, dXᵀ = Wᵀ·dYᵀ), the dequantised tile as the
+# wgmma's register operand A: as operand B it went through shared memory and Triton 3.6 waited for every
+# wgmma reading it. On sm_80 (mma.sync takes both operands from registers) the plain form stays: the
+# transposed one spilled there. Under the interpreter the transposed form runs; tests set False for the other.
+INTERPRETER_W_AS_A = True
+_CAPABILITY: dict[int, int] = {}
+
+
+def w_as_a(quant: "Quant4 | None", device: torch.device) -> bool:
+    """Whether a launch over ``quant`` (None: a 16-bit W) runs the transposed GEMM (the W_AS_A constexpr)."""
+    if quant is None:
+        return False
+    if device.type != "cuda":
+        return INTERPRETER_W_AS_A
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0]
+    return _CAPABILITY[index] >= 9
+
 
 def _quant_args(weight: torch.Tensor, quant: Quant4 | None) -> tuple:
     """The 4-bit arguments of a launch; for a plain W, pointers the kernel never reads."""
@@ -958,7 +1006,7 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
             *_quant_args(weight, quant))
     flags = {"HAS_BIAS": bias is not None, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
              "PRECISION": dot_precision(x.dtype), **(quant.flags() if quant is not None else NO_QUANT_FLAGS),
-             "BASE": base, "BLOCK_R": rank_block(f.k), "BLOCK_RR": rank_block(f.r)}
+             "BASE": base, "W_AS_A": w_as_a(quant, x.device), "BLOCK_R": rank_block(f.k), "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
         row_tiles, col_tiles = cdiv(m, meta["BLOCK_M"]), cdiv(out_features, meta["BLOCK_N"])
@@ -999,7 +1047,8 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
     flags = {"COMPUTE_DX": compute_dx, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
              "PRECISION": dot_precision(dy.dtype),
              **(quant.flags() if quant is not None and compute_dx else NO_QUANT_FLAGS),
-             "BASE": base, "BLOCK_R": block_r, "BLOCK_RR": rank_block(f.r)}
+             "BASE": base, "W_AS_A": w_as_a(quant if compute_dx else None, dy.device), "BLOCK_R": block_r,
+             "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
         row_tiles = cdiv(m, meta["BLOCK_M"])

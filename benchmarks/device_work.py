@@ -227,9 +227,39 @@ def regime_counts(device: str = "cpu", in_f: int = 48, out_f: int = 40, tokens: 
     return counts
 
 
+def four_bit_counts(device: str = "cpu", in_f: int = 64, out_f: int = 48, token_counts: tuple[int, ...] = (24, 400)
+                    ) -> dict[int, dict[str, int]]:
+    """Over a bitsandbytes NF4 base (issue "Kernels v3", item 4: 4-bit launches counted), per token count:
+    launches per training step of one projection for the frozen Linear4bit (the floor), PEFT QLoRA r=8 and
+    LoRA² through the kernels; fp32 inputs and adapter under bf16 autocast. Up to FUSED_DEQUANT_MAX_TOKENS
+    rows the kernels dequantise W in their K loops; above, one launch more each way dequantises it."""
+    import peft
+    from torch import nn
+
+    from lora2_kernels import LoRA2Linear, four_bit
+
+    counts: dict[int, dict[str, int]] = {}
+    for tokens in token_counts:
+        row = {}
+        for method in ("floor", "peft", "lora2"):
+            torch.manual_seed(0)
+            base = four_bit.quantize_linear(nn.Linear(in_f, out_f), "nf4", compute_dtype=torch.bfloat16, device=device)
+            if method == "lora2":
+                model = _Model(LoRA2Linear.from_linear(base, r=8, k=8, backend="triton"))
+            else:
+                model = _Model(base)
+                if method == "peft":
+                    model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["proj"]))
+            model = model.to(device).train()
+            row[method] = _steady_work(model, torch.randn(tokens, in_f, device=device), torch.bfloat16).total
+        counts[tokens] = row
+    return counts
+
+
 if __name__ == "__main__":  # python -m benchmarks.device_work (CPU: under TRITON_INTERPRET=1)
     import json
     import os
 
     device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-    print(json.dumps({"peers": peer_counts(device), "regimes": regime_counts(device)}))
+    print(json.dumps({"peers": peer_counts(device), "regimes": regime_counts(device),
+                      "4-bit": four_bit_counts(device)}))

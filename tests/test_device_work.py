@@ -10,7 +10,7 @@ import torch
 from conftest import KERNEL_DEVICE, require
 from torch import nn
 
-from benchmarks.device_work import REGIMES, peer_counts, regime_counts, step_work
+from benchmarks.device_work import REGIMES, four_bit_counts, peer_counts, regime_counts, step_work
 from lora2_kernels import LoRA2Linear
 
 IN, OUT, TOKENS = 48, 40, 24
@@ -82,3 +82,19 @@ def test_every_dtype_regime_is_within_two_launches_of_the_frozen_layer():
     assert set(counts) == {regime[0] for regime in REGIMES}
     for name, row in counts.items():
         assert row["floor"] < row["lora2"] <= row["floor"] + 2 < row["peft"], (name, row)
+
+
+def test_over_a_4bit_base_the_kernels_launch_no_more_than_the_frozen_4bit_layer():
+    """Issue "Kernels v3", item 4 (4-bit launches counted): the kernels dequantise W inside their K loops, so a
+    QLoRA² step of one projection launches fewer than bitsandbytes' frozen Linear4bit alone (which dequantises
+    W each way, 8); above FUSED_DEQUANT_MAX_TOKENS rows one dequantising launch each way brings it level. PEFT
+    QLoRA launches several times more."""
+    require("peft", "pip install -e '.[test]' (peft is in the test extra)")
+    require("bitsandbytes", "pip install bitsandbytes==0.50.2")
+    from lora2_kernels.triton_kernels.lora_linear import FUSED_DEQUANT_MAX_TOKENS
+
+    counts = four_bit_counts(KERNEL_DEVICE, token_counts=(24, FUSED_DEQUANT_MAX_TOKENS + 16))
+    in_loop, dequantised = counts[24], counts[FUSED_DEQUANT_MAX_TOKENS + 16]
+    assert in_loop["lora2"] < in_loop["floor"] < in_loop["peft"], in_loop
+    assert dequantised["lora2"] == in_loop["lora2"] + 2, dequantised  # one dequantise launch each way
+    assert dequantised["lora2"] <= dequantised["floor"] < dequantised["peft"], dequantised

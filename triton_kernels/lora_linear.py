@@ -202,7 +202,8 @@ def forward_kernel(
     group, not once per output tile, and the GEMM's K loops hold one dot.
 
     Over a 4-bit W kept packed: a program per (row tile, column tile), which computes h in the K loop it
-    dequantises W in (the band's loops spilled on sm_80 there)."""
+    dequantises W in (the first band design's loops spilled on sm_80 there in every config; the present one
+    is not tried over 4-bit yet)."""
     if QUANT == 0 or not BASE:  # row bands (the host's row_bands)
         row_tiles = tl.cdiv(M, BLOCK_M)
         col_tiles = tl.cdiv(N, BLOCK_N)
@@ -290,8 +291,7 @@ def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, 
                      stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
                      offset_ptr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
                      QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr, W_AS_A: tl.constexpr,
-                     BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """(x·Wᵀ tile, h = d(x)·A₁ᵀ rows) in one K loop: x is read once for both (BASE False: h only). Over a
     4-bit W the GEMM runs transposed (see below)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -783,8 +783,8 @@ def rank_block(rank: int) -> int:
 
 def row_bands(dropout_p: float, quant: "Quant4 | None", base: bool = True) -> bool:
     """Whether the forward runs row bands (see forward_kernel): over a 16-bit W, and in the cuBLAS split; not
-    over a 4-bit W kept packed, where the band spilled on sm_80 in every config (compile_all, Triton 3.6).
-    (dX always runs them.)"""
+    over a 4-bit W kept packed, where the first band design spilled on sm_80 in every config (compile_all,
+    Triton 3.6; the present one is not tried there yet). dX always runs them."""
     return quant is None or not base
 
 

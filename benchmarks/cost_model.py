@@ -10,8 +10,7 @@ The LoRA² launches are those of triton_kernels/lora_linear.py (4 a step for bf1
 
     cast     A₁ and B₂ to bf16 (reads fp32, writes bf16)
     forward  x·Wᵀ + h·(B₂C)ᵀ in row bands: h = d(x)·A₁ᵀ once per row tile and column group (the GPU runs
-             as many groups as one wave of programs holds: ``column_groups``); over a 4-bit W kept packed,
-             once per column tile
+             as many groups as one wave of programs holds: ``column_groups``)
     dx       dY·W + g·A₁ in row bands: gB = dY·B₂ once per row tile and column group, dB₂ partials
              (zᵀ·dY), dA₁ partials (gᵀ·x: x read once more), per row tile
     finish   the partials summed (read once), the k × k core's gradients
@@ -92,8 +91,8 @@ def lora2_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int 
                    bands: bool = True) -> list[Launch]:
     """The fused LoRA² step (k padded to the rank tile, as the tensor cores compute it). Tiles: the
     128 × 256 config, the one of the Hopper set meant for these shapes (on a GPU the autotuner picks).
-    Row bands: h (forward) and gB (dX) once per row tile and column group; ``bands`` False (a 4-bit W kept
-    packed) computes h in every column tile. With dropout both directions draw one Philox value per x element."""
+    Row bands: h (forward) and gB (dX) once per row tile and column group; ``bands`` False models the
+    per-output-tile schedule of before 2026-12-04 (h in every column tile). With dropout both directions draw one Philox value per x element."""
     rank = max(16, 2 ** math.ceil(math.log2(k)))
     m_tiles = math.ceil(tokens / block_m)
     gemm = 2.0 * tokens * in_f * out_f
@@ -155,7 +154,7 @@ def qlora2_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int
     above, one launch per direction dequantises W into a bf16 buffer and the bf16 kernels follow."""
     from lora2_kernels.triton_kernels.lora_linear import FUSED_DEQUANT_MAX_TOKENS
 
-    launches = lora2_launches(tokens, in_f, out_f, k, element, block_m, bands=tokens > FUSED_DEQUANT_MAX_TOKENS)
+    launches = lora2_launches(tokens, in_f, out_f, k, element, block_m)
     values = in_f * out_f
     if tokens > FUSED_DEQUANT_MAX_TOKENS:
         dequant = Launch("dequantize", 0.0, values * (FOUR_BIT_BYTES + element), alu=DEQUANT_OPS * values)

@@ -11,11 +11,11 @@ Launches of one training step of one layer (counted by tests/test_device_work.py
 ``cast_factors_kernel`` (only where the factors' dtype is not the activations', e.g. an fp32 adapter on a
     bf16 base): A₁ and B₂ in the activation dtype, one launch for both, so no K loop converts an operand
     (a cast inside the loop serialises Hopper's wgmma).
-``forward_kernel``: y and h = d(x)·A₁ᵀ (fp32, saved), in row bands (``row_bands``, ``column_groups``): a
+``forward_kernel``: y and h = d(x)·A₁ᵀ (fp32, saved), in row bands (``column_groups``): a
     program streams its row tile's x once for h (the keep mask drawn there), folds the k × k core in once
     (z = h·Cᵀ), then runs the base GEMM's K loop for each column tile of its run and adds z·B₂ᵀ in the
     epilogue. The rank-k product and the mask cost once per row tile and column group, not once per output
-    tile. (Over a 4-bit W kept packed: a program per output tile, h in the GEMM's K loop.)
+    tile. (Over a 4-bit W on Hopper the GEMM runs transposed, the dequantised tile as the register operand.)
 ``dx_kernel``: row bands as well. A program streams its row tile's dY once for gB = dY·B₂ (group 0 also
     takes the row tile's partials of dB₂ = dYᵀ·(h·Cᵀ) and dC = gBᵀ·h there), turns it into g = gB·C, then runs
     dY·W's K loop for each column tile and adds (g·A₁)⊙keep/(1−p) in the epilogue; the partial of
@@ -164,20 +164,6 @@ def dequantize_kernel(w_ptr, out_ptr, NUMEL, absmax_ptr, code_ptr, absmax2_ptr, 
     tl.store(out_ptr + offs, w, mask=ok)
 
 
-@triton.jit
-def _tile_ids(M, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped program order: GROUP_M row tiles share their weight column tiles while they sit in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def forward_kernel(
     x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr, z_ptr,
@@ -193,109 +179,88 @@ def forward_kernel(
     A₁ (k × K, in x's dtype), B₂ (N × k), h (M × k) are contiguous; z: a (groups, M, k) fp32 scratch. BASE
     False (the cuBLAS split): y already holds x·Wᵀ (a torch.mm before this launch) and the kernel adds the rest.
 
-    Row bands (over a 16-bit W, and in the split): the grid is (row tiles) × (column groups), and a program
-    computes its row tile's y over a contiguous run of column tiles (its group's). It first streams the row
-    tile's x once for h = d(x)·A₁ᵀ (the dropout mask drawn there: once per element with one group a row tile,
-    the interpreter's default and a GPU whose SMs the row tiles fill; more groups, ``column_groups``, keep a
-    GPU busy for few rows), folds the k × k core in once (z = h·Cᵀ), and then, per column tile, runs the base
-    GEMM's K loop alone and adds z·B₂ᵀ in the epilogue. So the rank-k products cost once per row tile and
-    group, not once per output tile, and the GEMM's K loops hold one dot.
+    Row bands: the grid is (row tiles) × (column groups), and a program computes its row tile's y over a
+    contiguous run of column tiles (its group's). It first streams the row tile's x once for h = d(x)·A₁ᵀ (the
+    dropout mask drawn there: once per element with one group a row tile, the interpreter's default and a GPU
+    whose SMs the row tiles fill; more groups, ``column_groups``, keep a GPU busy for few rows), folds the
+    k × k core in once (z = h·Cᵀ), and then, per column tile, runs the base GEMM's K loop alone and adds z·B₂ᵀ
+    in the epilogue. So the rank-k products cost once per row tile and group, not once per output tile, and
+    the GEMM's K loops hold one dot.
 
-    Over a 4-bit W kept packed: a program per (row tile, column tile), which computes h in the K loop it
-    dequantises W in (the first band design's loops spilled on sm_80 there in every config; the present one
-    is not tried over 4-bit yet)."""
-    if QUANT == 0 or not BASE:  # row bands (the host's row_bands)
-        row_tiles = tl.cdiv(M, BLOCK_M)
-        col_tiles = tl.cdiv(N, BLOCK_N)
-        groups = tl.num_programs(0) // row_tiles
-        pid = tl.program_id(0)
-        pid_m = pid % row_tiles  # consecutive programs: other rows, the same W columns (shared in L2)
-        group = pid // row_tiles
-        per_group = tl.cdiv(col_tiles, groups)
-        first = group * per_group
-        last = tl.minimum(first + per_group, col_tiles)
-        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rk = tl.arange(0, BLOCK_K)
-        rr = tl.arange(0, BLOCK_R)
-        m_ok = rm < M
-        r_ok = rr < RANK
+    Over a 4-bit W on Hopper (W_AS_A) the GEMM runs transposed, yᵀ = W·xᵀ: the dequantised W tile is the
+    wgmma's A operand, which may come from registers (as B it went through shared memory, and Triton 3.6
+    waited for every wgmma reading it: a serialised K loop); the accumulator is transposed once a tile."""
+    row_tiles = tl.cdiv(M, BLOCK_M)
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    groups = tl.num_programs(0) // row_tiles
+    pid = tl.program_id(0)
+    pid_m = pid % row_tiles  # consecutive programs: other rows, the same W columns (shared in L2)
+    group = pid // row_tiles
+    per_group = tl.cdiv(col_tiles, groups)
+    first = group * per_group
+    last = tl.minimum(first + per_group, col_tiles)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    r_ok = rr < RANK
 
-        # h = d(x)·A₁ᵀ in a K loop of its own (x is read once more than the GEMM reads it, from L2 mostly)
-        _, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rm, m_ok, m_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
-                                     stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
-                                     code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, False, False,
-                                     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
-        if group == 0:  # the h the backward reads (every group computed the same rows)
-            tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
-        core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
-        # z goes to memory, not through the tiles' K loops in registers (they spilled there)
-        z_ptr += tl.cast(group, tl.int64) * M * RANK
-        tl.store(z_ptr + rm[:, None] * RANK + rr[None, :], tl.dot(hidden, tl.trans(core), input_precision="ieee"),
-                 mask=m_ok[:, None] & r_ok[None, :])
-        tl.debug_barrier()  # the epilogues below read rows other threads of this program wrote
+    # h = d(x)·A₁ᵀ in a K loop of its own (x is read once more than the GEMM reads it, from L2 mostly)
+    hidden = _rank_k(x_ptr, a1_ptr, rm, m_ok, rk, rr, r_ok, K, dropout_p, seed_ptr, stride_xm, stride_xk, DROPOUT,
+                     PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+    if group == 0:  # the h the backward reads (every group computed the same rows)
+        tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
+    core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
+    # z goes to memory, not through the tiles' K loops in registers (they spilled there)
+    z_ptr += tl.cast(group, tl.int64) * M * RANK
+    tl.store(z_ptr + rm[:, None] * RANK + rr[None, :], tl.dot(hidden, tl.trans(core), input_precision="ieee"),
+             mask=m_ok[:, None] & r_ok[None, :])
+    tl.debug_barrier()  # the epilogues below read rows other threads of this program wrote
 
-        # Rows addressed from scalar row-tile bases with int32 offsets: what the compiler hoists out of the loop
-        # over tiles (per-row pointers in each layout the loop uses) stays small
-        row0 = tl.cast(pid_m, tl.int64) * BLOCK_M
-        ri = tl.arange(0, BLOCK_M)
-        ri_ok = ri < M - row0
-        x_rows = x_ptr + row0 * stride_xm
-        y_rows = y_ptr + row0 * stride_ym
-        z_rows = z_ptr + row0 * RANK
-        k_steps = tl.cdiv(K, BLOCK_K)
-        for pid_n in range(first, last):
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = rn < N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if BASE:
-                for step in range(0, k_steps):
-                    # each tile starts its K loop at another chunk: no x pointer is the same in every tile, so
-                    # none is hoisted out of the loop over tiles into registers held through it (they spilled)
-                    cols = ((step + pid_n) % k_steps) * BLOCK_K + rk
-                    k_ok = cols < K
-                    x = tl.load(x_rows + ri[:, None] * stride_xm + cols[None, :] * stride_xk,
-                                mask=ri_ok[:, None] & k_ok[None, :], other=0.0)
+    # Rows addressed from scalar row-tile bases with int32 offsets: what the compiler hoists out of the loop
+    # over tiles (per-row pointers in each layout the loop uses) stays small
+    row0 = tl.cast(pid_m, tl.int64) * BLOCK_M
+    ri = tl.arange(0, BLOCK_M)
+    ri_ok = ri < M - row0
+    x_rows = x_ptr + row0 * stride_xm
+    y_rows = y_ptr + row0 * stride_ym
+    z_rows = z_ptr + row0 * RANK
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for pid_n in range(first, last):
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if BASE:
+            for step in range(0, k_steps):
+                # each tile starts its K loop at another chunk: no x pointer is the same in every tile, so
+                # none is hoisted out of the loop over tiles into registers held through it (they spilled)
+                cols = ((step + pid_n) % k_steps) * BLOCK_K + rk
+                k_ok = cols < K
+                x = tl.load(x_rows + ri[:, None] * stride_xm + cols[None, :] * stride_xk,
+                            mask=ri_ok[:, None] & k_ok[None, :], other=0.0)
+                if W_AS_A:
+                    w_t = _load_weight(w_ptr, rn[:, None] * stride_wn + cols[None, :].to(tl.int64) * stride_wk,
+                                       n_ok[:, None] & k_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr,
+                                       code2_ptr, offset_ptr, x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
+                    acc_t = _dot(w_t, tl.trans(x), acc_t, PRECISION)
+                else:
                     w = _load_weight(w_ptr, cols[:, None].to(tl.int64) * stride_wk + rn[None, :] * stride_wn,
                                      k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
                                      offset_ptr, x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
                     acc = _dot(x, w, acc, PRECISION)
-            z = tl.load(z_rows + ri[:, None] * RANK + rr[None, :], mask=ri_ok[:, None] & r_ok[None, :], other=0.0)
-            _forward_epilogue(acc, z, ri, rn, ri_ok, n_ok, rr, r_ok, bias_ptr, p_up_ptr, y_rows, RANK, stride_ym,
-                              stride_yn, HAS_BIAS, PRECISION, BASE)
-    else:
-        pid_m, pid_n = _tile_ids(M, tl.cdiv(N, BLOCK_N), BLOCK_M, GROUP_M)
-        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        rk = tl.arange(0, BLOCK_K)
-        rr = tl.arange(0, BLOCK_R)
-        m_ok = rm < M
-        n_ok = rn < N
-        r_ok = rr < RANK
-
-        # with dropout the mask is drawn in every column tile here
-        acc, hidden = _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
-                                       stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr,
-                                       code2_ptr, offset_ptr, DROPOUT, PRECISION, QUANT, QBLOCK, QBLOCK2, BASE, W_AS_A,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
-        # the k × k core recomputed here, per tile (a few thousand FMAs), not kept in registers through the K loop
-        core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
-        z = tl.dot(hidden, tl.trans(core), input_precision="ieee")
-        _forward_epilogue(acc, z, rm, rn, m_ok, n_ok, rr, r_ok, bias_ptr, p_up_ptr, y_ptr, RANK, stride_ym, stride_yn,
-                          HAS_BIAS, PRECISION, BASE)
-        if pid_n == 0:  # every column tile computed the same rows of h; one of them writes them
-            tl.store(h_ptr + rm[:, None] * RANK + rr[None, :], hidden, mask=m_ok[:, None] & r_ok[None, :])
+            if W_AS_A:
+                acc = tl.trans(acc_t)
+        z = tl.load(z_rows + ri[:, None] * RANK + rr[None, :], mask=ri_ok[:, None] & r_ok[None, :], other=0.0)
+        _forward_epilogue(acc, z, ri, rn, ri_ok, n_ok, rr, r_ok, bias_ptr, p_up_ptr, y_rows, RANK, stride_ym,
+                          stride_yn, HAS_BIAS, PRECISION, BASE)
 
 
 @triton.jit
-def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, dropout_p, seed_ptr,
-                     stride_xm, stride_xk, stride_wk, stride_wn, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
-                     offset_ptr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
-                     QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr, W_AS_A: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(x·Wᵀ tile, h = d(x)·A₁ᵀ rows) in one K loop: x is read once for both (BASE False: h only). Over a
-    4-bit W the GEMM runs transposed (see below)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+def _rank_k(x_ptr, a1_ptr, rm, m_ok, rk, rr, r_ok, K, dropout_p, seed_ptr, stride_xm, stride_xk,
+            DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_R: tl.constexpr):
+    """h = d(x)·A₁ᵀ for rows ``rm``: a K loop over x, the keep mask drawn as it goes."""
     hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + rk
@@ -303,28 +268,12 @@ def _base_and_rank_k(x_ptr, w_ptr, a1_ptr, rm, rn, m_ok, n_ok, rk, rr, r_ok, K, 
         x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a1 = tl.load(a1_ptr + rr[None, :] * K + cols[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        if BASE:
-            if W_AS_A:
-                # yᵀ = W·xᵀ: the dequantised W tile is the wgmma's A operand, which may come from registers (as
-                # B it went through shared memory, and Triton 3.6 waited for every wgmma reading it: a
-                # serialised K loop); the accumulator is transposed once, after the loop
-                w_t = _load_weight(w_ptr, rn[:, None] * stride_wn + cols[None, :] * stride_wk,
-                                   n_ok[:, None] & k_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
-                                   offset_ptr, x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
-                acc_t = _dot(w_t, tl.trans(x), acc_t, PRECISION)
-            else:
-                w = _load_weight(w_ptr, cols[:, None] * stride_wk + rn[None, :] * stride_wn,
-                                 k_ok[:, None] & n_ok[None, :], absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
-                                 offset_ptr, x_ptr.dtype.element_ty, QUANT, QBLOCK, QBLOCK2)
-                acc = _dot(x, w, acc, PRECISION)
         if DROPOUT:
             x = tl.where(_keep(seed_ptr, rm, k0, BLOCK_K, dropout_p), x, 0.0).to(x.dtype)
         hidden = _dot(x, a1, hidden, PRECISION)
     if DROPOUT:
         hidden = hidden * (1.0 / (1.0 - dropout_p))
-    if W_AS_A and BASE:
-        acc = tl.trans(acc_t)
-    return acc, hidden
+    return hidden
 
 
 @triton.jit
@@ -603,12 +552,11 @@ QUANT_SPILLS = {
     (80, "dx", 2, False, 7, 16), (80, "dx", 2, False, 9, 16), (80, "dx", 2, True, 3, 16), (80, "dx", 2, True, 3, 32),
     (80, "dx", 2, True, 4, 32), (80, "dx", 2, True, 7, 16), (80, "dx", 2, True, 7, 32), (80, "dx", 2, True, 8, 32),
     (80, "dx", 2, True, 9, 32), (80, "forward", 2, False, 3, 16), (80, "forward", 2, False, 3, 32),
-    (80, "forward", 2, False, 4, 16), (80, "forward", 2, False, 4, 32), (80, "forward", 2, False, 7, 16),
-    (80, "forward", 2, False, 7, 32), (80, "forward", 2, False, 8, 16), (80, "forward", 2, False, 8, 32),
-    (80, "forward", 2, True, 3, 16), (80, "forward", 2, True, 3, 32), (80, "forward", 2, True, 4, 32),
-    (80, "forward", 2, True, 7, 16), (80, "forward", 2, True, 7, 32), (90, "dx", 2, False, 3, 32),
-    (90, "dx", 2, True, 3, 16), (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 4, 32), (90, "dx", 2, True, 7, 16),
-    (90, "dx", 2, True, 7, 32), (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 3, 32),
+    (80, "forward", 2, False, 4, 16), (80, "forward", 2, False, 7, 16), (80, "forward", 2, False, 9, 16),
+    (80, "forward", 2, True, 3, 16), (80, "forward", 2, True, 3, 32), (80, "forward", 2, True, 7, 16),
+    (80, "forward", 2, True, 9, 16), (90, "dx", 2, False, 3, 32), (90, "dx", 2, True, 3, 16),
+    (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 4, 32), (90, "dx", 2, True, 7, 16), (90, "dx", 2, True, 7, 32),
+    (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 3, 32),
 }
 # The same for the cuBLAS split's kernels (BASE False: `compile_all --resources --cases split`; the split is
 # not offered to fp32 inputs under IEEE precision, whose both FMA tiles spill at k = 32).
@@ -779,13 +727,6 @@ AUTOTUNED = {"forward": None, "dx": None} if INTERPRET else {"forward": _forward
 def rank_block(rank: int) -> int:
     """BLOCK_R (and BLOCK_RR for r): padded to a power of two of at least 16."""
     return max(16, next_power_of_2(rank))
-
-
-def row_bands(dropout_p: float, quant: "Quant4 | None", base: bool = True) -> bool:
-    """Whether the forward runs row bands (see forward_kernel): over a 16-bit W, and in the cuBLAS split; not
-    over a 4-bit W kept packed, where the first band design spilled on sm_80 in every config (compile_all,
-    Triton 3.6; the present one is not tried there yet). dX always runs them."""
-    return quant is None or not base
 
 
 # Column groups under the interpreter (CPU tensors, CI): one, so a row tile's rank-k product and dropout
@@ -996,9 +937,7 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
         y = torch.empty((m, out_features), device=x.device, dtype=x.dtype)
     h = torch.empty((m, f.k), device=x.device, dtype=torch.float32)
     # z = h·Cᵀ, a slot per column group (see forward_kernel); freed with this call
-    bands = row_bands(dropout_p, quant, base)
-    z = torch.empty((max_column_groups(m, out_features, x.device), m, f.k), device=x.device,
-                    dtype=torch.float32) if bands else h
+    z = torch.empty((max_column_groups(m, out_features, x.device), m, f.k), device=x.device, dtype=torch.float32)
     args = (x, weight, bias if bias is not None else y, a1, *f.core_args(), f.p_up, y, h, z, m, out_features, k_in,
             f.r, f.k, token_bucket(m), float(f.alpha),
             float(dropout_p), seed_pointer(seed, dropout_p, x), x.stride(0), x.stride(1), *w_strides, y.stride(0),
@@ -1010,7 +949,7 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
         row_tiles, col_tiles = cdiv(m, meta["BLOCK_M"]), cdiv(out_features, meta["BLOCK_N"])
-        return (row_tiles * (column_groups(row_tiles, col_tiles, x.device) if bands else col_tiles),)
+        return (row_tiles * column_groups(row_tiles, col_tiles, x.device),)
 
     return Launch("forward", args, flags, grid, x.device), y, h
 
@@ -1117,7 +1056,7 @@ def _dequantize_for(tokens: int, weight: torch.Tensor, quant: Quant4 | None, dty
 
 # The cuBLAS split (issue "Kernels v3", item 5): the base GEMM through torch.mm (cuBLAS) and the adapter in a
 # Triton launch that adds into its output (forward_kernel / dx_kernel with BASE False: no W in their K loops,
-# the forward in row bands), one launch more each way. The fused kernels' GEMM core loads through pointers
+# row bands), one launch more each way. The fused kernels' GEMM core loads through pointers
 # (no TMA, not persistent, no warp specialisation); where cuBLAS's GEMM is faster by more than the split's
 # extra read and write of y (or dX), the split wins. On a GPU the first call of a key times both and keeps
 # the faster (logged); LORA2_BASE_GEMM=fused or =cublas forces one. Never during a CUDA-graph capture or

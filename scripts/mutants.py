@@ -117,10 +117,10 @@ MUTANTS = [
     Mutant("budget-schedule-quadratic", "lora2/allocator.py", "* (1.0 - progress) ** 3", "* (1.0 - progress) ** 2",
            ("tests/test_allocator.py", "-k", "budget"), "the budget decays quadratically, not cubically"),
     Mutant("row-band-tile-skipped", KERNEL,
-           "        for pid_n in range(first, last):\n            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
-           "            n_ok = rn < N\n            acc = tl.zeros(",
-           "        for pid_n in range(first + 1, last):\n            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
-           "            n_ok = rn < N\n            acc = tl.zeros(", (KERNEL_TESTS, "-k", "dropout_in_the_kernels"),
+           "    for pid_n in range(first, last):\n        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+           "        n_ok = rn < N\n        acc = tl.zeros(",
+           "    for pid_n in range(first + 1, last):\n        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+           "        n_ok = rn < N\n        acc = tl.zeros(", (KERNEL_TESTS, "-k", "dropout_in_the_kernels"),
            "the forward's row band skips its group's first column tile"),
     # Kernels v3 (2026-12-04)
     Mutant("split-base-dropped", KERNEL, "    if not BASE:  # the cuBLAS split: y holds x·Wᵀ already",

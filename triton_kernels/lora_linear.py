@@ -164,6 +164,20 @@ def dequantize_kernel(w_ptr, out_ptr, NUMEL, absmax_ptr, code_ptr, absmax2_ptr, 
     tl.store(out_ptr + offs, w, mask=ok)
 
 
+@triton.jit
+def _row_band(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's row band: (row tile, column group, first column tile, end). The grid is (row tiles) ×
+    (column groups); each group takes a contiguous run of the row tile's column tiles."""
+    row_tiles = tl.cdiv(M, BLOCK_M)
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_m = pid % row_tiles  # consecutive programs: other rows, the same W columns (shared in L2)
+    group = pid // row_tiles
+    per_group = tl.cdiv(col_tiles, tl.num_programs(0) // row_tiles)
+    first = group * per_group
+    return pid_m, group, first, tl.minimum(first + per_group, col_tiles)
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def forward_kernel(
     x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr, z_ptr,
@@ -190,15 +204,7 @@ def forward_kernel(
     Over a 4-bit W on Hopper (W_AS_A) the GEMM runs transposed, yᵀ = W·xᵀ: the dequantised W tile is the
     wgmma's A operand, which may come from registers (as B it went through shared memory, and Triton 3.6
     waited for every wgmma reading it: a serialised K loop); the accumulator is transposed once a tile."""
-    row_tiles = tl.cdiv(M, BLOCK_M)
-    col_tiles = tl.cdiv(N, BLOCK_N)
-    groups = tl.num_programs(0) // row_tiles
-    pid = tl.program_id(0)
-    pid_m = pid % row_tiles  # consecutive programs: other rows, the same W columns (shared in L2)
-    group = pid // row_tiles
-    per_group = tl.cdiv(col_tiles, groups)
-    first = group * per_group
-    last = tl.minimum(first + per_group, col_tiles)
+    pid_m, group, first, last = _row_band(M, N, BLOCK_M, BLOCK_N)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
@@ -319,15 +325,7 @@ def dx_kernel(
     epilogue (with dropout, and the tile's dA₁ share there too, with the same keep mask). So gB is computed
     once per row tile and column group (it was once per column tile, 9 % of the GEMM at 64 × 512 → 1024), and
     the GEMM's K loops hold one dot. BASE False (the cuBLAS split): dX holds dY·W already; no K loop over W."""
-    row_tiles = tl.cdiv(M, BLOCK_M)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    groups = tl.num_programs(0) // row_tiles
-    pid = tl.program_id(0)
-    pid_m = pid % row_tiles  # consecutive programs: other rows, the same W columns (shared in L2)
-    group = pid // row_tiles
-    per_group = tl.cdiv(n_tiles, groups)
-    first = group * per_group
-    last = tl.minimum(first + per_group, n_tiles)
+    pid_m, group, first, last = _row_band(M, N, BLOCK_M, BLOCK_N)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)

@@ -522,6 +522,9 @@ QUANT_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+    # the one tile of dX over a 4-bit W with dropout at k = 32 on sm_80 that does not spill (236 registers;
+    # every tile above spilled there, 4 B at best: compile_all, 2026-12-04)
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
 ]
 ALL_CONFIGS = MATMUL_CONFIGS + IEEE_CONFIGS + QUANT_CONFIGS  # appended: SPILLS keys hold indices
 # (sm, kernel, element size, dropout, index in ALL_CONFIGS, BLOCK_R) that spill registers: read off
@@ -555,6 +558,9 @@ QUANT_SPILLS = {
     (80, "forward", 2, True, 9, 16), (90, "dx", 2, False, 3, 32), (90, "dx", 2, True, 3, 16),
     (90, "dx", 2, True, 3, 32), (90, "dx", 2, True, 4, 32), (90, "dx", 2, True, 7, 16), (90, "dx", 2, True, 7, 32),
     (90, "forward", 2, False, 3, 32), (90, "forward", 2, True, 3, 32),
+    # the 4-warp tile appended for dX with dropout at k = 32 (compile_all over the 4-bit cases, 2026-12-04)
+    (80, "dx", 2, False, 10, 16), (80, "forward", 2, False, 10, 16), (80, "forward", 2, False, 10, 32),
+    (80, "forward", 2, True, 10, 16), (80, "forward", 2, True, 10, 32),
 }
 # The same for the cuBLAS split's kernels (BASE False: `compile_all --resources --cases split`; the split is
 # not offered to fp32 inputs under IEEE precision, whose both FMA tiles spill at k = 32).
@@ -627,7 +633,8 @@ def config_excluded(config: triton.Config, kernel: str, arch: int, element_size:
     ieee = flags["PRECISION"] == "ieee" and element_size == 4
     if ieee != (config in IEEE_CONFIGS):
         return "IEEE fp32 dots take the FMA tiles, tensor-core dots the others"
-    if config in QUANT_CONFIGS and not flags.get("QUANT") and not eight_warp_tiles(kernel, flags):
+    if config in QUANT_CONFIGS and not flags.get("QUANT") and not (config.num_warps == 8
+                                                                   and eight_warp_tiles(kernel, flags)):
         return "a 4-bit weight's tiles: for 4-bit launches (and eight_warp_tiles) only"
     if shared_memory_bytes(config, element_size, flags["BLOCK_R"], flags.get("QUANT", 0),
                            bool(flags.get("W_AS_A"))) > shared_memory_limit:
@@ -647,8 +654,9 @@ def _prune(kernel: str):
         kept = [c for c in configs if config_excluded(c, kernel, 10 * major + minor, size, kwargs, limit) is None]
         if kept:
             return kept
-        # Every candidate spills on this GPU (of the whole grid only dX over a 4-bit W with dropout at k = 32 on
-        # sm_80, by 4 B at best): the smallest tile of the launch's kind runs, and the log says so
+        # Every candidate spills on this GPU (no key of the whole grid since the 4-bit set's 4-warp tile, 2026-12-04;
+        # a kernel changed without re-deriving the tables could): the smallest tile of the launch's kind runs, and
+        # the log says so
         ieee = kwargs["PRECISION"] == "ieee" and size == 4
         kind = QUANT_CONFIGS if kwargs.get("QUANT") else [c for c in configs
                                                            if (c in IEEE_CONFIGS) == ieee and c not in QUANT_CONFIGS]

@@ -137,6 +137,19 @@ MUTANTS = [
            "    else:  # the same rows' gB again (a GPU with more SMs than row tiles runs several groups)\n"
            "        for k0 in range(0, 0, BLOCK_K):", (KERNEL_TESTS, "-k", "several_column_groups"),
            "dX's row band: a column group other than the first takes g = 0 (gB is group 0's alone)"),
+    # several adapters over one base (issue 32): the row-tile → adapter table and each adapter's partials
+    Mutant("adapter-tiles-without-slack", KERNEL,
+           "    return cdiv(rows, block_m) + adapters - 1",
+           "    return cdiv(rows, block_m)", ("tests/test_adapters.py",),
+           "the grid as one adapter's: segments ending mid-tile need more tiles; the last rows are never computed"),
+    Mutant("adapter-finish-sums-every-tile", KERNEL,
+           "            first = tl.where(adapter == i, before, first)",
+           "            first = tl.where(adapter == i, 0, first)", ("tests/test_adapters.py",),
+           "an adapter's gradients sum the partials of the adapters before it"),
+    Mutant("adapter-b2-shared", KERNEL,
+           "        b2_ptr += tl.cast(adapter_id, tl.int64) * stride_b2a",
+           "        b2_ptr += 0 * stride_b2a", ("tests/test_adapters.py",),
+           "dX reads the first adapter's B₂ for every adapter"),
     # issue 31: six kinds of bug the suite did not see (one mutant per kind)
     Mutant("nested-absmax-group-ignored", KERNEL,
            "scale = scale * tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0)",

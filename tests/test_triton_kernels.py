@@ -823,7 +823,9 @@ def test_every_kernel_and_config_compiles_for_hopper_and_ampere_without_spilling
                                                           "forward-dropout", "dx-dropout", "finish", "cast",
                                                           "forward-4bit", "dx-4bit", "dequantize-4bit",
                                                           "forward-split", "dx-split", "forward-split-dropout",
-                                                          "dx-split-dropout"}
+                                                          "dx-split-dropout", "forward-adapters", "dx-adapters",
+                                                          "forward-adapters-dropout", "dx-adapters-dropout",
+                                                          "finish-adapters"}
 
 
 @pytest.mark.slow

@@ -128,6 +128,20 @@ def launches(ranks: tuple[int, ...] = (8,)) -> dict[str, kernels.Launch]:
                     partials = kernels.dx_launch(dy, x, weight, dx_w, h, f, b2, 0.0, 0, True)[2]
                     cases[f"finish/{tag}"] = kernels.finish_launch(partials, 4, f)[0]
                     cases[f"cast/{tag}"] = kernels.cast_launch(f.q_down, f.p_up, dtype)[0]
+                    # several adapters over one base (stacked factors, a row-tile → adapter table)
+                    stacked = (torch.empty(3, *t.shape) for t in (f.q_down, f.q_up, f.singular_values, f.p_down,
+                                                                   f.p_up, f.rank_mask))
+                    many = kernels.Factors(*stacked, 16.0, False, torch.empty(4, dtype=torch.int32))
+                    a1_many = torch.empty(3, rank, in_f, dtype=dtype)
+                    b2_many = torch.empty(rank, 3 * out_f, dtype=dtype)
+                    for p in (0.0, 0.1):
+                        kind = "-dropout" if p else ""
+                        cases[f"forward-adapters{kind}/{tag}"] = kernels.forward_launch(
+                            x, weight, fwd_w, bias, many, a1_many, out_f, p, 1)[0]
+                        cases[f"dx-adapters{kind}/{tag}"] = kernels.dx_launch(
+                            dy, x, weight, dx_w, h, many, b2_many, p, 1, True)[0]
+                    many_partials = kernels.dx_launch(dy, x, weight, dx_w, h, many, b2_many, 0.0, 0, True)[2]
+                    cases[f"finish-adapters/{tag}"] = kernels.finish_launch(many_partials, 4, many, 64)[0]
                 if not conv and len(ranks) > 1:
                     # the whole grid (issue "Kernels v3", item 6): dropout at every k and dtype, r = 32 (the core's
                     # BLOCK_RR) with and without dropout, and the cuBLAS split's kernels (BASE False)

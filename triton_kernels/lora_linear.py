@@ -26,6 +26,13 @@ Launches of one training step of one layer (counted by tests/test_device_work.py
 So 4 launches a step (3 where the factors already have the activations' dtype), against 2 for the frozen
 nn.Linear and 17 for PEFT LoRA; the cuBLAS split (`base_gemm`) adds a torch.mm each way where it is faster.
 
+Several adapters over one frozen base (a learning-rate sweep in one run) take the same launches: the factors
+stacked (adapters, ...), the batch's rows in one segment per adapter, and a segment table on the device
+(``Factors.segments``). Each row tile belongs to one adapter (``_row_band`` finds which), so its rank-k work
+reads that adapter's factors and its partials are that adapter's; the finish sums each adapter's own tiles.
+W's K loops are shared: the base GEMM runs once for every adapter's rows, as LoRAFusion's multi-LoRA kernel
+does with its per-block adapter table.
+
 Rank tiles are padded to BLOCK_R = max(16, next power of two of k) (and BLOCK_RR for r) with
 masked loads (Triton 3.6 rejects a tl.dot whose K is below 16). All rank-k quantities accumulate
 in fp32; the k × k core products use IEEE fp32 dots. Sizes need not be multiples of any block.
@@ -165,17 +172,63 @@ def dequantize_kernel(w_ptr, out_ptr, NUMEL, absmax_ptr, code_ptr, absmax2_ptr, 
 
 
 @triton.jit
-def _row_band(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's row band: (row tile, column group, first column tile, end). The grid is (row tiles) ×
-    (column groups); each group takes a contiguous run of the row tile's column tiles."""
-    row_tiles = tl.cdiv(M, BLOCK_M)
+def _row_band(M, N, seg_ptr, ADAPTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's row band: (row tile, column group, first column tile, end, adapter, first row, end row).
+    The grid is (row tiles) × (column groups); each group takes a contiguous run of the row tile's column tiles.
+
+    Several adapters (ADAPTERS > 1): the rows are ADAPTERS segments, one an adapter, their ADAPTERS + 1 row
+    offsets at ``seg_ptr`` (ascending, on the device: the host never reads them); a row tile never straddles two,
+    so its rank-k work uses one adapter's factors. The grid holds the most tiles any split of M rows can need
+    (``row_tile_bound``); a program past its split's tiles gets an empty row range."""
+    row_tiles = tl.cdiv(M, BLOCK_M) + ADAPTERS - 1  # row_tile_bound
     col_tiles = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     pid_m = pid % row_tiles  # consecutive programs: other rows, the same W columns (shared in L2)
     group = pid // row_tiles
     per_group = tl.cdiv(col_tiles, tl.num_programs(0) // row_tiles)
     first = group * per_group
-    return pid_m, group, first, tl.minimum(first + per_group, col_tiles)
+    if ADAPTERS == 1:
+        adapter = pid_m * 0
+        row0 = pid_m * BLOCK_M
+        row_end = M + pid_m * 0
+    else:
+        adapter = pid_m * 0
+        row0 = pid_m * 0
+        row_end = pid_m * 0
+        before = pid_m * 0  # row tiles of the adapters before this one
+        for i in tl.static_range(ADAPTERS):
+            start = tl.load(seg_ptr + i)
+            end = tl.load(seg_ptr + i + 1)
+            tiles = tl.cdiv(end - start, BLOCK_M)
+            here = (pid_m >= before) & (pid_m < before + tiles)
+            adapter = tl.where(here, i, adapter)
+            row0 = tl.where(here, start + (pid_m - before) * BLOCK_M, row0)
+            row_end = tl.where(here, end, row_end)
+            before += tiles
+    return pid_m, group, first, tl.minimum(first + per_group, col_tiles), adapter, row0, row_end
+
+
+@triton.jit
+def _adapter_tiles(seg_ptr, adapter, tiles, ADAPTERS: tl.constexpr, TILE_ROWS):
+    """(first row tile, row tiles) of ``adapter`` in a row-band launch of TILE_ROWS-row tiles (see _row_band);
+    one adapter: (0, ``tiles``)."""
+    first = adapter * 0
+    count = tiles + adapter * 0
+    if ADAPTERS > 1:
+        before = adapter * 0
+        for i in tl.static_range(ADAPTERS):
+            own = tl.cdiv(tl.load(seg_ptr + i + 1) - tl.load(seg_ptr + i), TILE_ROWS)
+            first = tl.where(adapter == i, before, first)
+            count = tl.where(adapter == i, own, count)
+            before += own
+    return first, count
+
+
+@triton.jit
+def _adapter_factors(adapter, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK):
+    """The k × k core's factors of ``adapter`` in stacked (adapters, ...) tensors (one adapter: the pointers)."""
+    a = tl.cast(adapter, tl.int64)
+    return q_up_ptr + a * R * RANK, sv_ptr + a * R, mask_ptr + a * R, p_down_ptr + a * RANK * R
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -183,10 +236,10 @@ def forward_kernel(
     x_ptr, w_ptr, bias_ptr, a1_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, p_up_ptr, y_ptr, h_ptr, z_ptr,
     M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed_ptr,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
-    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, seg_ptr,
     HAS_BIAS: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr, W_AS_A: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ADAPTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RR: tl.constexpr,
 ):
     """y = x·Wᵀ + b + z·B₂ᵀ with z = h·Cᵀ, h = d(x)·A₁ᵀ. W is read as B[k, n] through (stride_wk, stride_wn);
@@ -203,12 +256,24 @@ def forward_kernel(
 
     Over a 4-bit W on Hopper (W_AS_A) the GEMM runs transposed, yᵀ = W·xᵀ: the dequantised W tile is the
     wgmma's A operand, which may come from registers (as B it went through shared memory, and Triton 3.6
-    waited for every wgmma reading it: a serialised K loop); the accumulator is transposed once a tile."""
-    pid_m, group, first, last = _row_band(M, N, BLOCK_M, BLOCK_N)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    waited for every wgmma reading it: a serialised K loop); the accumulator is transposed once a tile.
+
+    Several adapters (ADAPTERS > 1, see _row_band): A₁, B₂ and the core's factors are stacked (adapters, ...),
+    and each row tile reads its adapter's; W, x, y, h and z are shared."""
+    pid_m, group, first, last, adapter_id, row_start, row_end = _row_band(M, N, seg_ptr, ADAPTERS, BLOCK_M,
+                                                                         BLOCK_N)
+    if ADAPTERS > 1:
+        if row_start >= row_end:  # past this split's row tiles
+            return
+    if ADAPTERS > 1:
+        a1_ptr += tl.cast(adapter_id, tl.int64) * RANK * K
+        p_up_ptr += tl.cast(adapter_id, tl.int64) * N * RANK
+        q_up_ptr, sv_ptr, mask_ptr, p_down_ptr = _adapter_factors(adapter_id, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
+                                                                  R, RANK)
+    rm = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    m_ok = rm < M
+    m_ok = rm < row_end
     r_ok = rr < RANK
 
     # h = d(x)·A₁ᵀ in a K loop of its own (x is read once more than the GEMM reads it, from L2 mostly)
@@ -225,9 +290,9 @@ def forward_kernel(
 
     # Rows addressed from scalar row-tile bases with int32 offsets: what the compiler hoists out of the loop
     # over tiles (per-row pointers in each layout the loop uses) stays small
-    row0 = tl.cast(pid_m, tl.int64) * BLOCK_M
+    row0 = tl.cast(row_start, tl.int64)
     ri = tl.arange(0, BLOCK_M)
-    ri_ok = ri < M - row0
+    ri_ok = ri < row_end - row_start
     x_rows = x_ptr + row0 * stride_xm
     y_rows = y_ptr + row0 * stride_ym
     z_rows = z_ptr + row0 * RANK
@@ -304,10 +369,10 @@ def dx_kernel(
     dx_ptr, part_b2_ptr, part_a1_ptr, part_core_ptr, grad_h_ptr,
     M, N, K, R, RANK, M_BUCKET, alpha, dropout_p, seed_ptr,
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_xm, stride_xn, stride_dxm, stride_dxn, stride_b2k, stride_b2r,
-    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    stride_b2a, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, seg_ptr,
     COMPUTE_DX: tl.constexpr, SCALE_BY_KEPT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, BASE: tl.constexpr, W_AS_A: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ADAPTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RR: tl.constexpr,
 ):
     """dY: M × K (K = out), W read as B[k, n] (n over in, N = in); x: M × N; h: M × k (fp32);
@@ -324,12 +389,23 @@ def dx_kernel(
     config); then, per column tile, it runs the base GEMM's K loop alone and adds (g·A₁)⊙keep/(1−p) in the
     epilogue (with dropout, and the tile's dA₁ share there too, with the same keep mask). So gB is computed
     once per row tile and column group (it was once per column tile, 9 % of the GEMM at 64 × 512 → 1024), and
-    the GEMM's K loops hold one dot. BASE False (the cuBLAS split): dX holds dY·W already; no K loop over W."""
-    pid_m, group, first, last = _row_band(M, N, BLOCK_M, BLOCK_N)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    the GEMM's K loops hold one dot. BASE False (the cuBLAS split): dX holds dY·W already; no K loop over W.
+    Several adapters (ADAPTERS > 1): as the forward's, B₂ (cast or not) an adapter every ``stride_b2a``; the
+    partials are per row tile, so each holds one adapter's share."""
+    pid_m, group, first, last, adapter_id, row_start, row_end = _row_band(M, N, seg_ptr, ADAPTERS, BLOCK_M,
+                                                                         BLOCK_N)
+    if ADAPTERS > 1:
+        if row_start >= row_end:  # past this split's row tiles
+            return
+    if ADAPTERS > 1:
+        a1_ptr += tl.cast(adapter_id, tl.int64) * RANK * N
+        b2_ptr += tl.cast(adapter_id, tl.int64) * stride_b2a
+        q_up_ptr, sv_ptr, mask_ptr, p_down_ptr = _adapter_factors(adapter_id, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
+                                                                  R, RANK)
+    rm = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    m_ok = rm < M
+    m_ok = rm < row_end
     r_ok = rr < RANK
     core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
     grad_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # gB = dY·B₂
@@ -372,9 +448,9 @@ def dx_kernel(
 
     # The tiles' row addressing from scalar row-tile bases and int32 offsets within the tile: what the compiler
     # hoists out of the loop over column tiles (per-row pointers in every layout the loop uses) stays small.
-    row0 = tl.cast(pid_m, tl.int64) * BLOCK_M
+    row0 = tl.cast(row_start, tl.int64)
     ri = tl.arange(0, BLOCK_M)
-    ri_ok = ri < M - row0
+    ri_ok = ri < row_end - row_start
     dy_rows = dy_ptr + row0 * stride_dym
     x_rows = x_ptr + row0 * stride_xm
     dx_rows = dx_ptr + row0 * stride_dxm
@@ -452,11 +528,27 @@ def dx_kernel(
 def finish_kernel(
     part_b2_ptr, part_a1_ptr, part_core_ptr, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
     grad_b2_ptr, grad_a1_ptr, grad_q_up_ptr, grad_sv_ptr, grad_p_down_ptr,
-    TILES, OUT, IN, R, RANK, alpha,
-    SCALE_BY_KEPT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RR: tl.constexpr,
+    TILES, OUT, IN, R, RANK, alpha, seg_ptr, TILE_ROWS,
+    SCALE_BY_KEPT: tl.constexpr, ADAPTERS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_RR: tl.constexpr,
 ):
-    """Programs [0, out tiles): dB₂ rows; [out tiles, + in tiles): dA₁ columns; the last: the core."""
+    """Programs [0, out tiles): dB₂ rows; [out tiles, + in tiles): dA₁ columns; the last: the core. The grid's
+    second axis: the adapter (ADAPTERS > 1), whose gradients sum the partials of its own row tiles."""
     pid = tl.program_id(0)
+    adapter = tl.program_id(1)
+    first_tile, TILES = _adapter_tiles(seg_ptr, adapter, TILES, ADAPTERS, TILE_ROWS)
+    part_b2_ptr += tl.cast(first_tile, tl.int64) * OUT * RANK
+    part_a1_ptr += tl.cast(first_tile, tl.int64) * RANK * IN
+    part_core_ptr += tl.cast(first_tile, tl.int64) * BLOCK_R * BLOCK_R
+    if ADAPTERS > 1:
+        a = tl.cast(adapter, tl.int64)
+        grad_b2_ptr += a * OUT * RANK
+        grad_a1_ptr += a * RANK * IN
+        grad_q_up_ptr += a * R * RANK
+        grad_sv_ptr += a * R
+        grad_p_down_ptr += a * RANK * R
+        q_up_ptr, sv_ptr, mask_ptr, p_down_ptr = _adapter_factors(adapter, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
+                                                                  R, RANK)
     out_tiles = tl.cdiv(OUT, BLOCK)
     in_tiles = tl.cdiv(IN, BLOCK)
     rr = tl.arange(0, BLOCK_R)
@@ -670,12 +762,12 @@ def _prune(kernel: str):
 # The token count is keyed by its power-of-two bucket (M_BUCKET, an argument the kernels never read):
 # with dynamic padding nearly every batch has another M, and keying on M would re-run the tuning.
 _KEY = ["M_BUCKET", "N", "K", "RANK"]
+_FLAGS = ["DROPOUT", "PRECISION", "QUANT", "BASE", "ADAPTERS"]
 if not INTERPRET:
-    _forward = triton.autotune(ALL_CONFIGS, key=_KEY + ["HAS_BIAS", "DROPOUT", "PRECISION", "QUANT", "BASE"],
-                               cache_results=True,
+    _forward = triton.autotune(ALL_CONFIGS, key=_KEY + ["HAS_BIAS"] + _FLAGS, cache_results=True,
                                prune_configs_by={"early_config_prune": _prune("forward")})(forward_kernel)
-    _dx = triton.autotune(ALL_CONFIGS, key=_KEY + ["COMPUTE_DX", "DROPOUT", "PRECISION", "QUANT", "BASE"],
-                          cache_results=True, prune_configs_by={"early_config_prune": _prune("dx")})(dx_kernel)
+    _dx = triton.autotune(ALL_CONFIGS, key=_KEY + ["COMPUTE_DX"] + _FLAGS, cache_results=True,
+                          prune_configs_by={"early_config_prune": _prune("dx")})(dx_kernel)
 
 
 # --- host functions --------------------------------------------------------------------------------
@@ -706,8 +798,7 @@ class Launch:
     def autotune_key(self) -> tuple:
         """What the autotuner keys this launch's tuning on: its key arguments and the tensors' dtypes."""
         values = dict(zip(KERNELS[self.kernel].arg_names, self.args), **self.flags)
-        keys = (_KEY + (["HAS_BIAS"] if self.kernel == "forward" else ["COMPUTE_DX"])
-                + ["DROPOUT", "PRECISION", "QUANT", "BASE"])
+        keys = _KEY + (["HAS_BIAS"] if self.kernel == "forward" else ["COMPUTE_DX"]) + _FLAGS
         return (self.kernel, *(values[k] for k in keys),
                 *(str(a.dtype) for a in self.args if isinstance(a, torch.Tensor)))
 
@@ -756,12 +847,19 @@ def column_groups(row_tiles: int, col_tiles: int, device: torch.device) -> int:
     return cdiv(col_tiles, cdiv(col_tiles, wanted))  # the groups a run of that length needs
 
 
-def max_column_groups(rows: int, cols: int, device: torch.device) -> int:
+def max_column_groups(rows: int, cols: int, device: torch.device, adapters: int = 1) -> int:
     """The most column groups any config could launch for an (rows × cols) output: buffers with a slot per
     group are sized by it before the autotuner picks the tiles."""
     configs = [INTERPRETER_MATMUL_CONFIG] if device.type != "cuda" else [c.kwargs for c in ALL_CONFIGS]
-    return max(column_groups(cdiv(rows, c["BLOCK_M"]), cdiv(cols, c["BLOCK_N"]), device)
+    return max(column_groups(row_tile_bound(rows, adapters, c["BLOCK_M"]), cdiv(cols, c["BLOCK_N"]), device)
                for c in configs)
+
+
+def row_tile_bound(rows: int, adapters: int, block_m: int) -> int:
+    """The row tiles of a row-band launch: with several adapters, the most any split of ``rows`` into their
+    segments can need (each segment's last tile may be partial), so the grid never depends on the split and
+    the host never reads it (see _row_band)."""
+    return cdiv(rows, block_m) + adapters - 1
 
 
 def seed_pointer(seed: "torch.Tensor | int", dropout_p: float, like: torch.Tensor) -> torch.Tensor:
@@ -795,7 +893,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @dataclass
 class Factors:
-    """A LoRA² adapter as the kernels read it (every tensor contiguous, fp32 or the params' dtype)."""
+    """A LoRA² adapter as the kernels read it (every tensor contiguous, fp32 or the params' dtype).
+
+    Several adapters over one base: each factor stacked, (adapters, ...), and ``segments`` the adapters' row
+    offsets in the batch (adapters + 1, int32, ascending, on the device): rows [segments[i], segments[i + 1])
+    go through adapter i. α and the dropout are the adapters' in common."""
 
     q_down: torch.Tensor  # A₁: k × in
     q_up: torch.Tensor  # B₁: r × k
@@ -805,14 +907,23 @@ class Factors:
     rank_mask: torch.Tensor  # m: r
     alpha: float
     scale_by_kept: bool  # s = α / kept values instead of α / r
+    segments: torch.Tensor | None = None  # several adapters: their rows
 
     @property
     def r(self) -> int:
-        return self.singular_values.shape[0]
+        return self.singular_values.shape[-1]
 
     @property
     def k(self) -> int:
-        return self.q_down.shape[0]
+        return self.q_down.shape[-2]
+
+    @property
+    def adapters(self) -> int:
+        return 1 if self.q_down.dim() == 2 else self.q_down.shape[0]
+
+    def segment_pointer(self) -> torch.Tensor:
+        """The kernels' ``seg_ptr``: the segments, or (one adapter) a pointer they never read."""
+        return self.segments if self.segments is not None else self.rank_mask
 
     def core_args(self) -> tuple:
         return self.q_up, self.singular_values, self.rank_mask, self.p_down
@@ -900,7 +1011,9 @@ def dequantize_launch(quant: Quant4, dtype: torch.dtype) -> tuple[Launch, torch.
 
 
 def cast_launch(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[Launch, torch.Tensor, torch.Tensor]:
-    """A cast to ``dtype`` and B (2-D) cast and transposed, in one launch; returns (launch, A, Bᵀ)."""
+    """A cast to ``dtype`` and B cast and transposed, in one launch; returns (launch, A, Bᵀ). A stacked B
+    (adapters, out, k) is transposed as one (adapters·out) × k matrix: Bᵀ is k × (adapters·out)."""
+    b = b.reshape(-1, b.shape[-1])
     a_out = torch.empty(a.shape, device=a.device, dtype=dtype)
     b_out = torch.empty(b.shape[::-1], device=b.device, dtype=dtype)
     programs = cdiv(a.numel(), CAST_BLOCK) + cdiv(b.numel(), CAST_BLOCK)
@@ -914,17 +1027,21 @@ def factors_cast(f: "Factors", dtype: torch.dtype) -> bool:
     return not (f.q_down.dtype == dtype and f.p_up.dtype == dtype)
 
 
-def b2_strides(b2: torch.Tensor, f: "Factors", dtype: torch.dtype) -> tuple[int, int]:
-    """(stride over out, stride over k) of B₂ as the dX kernel reads it: the cast Bᵀ or p_up itself.
+def b2_strides(b2: torch.Tensor, f: "Factors", dtype: torch.dtype) -> tuple[int, int, int]:
+    """(stride over out, stride over k, stride over adapters) of B₂ as the dX kernel reads it: the cast Bᵀ
+    (k × adapters·out) or p_up itself.
     Decided from the dtypes, as the forward decided, never from ``b2 is f.p_up``: a saved tensor comes back
     from torch.utils.checkpoint's recompute (or saved-tensor hooks) as another object, and read with the
     other layout's strides its B₂ was transposed (wrong gradients under gradient checkpointing)."""
-    return (b2.stride(1), b2.stride(0)) if factors_cast(f, dtype) else (b2.stride(0), b2.stride(1))
+    out_features = f.p_up.shape[-2]
+    if factors_cast(f, dtype):
+        return b2.stride(1), b2.stride(0), out_features
+    return b2.stride(-2), b2.stride(-1), out_features * f.k
 
 
 def in_activation_dtype(f: Factors, dtype: torch.dtype) -> tuple[list[Launch], torch.Tensor, torch.Tensor]:
     """(launches, A₁, B₂) in the activation dtype: the dot operands of the K loops (B₂ transposed,
-    k × out, when cast; the parameter itself when it already has the dtype)."""
+    k × out (k × adapters·out), when cast; the parameter itself when it already has the dtype)."""
     if not factors_cast(f, dtype):
         return [], f.q_down, f.p_up
     launch, a1, b2 = cast_launch(f.q_down, f.p_up, dtype)
@@ -943,18 +1060,20 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, w_strides: tuple[int, 
         y = torch.empty((m, out_features), device=x.device, dtype=x.dtype)
     h = torch.empty((m, f.k), device=x.device, dtype=torch.float32)
     # z = h·Cᵀ, a slot per column group (see forward_kernel); freed with this call
-    z = torch.empty((max_column_groups(m, out_features, x.device), m, f.k), device=x.device, dtype=torch.float32)
+    z = torch.empty((max_column_groups(m, out_features, x.device, f.adapters), m, f.k), device=x.device,
+                    dtype=torch.float32)
     args = (x, weight, bias if bias is not None else y, a1, *f.core_args(), f.p_up, y, h, z, m, out_features, k_in,
             f.r, f.k, token_bucket(m), float(f.alpha),
             float(dropout_p), seed_pointer(seed, dropout_p, x), x.stride(0), x.stride(1), *w_strides, y.stride(0),
             y.stride(1),
-            *_quant_args(weight, quant))
+            *_quant_args(weight, quant), f.segment_pointer())
     flags = {"HAS_BIAS": bias is not None, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
              "PRECISION": dot_precision(x.dtype), **(quant.flags() if quant is not None else NO_QUANT_FLAGS),
-             "BASE": base, "W_AS_A": w_as_a(quant, x.device), "BLOCK_R": rank_block(f.k), "BLOCK_RR": rank_block(f.r)}
+             "BASE": base, "W_AS_A": w_as_a(quant, x.device), "ADAPTERS": f.adapters, "BLOCK_R": rank_block(f.k),
+             "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
-        row_tiles, col_tiles = cdiv(m, meta["BLOCK_M"]), cdiv(out_features, meta["BLOCK_N"])
+        row_tiles, col_tiles = row_tile_bound(m, f.adapters, meta["BLOCK_M"]), cdiv(out_features, meta["BLOCK_N"])
         return (row_tiles * column_groups(row_tiles, col_tiles, x.device),)
 
     return Launch("forward", args, flags, grid, x.device), y, h
@@ -973,7 +1092,7 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
     # enough row tiles for any config that can run (the finish reads only the ones written): the FMA
     # tiles of IEEE fp32 and the interpreter's are 32 rows, the tensor-core ones at least 64
     ieee = dot_precision(dy.dtype) == "ieee" and dy.element_size() == 4
-    tiles = cdiv(m, SMALLEST_BLOCK_M if INTERPRET or ieee else TENSOR_CORE_BLOCK_M)
+    tiles = row_tile_bound(m, f.adapters, SMALLEST_BLOCK_M if INTERPRET or ieee else TENSOR_CORE_BLOCK_M)
     partials = {"b2": torch.empty((tiles, out_features, f.k), device=dy.device, dtype=torch.float32),
                 "a1": torch.empty((tiles, f.k, in_features), device=dy.device, dtype=torch.float32),
                 "core": torch.empty((tiles, block_r, block_r), device=dy.device, dtype=torch.float32)}
@@ -981,31 +1100,32 @@ def dx_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, w_
         dx = torch.empty((m, in_features), device=dy.device, dtype=dy.dtype)
     out = dx if dx is not None else partials["a1"]  # a pointer the launch never writes without dX
     # g = dL/dh, a slot per column group (see dx_kernel); freed with this call
-    grad_h = torch.empty((max_column_groups(m, in_features, dy.device), m, f.k), device=dy.device,
+    grad_h = torch.empty((max_column_groups(m, in_features, dy.device, f.adapters), m, f.k), device=dy.device,
                          dtype=torch.float32)
     args = (dy, weight if weight is not None else dy, x, h, f.q_down, b2, *f.core_args(), out,
             partials["b2"], partials["a1"], partials["core"], grad_h, m, in_features, out_features, f.r, f.k,
             token_bucket(m), float(f.alpha), float(dropout_p), seed_pointer(seed, dropout_p, dy), dy.stride(0),
             dy.stride(1), *w_strides,
             x.stride(0), x.stride(1), out.stride(0) if dx is not None else 0, out.stride(1) if dx is not None else 0,
-            *b2_strides(b2, f, dy.dtype), *_quant_args(weight if weight is not None else dy, quant if compute_dx else None))
+            *b2_strides(b2, f, dy.dtype),
+            *_quant_args(weight if weight is not None else dy, quant if compute_dx else None), f.segment_pointer())
     flags = {"COMPUTE_DX": compute_dx, "SCALE_BY_KEPT": bool(f.scale_by_kept), "DROPOUT": dropout_p > 0,
              "PRECISION": dot_precision(dy.dtype),
              **(quant.flags() if quant is not None and compute_dx else NO_QUANT_FLAGS),
-             "BASE": base, "W_AS_A": w_as_a(quant if compute_dx else None, dy.device), "BLOCK_R": block_r,
-             "BLOCK_RR": rank_block(f.r)}
+             "BASE": base, "W_AS_A": w_as_a(quant if compute_dx else None, dy.device), "ADAPTERS": f.adapters,
+             "BLOCK_R": block_r, "BLOCK_RR": rank_block(f.r)}
 
     def grid(meta: dict[str, int]) -> tuple[int, ...]:
-        row_tiles = cdiv(m, meta["BLOCK_M"])
+        row_tiles = row_tile_bound(m, f.adapters, meta["BLOCK_M"])
         return (row_tiles * column_groups(row_tiles, cdiv(in_features, meta["BLOCK_N"]), dy.device),)
 
     return Launch("dx", args, flags, grid, dy.device), dx, partials
 
 
-def finish_launch(partials: dict[str, torch.Tensor], tiles: int, f: Factors
+def finish_launch(partials: dict[str, torch.Tensor], tiles: int, f: Factors, tile_rows: int = 1
                   ) -> tuple[Launch, dict[str, torch.Tensor]]:
-    """Sum the partials of `dx_launch` over its row tiles and take the core's gradients (each in its
-    factor's dtype)."""
+    """Sum the partials of `dx_launch` over its ``tiles`` row tiles (of ``tile_rows`` rows: several adapters
+    find their own tiles with it) and take the core's gradients (each in its factor's dtype)."""
     _, out_features, _ = partials["b2"].shape
     in_features = partials["a1"].shape[2]
     device = partials["b2"].device
@@ -1016,10 +1136,10 @@ def finish_launch(partials: dict[str, torch.Tensor], tiles: int, f: Factors
     programs = cdiv(out_features, FINISH_BLOCK) + cdiv(in_features, FINISH_BLOCK) + 1
     args = (partials["b2"], partials["a1"], partials["core"], *f.core_args(), grads["p_up"], grads["q_down"],
             grads["q_up"], grads["singular_values"], grads["p_down"], tiles, out_features, in_features, f.r, f.k,
-            float(f.alpha))
-    flags = {"SCALE_BY_KEPT": bool(f.scale_by_kept), "BLOCK": FINISH_BLOCK, "BLOCK_R": rank_block(f.k),
-             "BLOCK_RR": rank_block(f.r)}
-    return Launch("finish", args, flags, lambda meta: (programs,), device), grads
+            float(f.alpha), f.segment_pointer(), tile_rows)
+    flags = {"SCALE_BY_KEPT": bool(f.scale_by_kept), "ADAPTERS": f.adapters, "BLOCK": FINISH_BLOCK,
+             "BLOCK_R": rank_block(f.k), "BLOCK_RR": rank_block(f.r)}
+    return Launch("finish", args, flags, lambda meta: (programs, f.adapters), device), grads
 
 
 # The row bands address a row tile's rows with int32 offsets (row · stride < 2³¹ for up to 128 rows): what
@@ -1134,7 +1254,8 @@ def lora2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         for cast in casts + dequant:
             cast.run()
     elif casts:
-        b2 = f.p_up.t().contiguous().to(x.dtype)  # nothing launched for an empty batch; the backward needs B₂ᵀ
+        # nothing launched for an empty batch; the backward needs B₂ᵀ (k × adapters·out)
+        b2 = f.p_up.reshape(-1, f.k).t().contiguous().to(x.dtype)
     split = False
     if quant is None and x2.shape[0] and not ieee_fp32(x.dtype):
         key = ("forward", token_bucket(x2.shape[0]), out_features, x2.shape[1], f.k, f.r, x.dtype, dropout_p > 0,
@@ -1160,15 +1281,16 @@ def lora2_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dense, quant, dequant = _dequantize_for(dy.shape[0] if needs_input_grad else 0, weight, quant, dy.dtype)
     w_ptr, _, w_strides = _weight_view(dense, quant, fan_in_fan_out, backward=True)
 
-    def run(split: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], int]:
+    def run(split: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], int, int]:
         dx = torch.mm(dy, _dense_weight(dense, fan_in_fan_out, backward=True)) if split else None
         launch, grad_x, partials = dx_launch(dy, x2, w_ptr if needs_input_grad else None, w_strides, h, f, b2,
                                              dropout_p, seed, needs_input_grad, quant, dx)
-        tiles = 0
+        tiles, tile_rows = 0, 1
         if dy.shape[0]:
             config = launch.run()
-            tiles = cdiv(dy.shape[0], config["BLOCK_M"])
-        return grad_x, partials, tiles
+            tile_rows = config["BLOCK_M"]
+            tiles = row_tile_bound(dy.shape[0], f.adapters, tile_rows)
+        return grad_x, partials, tiles, tile_rows
 
     if dy.shape[0]:
         for step in dequant:
@@ -1178,8 +1300,8 @@ def lora2_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         key = ("dx", token_bucket(dy.shape[0]), x2.shape[1], dy.shape[1], f.k, f.r, dy.dtype, dropout_p > 0,
                fan_in_fan_out, dy.device)
         split = base_gemm(key, dy.device, run) == "cublas"
-    grad_x, partials, tiles = run(split)
-    finish, grads = finish_launch(partials, tiles, f)
+    grad_x, partials, tiles, tile_rows = run(split)
+    finish, grads = finish_launch(partials, tiles, f, tile_rows)
     finish.run()
     grad_weight = grad_bias = None
     if needs_weight_grad:

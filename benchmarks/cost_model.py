@@ -88,27 +88,29 @@ def column_groups(row_tiles: int, col_tiles: int, sms: int) -> int:
 
 def lora2_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int = 2, block_m: int = 128,
                    block_n: int = 256, dropout: float = 0.0, efficiency: float = 1.0, sms: int = H100_SMS,
-                   bands: bool = True) -> list[Launch]:
+                   bands: bool = True, adapters: int = 1) -> list[Launch]:
     """The fused LoRA² step (k padded to the rank tile, as the tensor cores compute it). Tiles: the
     128 × 256 config, the one of the Hopper set meant for these shapes (on a GPU the autotuner picks).
     Row bands: h (forward) and gB (dX) once per row tile and column group; ``bands`` False models the
-    per-output-tile schedule of before 2026-12-04 (h in every column tile). With dropout both directions draw one Philox value per x element."""
+    per-output-tile schedule of before 2026-12-04 (h in every column tile). With dropout both directions draw one Philox value per x element.
+    ``adapters`` > 1: that many adapters over the ``tokens`` rows (stacked factors, a segment each): the same
+    launches, each adapter's factors read and written once, a partial row tile more per segment."""
     rank = max(16, 2 ** math.ceil(math.log2(k)))
-    m_tiles = math.ceil(tokens / block_m)
+    m_tiles = math.ceil(tokens / block_m) + adapters - 1
     gemm = 2.0 * tokens * in_f * out_f
     out_tiles, in_tiles = math.ceil(out_f / block_n), math.ceil(in_f / block_n)
     h_passes = column_groups(m_tiles, out_tiles, sms) if bands else out_tiles  # h = d(x)·A₁ᵀ
     forward_flops = gemm + 2.0 * tokens * in_f * rank * h_passes + 2.0 * tokens * out_f * rank
-    forward_bytes = element * (tokens * in_f + in_f * out_f + tokens * out_f + k * in_f) + 4 * tokens * k
+    forward_bytes = element * (tokens * in_f + in_f * out_f + tokens * out_f + adapters * k * in_f) + 4 * tokens * k
     dx_flops = (gemm + 2.0 * tokens * out_f * rank * column_groups(m_tiles, in_tiles, sms)  # gB, once a group
                 + 2.0 * tokens * out_f * rank  # dB₂ partials
                 + 4.0 * tokens * in_f * rank)  # g·A₁ and the dA₁ partials
     partial_bytes = 4 * m_tiles * (out_f * k + k * in_f + rank * rank)
-    dx_bytes = (element * (tokens * out_f + in_f * out_f + tokens * in_f + k * out_f) + 4 * tokens * k
+    dx_bytes = (element * (tokens * out_f + in_f * out_f + tokens * in_f + adapters * k * out_f) + 4 * tokens * k
                 + partial_bytes)
     draws = DROPOUT_OPS * tokens * in_f if dropout else 0.0
-    cast_bytes = (4 + element) * k * (in_f + out_f)
-    finish_bytes = partial_bytes + 4 * k * (in_f + out_f)
+    cast_bytes = adapters * (4 + element) * k * (in_f + out_f)
+    finish_bytes = partial_bytes + adapters * 4 * k * (in_f + out_f)
     return [Launch("cast", 0.0, cast_bytes),
             Launch("forward", forward_flops, forward_bytes, alu=draws, efficiency=efficiency),
             Launch("dx", dx_flops, dx_bytes, alu=draws, exposed_bytes=element * tokens * in_f, efficiency=efficiency),
@@ -131,12 +133,13 @@ def split_launches(tokens: int, in_f: int, out_f: int, k: int = 8, element: int 
 
 
 def step_seconds(tokens: int, in_f: int, out_f: int, k: int = 8, device: "Device | None" = None,
-                 dropout: float = 0.0, efficiency: float = 1.0, split: bool = False) -> float:
+                 dropout: float = 0.0, efficiency: float = 1.0, split: bool = False, adapters: int = 1) -> float:
     """One projection's modelled training step; with ``split`` each direction takes the faster of the fused
     launch and the cuBLAS split, as lora_linear.base_gemm does on a GPU."""
     device = device or H100
     launches = {launch.name: launch for launch in lora2_launches(tokens, in_f, out_f, k, dropout=dropout,
-                                                                  efficiency=efficiency, sms=device.sms)}
+                                                                  efficiency=efficiency, sms=device.sms,
+                                                                  adapters=adapters)}
     alternatives = split_launches(tokens, in_f, out_f, k, dropout=dropout) if split else {}
     total = launches["cast"].seconds(device) + launches["finish"].seconds(device)
     for direction in ("forward", "dx"):
@@ -242,5 +245,27 @@ DECODER_LAYERS = {"llama-1.1b": {"llama-1.1b q/o": 2, "llama-1.1b k/v": 2, "llam
                   "deberta": {"deberta q/k/v/o": 4, "deberta up": 1, "deberta down": 1}}
 
 
+def adapters_table(adapters: int = 3, device: Device = H100, k: int = 8,
+                   tokens_per_adapter: tuple[int, ...] = (8192, 1024)) -> str:
+    """Markdown: a sweep's step of ``adapters`` adapters over one base (one launch set, every adapter's batch
+    in it) against that many single-adapter steps, per decoder / encoder layer. The GEMM FLOPs are the same
+    (every adapter's rows still go through W); what one step saves is W's reads and the launches."""
+    lines = [f"Model, not measured: {device.name}; {adapters} adapters in one step vs {adapters} single steps, each "
+             "adapter's batch as a single run's.", "",
+             "| layer | tokens an adapter | one step, µs | single steps, µs | one / singles |", "|---|---:|---:|---:|---:|"]
+    for model, layer in DECODER_LAYERS.items():
+        for tokens in tokens_per_adapter:
+            together = singles = 0.0
+            for name, _, in_f, out_f in SHAPES:
+                n = layer.get(name, 0)
+                together += n * step_seconds(adapters * tokens, in_f, out_f, k, device, adapters=adapters)
+                singles += n * adapters * step_seconds(tokens, in_f, out_f, k, device)
+            lines.append(f"| {model} | {tokens} | {1e6 * together:.1f} | {1e6 * singles:.1f} | "
+                         f"{together / singles:.3f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(model_table(layer_models()))
+    print()
+    print(adapters_table())

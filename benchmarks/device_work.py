@@ -256,10 +256,30 @@ def four_bit_counts(device: str = "cpu", in_f: int = 64, out_f: int = 48, token_
     return counts
 
 
+def adapter_counts(device: str = "cpu", in_f: int = 48, out_f: int = 40, tokens: int = 24,
+                   adapters: tuple[int, ...] = (1, 2, 4)) -> dict[int, int]:
+    """Several adapters over one base (a sweep in one run), per adapter count: the device work of one training
+    step of one projection, every adapter's ``tokens`` rows in it; bf16 base, fp32 adapters under autocast. The
+    row split is set once per batch for the whole model (``AdapterRows``), outside the count."""
+    from lora2_kernels import LoRA2Linear
+
+    counts = {}
+    for n in adapters:
+        torch.manual_seed(0)
+        layer = LoRA2Linear(in_f, out_f, r=8, k=8, backend="triton", adapters=n)
+        layer.weight.data = layer.weight.data.bfloat16()
+        layer.bias.data = layer.bias.data.bfloat16()
+        if n > 1:
+            layer.set_adapter_rows([tokens] * n)
+        model = _Model(layer).to(device).train()
+        counts[n] = _steady_work(model, torch.randn(n * tokens, in_f, device=device), torch.bfloat16).total
+    return counts
+
+
 if __name__ == "__main__":  # python -m benchmarks.device_work (CPU: under TRITON_INTERPRET=1)
     import json
     import os
 
     device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     print(json.dumps({"peers": peer_counts(device), "regimes": regime_counts(device),
-                      "4-bit": four_bit_counts(device)}))
+                      "4-bit": four_bit_counts(device), "adapters": adapter_counts(device)}))

@@ -17,6 +17,11 @@ the three middle factors into the k × k core C = s·A₂·diag(λ⊙m)·B₁ th
 GEMM, the rank-k adapter (with adapter dropout) and every factor's gradient: 4 launches a training
 step (3 in fp32), no torch glue around them.
 
+Several adapters over the one frozen base (``adapters=N``: a learning-rate sweep in one run): every factor
+stacked, (N, ...), and each batch's rows split between them (``set_adapter_rows``): row block i goes through
+adapter i, in the same launches as one adapter (see triton_kernels/lora_linear.py). ``select_adapter(i)``
+gives adapter i as a layer of its own (to merge, save or evaluate it). N = 1 is the plain layer above.
+
 Backends: "auto" (Triton on CUDA tensors when it applies, the PyTorch reference otherwise — on a
 GPU a layer the kernels cannot take logs why, once), "triton" (always; an error if it cannot
 run), "reference" (always the reference). Scale: s = α / r, constant for the whole run as in the
@@ -84,16 +89,16 @@ class LoRA2Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8, k: int = 8,
                  alpha: float = 16.0, dropout: float = 0.0, init: str = "orthogonal", init_std: float = 0.02,
                  backend: str = "auto", scale_by_kept: bool = False, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-        _check_adapter_arguments(r, k, alpha, dropout, init, init_std, backend)
+                 dtype: torch.dtype | None = None, adapters: int = 1) -> None:
+        _check_adapter_arguments(r, k, alpha, dropout, init, init_std, backend, adapters)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.fan_in_fan_out = False
-        self._init_adapter(r, k, alpha, dropout, init, init_std, backend, scale_by_kept)
+        self._init_adapter(r, k, alpha, dropout, init, init_std, backend, scale_by_kept, adapters)
 
     @classmethod
     def from_linear(cls, module: nn.Module, *, r: int = 8, k: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                     init: str = "orthogonal", init_std: float = 0.02, backend: str = "auto",
-                    scale_by_kept: bool = False) -> LoRA2Linear:
+                    scale_by_kept: bool = False, adapters: int = 1) -> LoRA2Linear:
         """Adapt an existing ``nn.Linear`` or GPT-2 ``Conv1D``: the new layer shares its weight and
         bias Parameters (no copy) and freezes them. A Conv1D keeps its transposed (in × out)
         storage and state-dict layout, flagged by ``fan_in_fan_out``."""
@@ -104,7 +109,7 @@ class LoRA2Linear(nn.Linear):
             raise TypeError(f"LoRA2Linear cannot adapt this {type(module).__name__}: "
                             f"{why or 'LoRA2Linear adapts nn.Linear, transformers Conv1D and bitsandbytes Linear4bit'}"
                             "; remove this module from target_modules.")
-        _check_adapter_arguments(r, k, alpha, dropout, init, init_std, backend)
+        _check_adapter_arguments(r, k, alpha, dropout, init, init_std, backend, adapters)
         conv = is_conv1d(module)
         if four_bit.is_linear4bit(module):  # the packed weight's shape is (out·in/2, 1): take the layer's
             four_bit.keep_standard_layout(module)  # undo bitsandbytes' CPU inference repacking, if it happened
@@ -117,7 +122,7 @@ class LoRA2Linear(nn.Linear):
         layer.weight = module.weight
         layer.register_parameter("bias", module.bias)
         layer.fan_in_fan_out = conv
-        layer._init_adapter(r, k, alpha, dropout, init, init_std, backend, scale_by_kept)
+        layer._init_adapter(r, k, alpha, dropout, init, init_std, backend, scale_by_kept, adapters)
         layer.train(module.training)
         return layer
 
@@ -125,6 +130,7 @@ class LoRA2Linear(nn.Linear):
         # a model's seed source is the model's: a copy or a pickle of the layer alone draws its own seeds
         state = dict(super().__getstate__())
         state.pop("_seed_source", None)
+        state.pop("_rows_source", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -136,8 +142,8 @@ class LoRA2Linear(nn.Linear):
             self._parameters["weight"] = four_bit.as_params4bit(weight)
 
     def _init_adapter(self, r: int, k: int, alpha: float, dropout: float, init: str, init_std: float, backend: str,
-                      scale_by_kept: bool) -> None:
-        self.r, self.k, self.alpha = int(r), int(k), float(alpha)
+                      scale_by_kept: bool, adapters: int = 1) -> None:
+        self.r, self.k, self.alpha, self.adapters = int(r), int(k), float(alpha), int(adapters)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.init, self.init_std, self.backend, self.scale_by_kept = init, init_std, backend, scale_by_kept
         self.merged = False
@@ -148,12 +154,13 @@ class LoRA2Linear(nn.Linear):
         # Adapter weights are fp32 whatever the base dtype, as PEFT does by default: bf16 factors
         # lose most of their mantissa in the small products.
         factory = {"device": self.weight.device, "dtype": torch.float32}
-        self.q_down = nn.Parameter(torch.empty(k, self.in_features, **factory))
-        self.q_up = nn.Parameter(torch.empty(r, k, **factory))
-        self.singular_values = nn.Parameter(torch.zeros(r, **factory))
-        self.p_down = nn.Parameter(torch.empty(k, r, **factory))
-        self.p_up = nn.Parameter(torch.empty(self.out_features, k, **factory))
-        self.register_buffer("rank_mask", torch.ones(r, **factory))  # the allocator's enforced mask
+        lead = () if self.adapters == 1 else (self.adapters,)  # several adapters: each factor stacked
+        self.q_down = nn.Parameter(torch.empty(*lead, k, self.in_features, **factory))
+        self.q_up = nn.Parameter(torch.empty(*lead, r, k, **factory))
+        self.singular_values = nn.Parameter(torch.zeros(*lead, r, **factory))
+        self.p_down = nn.Parameter(torch.empty(*lead, k, r, **factory))
+        self.p_up = nn.Parameter(torch.empty(*lead, self.out_features, k, **factory))
+        self.register_buffer("rank_mask", torch.ones(*lead, r, **factory))  # the allocator's enforced mask
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
@@ -162,8 +169,9 @@ class LoRA2Linear(nn.Linear):
             for p in (self.q_down, self.q_up, self.p_down, self.p_up):
                 if p.is_meta:
                     continue
-                if self.init == "orthogonal":  # orthonormal rows or columns, whichever is shorter
-                    nn.init.orthogonal_(p)
+                if self.init == "orthogonal":  # orthonormal rows or columns, whichever is shorter (per adapter)
+                    for matrix in (p,) if p.dim() == 2 else p:
+                        nn.init.orthogonal_(matrix)
                 else:
                     nn.init.normal_(p, mean=0.0, std=self.init_std)
             self.singular_values.zero_()
@@ -185,6 +193,7 @@ class LoRA2Linear(nn.Linear):
 
     def core(self) -> torch.Tensor:
         """C = s · A₂ · diag(λ ⊙ m) · B₁, k × k, in at least fp32."""
+        self._one_adapter("core()")
         return reference.core(self._factor("singular_values"), self._factor("rank_mask"), self._factor("q_up"),
                               self._factor("p_down"), self.scale)
 
@@ -213,6 +222,11 @@ class LoRA2Linear(nn.Linear):
     def is_4bit(self) -> bool:
         """The base is bitsandbytes' packed 4-bit weight (until a merge turns it into a bf16 one)."""
         return four_bit.is_4bit_weight(self.weight)
+
+    def _one_adapter(self, what: str) -> None:
+        if self.adapters > 1:
+            raise RuntimeError(f"LoRA2Linear.{what} is one adapter's, and this layer holds {self.adapters}: call it on "
+                               "layer.select_adapter(i).")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -247,8 +261,46 @@ class LoRA2Linear(nn.Linear):
         else:
             factors = [self._factor(name) for name in (*ADAPTER_PARAMETER_NAMES, "rank_mask")]
             bias = bias.to(x.dtype) if bias is not None else None
+        segments = self._segments(x) if self.adapters > 1 else None
         return ops.lora2_linear(x, weight, bias, *factors, self.alpha, self.scale_by_kept, self.fan_in_fan_out,
-                                dropout, backend, seed=seed, quant=quant)
+                                dropout, backend, seed=seed, quant=quant, segments=segments)
+
+    # --- several adapters ---------------------------------------------------------------------------
+
+    def set_adapter_rows(self, rows: list[int]) -> None:
+        """Split the next batches between this layer's adapters: the first ``rows[0]`` rows of x (its first
+        dimension) go through adapter 0, the next ``rows[1]`` through adapter 1, ... (``AdapterRows`` does it
+        for every layer of a model at once)."""
+        AdapterRows([self]).set(rows)
+
+    def _segments(self, x: torch.Tensor) -> torch.Tensor:
+        source = self.__dict__.get("_rows_source")
+        if source is None or source.rows is None:
+            raise RuntimeError(f"LoRA2Linear: this layer holds {self.adapters} adapters, and no one said which rows of "
+                               "the batch are whose: call layer.set_adapter_rows([rows of adapter 0, ...]) (or "
+                               "AdapterRows(model layers).set(...)) before the forward.")
+        return source.segments(x, self.adapters)
+
+    @torch.no_grad()
+    def select_adapter(self, index: int) -> LoRA2Linear:
+        """Adapter ``index`` as a one-adapter layer over the same frozen weight and bias Parameters (its
+        factors and mask copied): what a run of that adapter alone would hold, to merge, save or evaluate."""
+        if not 0 <= index < self.adapters:
+            raise IndexError(f"adapter {index} of a layer with {self.adapters}")
+        layer = LoRA2Linear.__new__(LoRA2Linear)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = self.in_features, self.out_features
+        layer.weight = self.weight
+        layer.register_parameter("bias", self.bias)
+        layer.fan_in_fan_out = self.fan_in_fan_out
+        layer._init_adapter(self.r, self.k, self.alpha, self.dropout_p, self.init, self.init_std, self.backend,
+                            self.scale_by_kept)
+        for name in (*ADAPTER_PARAMETER_NAMES, "rank_mask"):
+            stacked = getattr(self, name)
+            getattr(layer, name).copy_(stacked if self.adapters == 1 else stacked[index])
+        layer.merged = self.merged
+        layer.train(self.training)
+        return layer
 
     @property
     def dropout_p(self) -> float:
@@ -267,13 +319,14 @@ class LoRA2Linear(nn.Linear):
 
     @torch.no_grad()
     def set_rank_mask(self, mask: torch.Tensor) -> None:
-        """Enforce ``mask`` in the forward and zero the masked singular values."""
-        if mask.shape != (self.r,):
-            raise ValueError(f"rank mask must have shape ({self.r},), got {tuple(mask.shape)}")
+        """Enforce ``mask`` in the forward and zero the masked singular values (several adapters: a row each)."""
+        if mask.shape != self.rank_mask.shape:
+            raise ValueError(f"rank mask must have shape {tuple(self.rank_mask.shape)}, got {tuple(mask.shape)}")
         self.rank_mask.copy_(mask)
         self.singular_values.mul_(self.rank_mask.to(self.singular_values.dtype))
 
     def kept_indices(self) -> list[int]:
+        self._one_adapter("kept_indices()")
         return torch.nonzero(self.rank_mask > 0).flatten().tolist()
 
     # --- enable / merge ----------------------------------------------------------------------------
@@ -292,6 +345,7 @@ class LoRA2Linear(nn.Linear):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into the weight; a second call is a no-op (ΔW is never added twice)."""
+        self._one_adapter("merge()")
         if self.merged:
             logger.warning("LoRA2Linear.merge(): already merged, nothing done.")
             return
@@ -369,14 +423,53 @@ class LoRA2Linear(nn.Linear):
         """Trainable adapter parameters; with ``kept`` singular values, the count after pruning
         (a pruned λ_i leaves row i of B₁ and column i of A₂ dead)."""
         kept = self.r if kept is None else kept
-        return self.k * (self.in_features + self.out_features) + kept * (2 * self.k + 1)
+        return self.adapters * (self.k * (self.in_features + self.out_features) + kept * (2 * self.k + 1))
 
     def extra_repr(self) -> str:
-        kept = "?" if self.rank_mask.is_meta else int(self.rank_mask.sum().item())
+        kept = "?" if self.rank_mask.is_meta else "+".join(str(int(m.sum().item())) for m in self.rank_mask.view(-1, self.r))
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, k={self.k}, alpha={self.alpha:g}, kept={kept}/{self.r}, backend={self.backend}"
+                f"{f', adapters={self.adapters}' if self.adapters > 1 else ''}"
                 f"{', fan_in_fan_out' if self.fan_in_fan_out else ''}{', merged' if self.merged else ''}"
                 f"{', 4-bit ' + self.weight.quant_state.quant_type if self.is_4bit else ''}")
+
+
+class AdapterRows:
+    """Which rows of each batch go through which adapter, for a model's several-adapter layers at once.
+
+    ``set(rows)`` once a batch: adapter i takes the next ``rows[i]`` entries of the input's first dimension
+    (sequences, for a transformer's (batch, tokens, features) activations). Each layer turns it into the
+    kernels' segment table (token offsets, on the device) at its first call; the layers of one forward share
+    the tensor, one small copy to the device per batch and shape, not one per projection."""
+
+    def __init__(self, layers: list[LoRA2Linear]) -> None:
+        self.rows: list[int] | None = None
+        self._tables: dict[tuple, torch.Tensor] = {}
+        for layer in layers:
+            layer._rows_source = self
+
+    def set(self, rows: list[int]) -> None:
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in rows):
+            raise ValueError(f"adapter rows must be counts (integers >= 0), got {rows}")
+        self.rows = list(rows)
+        self._tables.clear()
+
+    def segments(self, x: torch.Tensor, adapters: int) -> torch.Tensor:
+        rows = self.rows
+        if len(rows) != adapters:
+            raise ValueError(f"LoRA2Linear holds {adapters} adapters but the batch was split {len(rows)} ways "
+                             f"({rows}); give one row count per adapter (0 for an adapter with none).")
+        if x.dim() < 2 or x.shape[0] != sum(rows):
+            raise ValueError(f"the batch has {x.shape[0] if x.dim() else 0} rows but the adapters' counts {rows} add "
+                             f"up to {sum(rows)}: set the rows of this batch (AdapterRows.set).")
+        per_row = x.numel() // (x.shape[-1] * max(x.shape[0], 1))  # tokens a row (a sequence's length)
+        key = (per_row, x.device)
+        if key not in self._tables:
+            bounds = [0]
+            for n in rows:
+                bounds.append(bounds[-1] + n * per_row)
+            self._tables[key] = torch.tensor(bounds, dtype=torch.int32, device=x.device)
+        return self._tables[key]
 
 
 class DropoutSeeds:
@@ -412,7 +505,7 @@ class DropoutSeeds:
 
 
 def _check_adapter_arguments(r: int, k: int, alpha: float, dropout: float, init: str, init_std: float,
-                             backend: str) -> None:
+                             backend: str, adapters: int = 1) -> None:
     def ok_int(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -433,3 +526,5 @@ def _check_adapter_arguments(r: int, k: int, alpha: float, dropout: float, init:
         raise ValueError(f"LoRA2Linear: init_std={init_std!r} must be a finite number > 0.")
     if backend not in ops.BACKENDS:
         raise ValueError(f"LoRA2Linear: backend={backend!r} must be one of {ops.BACKENDS}.")
+    if not ok_int(adapters):
+        raise ValueError(f"LoRA2Linear: adapters={adapters!r} must be an integer >= 1 (adapters over the one base).")

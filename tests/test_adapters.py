@@ -16,7 +16,9 @@ from lora2_kernels.triton_kernels import lora_linear as kernels
 from test_triton_kernels import ALPHA, PARAMS, _dtype_id, _max_err, assert_matches_oracle, make_layer, oracle, \
     tolerances
 
-from lora2_kernels import ops
+from torch import nn
+
+from lora2_kernels import LoRA2Linear, ops
 
 ROWS = [37, 0, 70]  # adapter 1 has no rows this batch; adapter 2 starts mid-tile
 MASKS = [[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1]]
@@ -173,3 +175,76 @@ def test_misfit_adapters_are_refused_with_the_fix():
         ops.lora2_linear(x, weight, bias, *stacked, masks[0], ALPHA, segments=segments_of(ROWS))
     with pytest.raises(ValueError, match="segments are for several adapters"):
         ops.lora2_linear(x, weight, bias, *(s[0] for s in stacked), masks[0], ALPHA, segments=segments_of(ROWS))
+
+
+# --- the layer: LoRA2Linear(adapters=N) ------------------------------------------------------------------
+
+
+def _trained_looking(layer: nn.Module, seed: int = 0) -> None:
+    """Nonzero λ and a partial mask in every adapter, so each adapter's ΔW differs and shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.singular_values.copy_(torch.randn(layer.singular_values.shape, generator=g) + 2.0)
+        mask = (torch.rand(layer.rank_mask.shape, generator=g) > 0.3).float()
+        layer.set_rank_mask(mask.to(layer.rank_mask.device))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_layer_of_three_adapters_is_three_layers_on_their_rows(backend):
+    """LoRA2Linear(adapters=3) over (sequences, tokens, features) input: each adapter's sequences come out as
+    that adapter alone computes them (select_adapter), and each adapter's gradients are that layer's."""
+    torch.manual_seed(0)
+    layer = LoRA2Linear(40, 24, r=4, k=4, adapters=3, backend=backend).to(KERNEL_DEVICE)
+    _trained_looking(layer)
+    sequences = [2, 0, 3]
+    x = torch.randn(sum(sequences), 7, 40, device=KERNEL_DEVICE, requires_grad=True)
+    layer.set_adapter_rows(sequences)
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    start = 0
+    for i, n in enumerate(sequences):
+        own = slice(start, start + n)
+        start += n
+        alone = layer.select_adapter(i)
+        x_i = x[own].detach().clone().requires_grad_()
+        y_i = alone(x_i)
+        y_i.backward(grad_y[own])
+        torch.testing.assert_close(y[own], y_i, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad[own], x_i.grad, rtol=1e-5, atol=1e-5)
+        for name in PARAMS:
+            torch.testing.assert_close(getattr(layer, name).grad[i], getattr(alone, name).grad, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, name=name, i=i: f"adapter {i} {name}: {m}")
+
+
+def test_several_adapters_keep_the_state_dict_keys_stacked_and_one_adapter_is_unchanged():
+    single = LoRA2Linear(40, 24, r=4, k=3)
+    many = LoRA2Linear(40, 24, r=4, k=3, adapters=3)
+    assert list(single.state_dict()) == list(many.state_dict())
+    for key, value in single.state_dict().items():
+        if key in ("weight", "bias", "merged"):
+            assert many.state_dict()[key].shape == value.shape
+        else:
+            assert many.state_dict()[key].shape == (3, *value.shape), key
+    assert many.adapter_parameter_count() == 3 * single.adapter_parameter_count()
+    assert single.select_adapter(0).state_dict().keys() == single.state_dict().keys()
+    for i in range(3):  # each adapter's orthonormal init is its own
+        q = many.q_down[i].detach()
+        torch.testing.assert_close(q @ q.T, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_several_adapters_refuse_a_batch_nobody_split_and_one_adapters_operations():
+    layer = LoRA2Linear(40, 24, r=4, k=3, adapters=2, backend="reference")
+    x = torch.randn(5, 40)
+    with pytest.raises(RuntimeError, match="no one said which rows of the batch are whose"):
+        layer(x)
+    layer.set_adapter_rows([2, 2])
+    with pytest.raises(ValueError, match="add up to 4"):
+        layer(x)
+    layer.set_adapter_rows([5])
+    with pytest.raises(ValueError, match="split 1 ways"):
+        layer(x)
+    with pytest.raises(RuntimeError, match=r"select_adapter\(i\)"):
+        layer.merge()
+    with pytest.raises(ValueError, match="adapters=0"):
+        LoRA2Linear(40, 24, adapters=0)

@@ -60,3 +60,18 @@ def test_the_table_reports_every_term_for_every_layer():
     table = cm.model_table(cm.layer_models())
     assert "at 85 % of cuBLAS" in table and "cuBLAS split where faster" in table and "dropout 0.1 / 0" in table
     assert "**llama-1.1b layer**" in table and "**deberta layer**" in table
+
+
+def test_several_adapters_in_one_step_share_w_and_the_launches_not_the_gemm_flops():
+    """Three adapters' batches in one step: the base GEMM's FLOPs are the three single steps' (every row still
+    goes through W), each adapter's factors are read once, and the step is cheaper than three single steps by W's
+    re-reads and the launches only: more so for small batches."""
+    tokens, in_f, out_f = 1024, 768, 768
+    together = {launch.name: launch for launch in cm.lora2_launches(3 * tokens, in_f, out_f, adapters=3)}
+    single = {launch.name: launch for launch in cm.lora2_launches(tokens, in_f, out_f)}
+    assert together["forward"].flops == pytest.approx(3 * single["forward"].flops, rel=0.02)
+    assert together["cast"].bytes == 3 * single["cast"].bytes
+    big, small = (cm.step_seconds(3 * t, in_f, out_f, adapters=3) / (3 * cm.step_seconds(t, in_f, out_f))
+                  for t in (8192, 1024))
+    assert small < big < 1.0
+    assert "one / singles" in cm.adapters_table()

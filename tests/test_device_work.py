@@ -10,7 +10,7 @@ import torch
 from conftest import KERNEL_DEVICE, require
 from torch import nn
 
-from benchmarks.device_work import REGIMES, four_bit_counts, peer_counts, regime_counts, step_work
+from benchmarks.device_work import REGIMES, adapter_counts, four_bit_counts, peer_counts, regime_counts, step_work
 from lora2_kernels import LoRA2Linear
 
 IN, OUT, TOKENS = 48, 40, 24
@@ -98,3 +98,10 @@ def test_over_a_4bit_base_the_kernels_launch_no_more_than_the_frozen_4bit_layer(
     assert in_loop["lora2"] < in_loop["floor"] < in_loop["peft"], in_loop
     assert dequantised["lora2"] == in_loop["lora2"] + 2, dequantised  # one dequantise launch each way
     assert dequantised["lora2"] <= dequantised["floor"] < dequantised["peft"], dequantised
+
+
+def test_several_adapters_take_the_launches_of_one():
+    """A sweep's adapters over one base (issue 32): the device work of a projection's training step does not
+    grow with the number of adapters (one launch set for all of them, the base GEMM shared)."""
+    counts = adapter_counts(KERNEL_DEVICE)
+    assert counts[1] == counts[2] == counts[4], counts

@@ -31,7 +31,7 @@ if stage tests; then  # kernel tests on CUDA tensors, compiled (conftest sets no
   # test_four_bit.py needs bitsandbytes, which the device image lacks: carry its wheel in .whl/ (it skips
   # outside CI without it, and says so in the log)
   timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_triton_kernels.py tests/test_importance_op.py \
-    tests/test_linear.py tests/test_four_bit.py -x > "$OUT/tests.log" 2>&1; echo "tests exit $?" | tee -a "$OUT/tests.log"
+    tests/test_linear.py tests/test_four_bit.py tests/test_adapters.py -x > "$OUT/tests.log" 2>&1; echo "tests exit $?" | tee -a "$OUT/tests.log"
 fi
 
 if stage mutants; then  # the CUDA kernel's mutant (only a GPU runs it) and the Triton ones, compiled this time;

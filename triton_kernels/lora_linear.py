@@ -187,15 +187,14 @@ def _row_band(M, N, seg_ptr, ADAPTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOC
     group = pid // row_tiles
     per_group = tl.cdiv(col_tiles, tl.num_programs(0) // row_tiles)
     first = group * per_group
+    adapter = pid_m * 0  # int32 scalars, as the loads below give
     if ADAPTERS == 1:
-        adapter = pid_m * 0
         row0 = pid_m * BLOCK_M
-        row_end = M + pid_m * 0
+        row_end = M + adapter
     else:
-        adapter = pid_m * 0
-        row0 = pid_m * 0
-        row_end = pid_m * 0
-        before = pid_m * 0  # row tiles of the adapters before this one
+        row0 = adapter
+        row_end = adapter
+        before = adapter  # row tiles of the adapters before this one
         for i in tl.static_range(ADAPTERS):
             start = tl.load(seg_ptr + i)
             end = tl.load(seg_ptr + i + 1)
@@ -265,7 +264,6 @@ def forward_kernel(
     if ADAPTERS > 1:
         if row_start >= row_end:  # past this split's row tiles
             return
-    if ADAPTERS > 1:
         a1_ptr += tl.cast(adapter_id, tl.int64) * RANK * K
         p_up_ptr += tl.cast(adapter_id, tl.int64) * N * RANK
         q_up_ptr, sv_ptr, mask_ptr, p_down_ptr = _adapter_factors(adapter_id, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,
@@ -397,7 +395,6 @@ def dx_kernel(
     if ADAPTERS > 1:
         if row_start >= row_end:  # past this split's row tiles
             return
-    if ADAPTERS > 1:
         a1_ptr += tl.cast(adapter_id, tl.int64) * RANK * N
         b2_ptr += tl.cast(adapter_id, tl.int64) * stride_b2a
         q_up_ptr, sv_ptr, mask_ptr, p_down_ptr = _adapter_factors(adapter_id, q_up_ptr, sv_ptr, mask_ptr, p_down_ptr,

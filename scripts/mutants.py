@@ -150,6 +150,10 @@ MUTANTS = [
            "        b2_ptr += tl.cast(adapter_id, tl.int64) * stride_b2a",
            "        b2_ptr += 0 * stride_b2a", ("tests/test_adapters.py",),
            "dX reads the first adapter's B₂ for every adapter"),
+    Mutant("sweep-gradients-of-adapter-0", "lora2/sweep.py",
+           "self.slices[i][index].grad = None if p.grad is None else p.grad[i]",
+           "self.slices[i][index].grad = None if p.grad is None else p.grad[0]", ("tests/test_sweep.py",),
+           "every adapter's optimiser steps on the first adapter's gradient"),
     # issue 31: six kinds of bug the suite did not see (one mutant per kind)
     Mutant("nested-absmax-group-ignored", KERNEL,
            "scale = scale * tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0)",

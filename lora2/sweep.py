@@ -1,0 +1,93 @@
+"""Several LoRA² adapters trained together over one frozen base: the pieces a sweep's loop is built from.
+
+A learning-rate sweep trains N adapters of one model. Over one base in memory they run as one model whose
+adapted layers hold N adapters each (``LoRA2Linear(adapters=N)``: every factor stacked, one launch set for
+all of them) and whose batches concatenate the adapters' own batches (``AdapterRows`` says which rows are
+whose). What stays per adapter is the training state:
+
+- ``stack_adapters``: N one-adapter layers (say, N single runs' initialisations) as one N-adapter layer;
+- ``AdapterOptimizers``: an optimiser per adapter, each over its adapter's slices of the stacked
+  parameters, so each has its own learning rate, schedule and state, and its ``state_dict`` is exactly the
+  one a single run of that adapter would save. The slices are leaf views of the stacked parameters, made
+  once; before each step their ``.grad`` is pointed at the matching slice of the stacked gradient (no copy).
+
+Adam's update is element-wise, so an adapter's update depends on its own slice only: adapter i of a sweep
+steps exactly as a single run with its learning rate steps (tests/test_sweep.py checks it, kernels and
+reference, with gradient accumulation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from lora2_kernels.linear import ADAPTER_PARAMETER_NAMES, LoRA2Linear
+
+
+@torch.no_grad()
+def stack_adapters(layers: Sequence[LoRA2Linear]) -> LoRA2Linear:
+    """One LoRA2Linear holding the adapters of ``layers`` (one-adapter layers over the same W and b, same r, k,
+    α, dropout), adapter i = layers[i]'s factors and mask; it shares their weight and bias Parameters."""
+    first = layers[0]
+    if any(layer.adapters != 1 for layer in layers):
+        raise ValueError("stack_adapters takes one-adapter layers")
+    same = ("in_features", "out_features", "r", "k", "alpha", "dropout_p", "scale_by_kept", "fan_in_fan_out")
+    for layer in layers[1:]:
+        differ = [name for name in same if getattr(layer, name) != getattr(first, name)]
+        if differ or layer.weight is not first.weight:
+            raise ValueError(f"stack_adapters: the layers differ in {differ or ['weight']}; the adapters of one layer "
+                             "share its base and its shape (r, k, α, dropout)")
+    stacked = LoRA2Linear.__new__(LoRA2Linear)
+    nn.Module.__init__(stacked)
+    stacked.in_features, stacked.out_features = first.in_features, first.out_features
+    stacked.weight = first.weight
+    stacked.register_parameter("bias", first.bias)
+    stacked.fan_in_fan_out = first.fan_in_fan_out
+    stacked._init_adapter(first.r, first.k, first.alpha, first.dropout_p, first.init, first.init_std, first.backend,
+                          first.scale_by_kept, adapters=len(layers))
+    for name in (*ADAPTER_PARAMETER_NAMES, "rank_mask"):
+        getattr(stacked, name).copy_(torch.stack([getattr(layer, name) for layer in layers]))
+    stacked.train(first.training)
+    return stacked
+
+
+class AdapterOptimizers:
+    """One optimiser per adapter of N-adapter layers, over that adapter's slices of their parameters.
+
+    ``make(i, params)`` builds adapter i's optimiser (its learning rate, its param groups) over ``params``:
+    adapter i's slices, layer by layer in ``layers``' order and factor by factor in a LoRA2Linear's
+    parameter order, which is the order of a one-adapter model's trainable parameters.
+    ``extra[i]`` (optional) are adapter i's parameters of its own (a classifier head), appended to its list."""
+
+    def __init__(self, layers: Sequence[LoRA2Linear], make: Callable[[int, list[torch.Tensor]], torch.optim.Optimizer],
+                 extra: Sequence[Sequence[torch.Tensor]] | None = None) -> None:
+        counts = {layer.adapters for layer in layers}
+        if len(counts) != 1 or counts == {1}:
+            raise ValueError(f"AdapterOptimizers takes layers of one adapter count above 1, got {sorted(counts)}")
+        self.adapters = counts.pop()
+        self.stacked = [getattr(layer, name) for layer in layers for name in ADAPTER_PARAMETER_NAMES]
+        with torch.no_grad():  # leaf views: the optimisers update the stacked storage in place
+            self.slices = [[p[i] for p in self.stacked] for i in range(self.adapters)]
+        self.params = [own + list(extra[i] if extra else []) for i, own in enumerate(self.slices)]
+        self.optimizers = [make(i, params) for i, params in enumerate(self.params)]
+
+    def link_gradients(self) -> None:
+        """Point each slice's ``.grad`` at its part of the stacked parameter's gradient (views, no copy)."""
+        for index, p in enumerate(self.stacked):
+            for i in range(self.adapters):
+                self.slices[i][index].grad = None if p.grad is None else p.grad[i]
+
+    def step(self, adapters: Sequence[int] | None = None) -> None:
+        """Step every adapter's optimiser (or those in ``adapters``: a stopped adapter is left as it is)."""
+        self.link_gradients()
+        for i in range(self.adapters) if adapters is None else adapters:
+            self.optimizers[i].step()
+
+    def zero_grad(self) -> None:
+        for p in self.stacked:
+            p.grad = None
+        for params in self.params:
+            for p in params:
+                p.grad = None

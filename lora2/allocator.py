@@ -25,6 +25,10 @@ Masking semantics (``LoRA2Config.pruning``):
 - "monotone" (lora2 0.1): a masked value is masked in the forward from then on (no gradient,
   score −∞, never revived), and ΔW is scaled by α / kept values.
 
+Several adapters trained together (``groups`` = N, lora2.sweep): the layers are N groups of the same
+modules, one group an adapter; one importance call scores them all, and each group gets the budget
+schedule above over its own modules (its own top-k): what N allocators of N single runs would do.
+
 No host synchronisation: budgets are Python ints from the schedule, scores and masks stay on the
 device, and the state follows the parameters to whatever device the model is moved to.
 """
@@ -43,7 +47,7 @@ from .errors import InputError
 
 class RankAllocator:
     def __init__(self, layers: dict[str, LoRA2Linear], config: LoRA2Config, total_steps: int | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", groups: int = 1) -> None:
         if not layers:
             raise InputError("RankAllocator needs at least one LoRA2Linear layer.")
         self.names = list(layers)
@@ -61,8 +65,11 @@ class RankAllocator:
         self.backend = backend
         self.monotone = self.config.pruning == "monotone"
         m = len(self.layers)
-        self.initial_budget = self.r * m
-        self.target_budget = self.config.target_rank * m
+        if groups < 1 or m % groups:
+            raise InputError(f"{m} modules do not split into {groups} adapters of the same modules.")
+        self.groups = groups
+        self.initial_budget = self.r * (m // groups)  # budgets are per group: an adapter's modules
+        self.target_budget = self.config.target_rank * (m // groups)
         device = self.layers[0].singular_values.device
         self.state = reference.new_importance_state(m, self.r, self.k, device=device)
         self.scores = torch.zeros(m, self.r, device=device)  # of the last update
@@ -127,16 +134,16 @@ class RankAllocator:
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int, enforce: bool | None = None) -> torch.Tensor:
-        """Keep the ``budget`` globally highest-scored singular values and zero the others' λ.
+        """Keep the ``budget`` globally highest-scored singular values (of each group) and zero the others' λ.
 
         ``enforce``: also write the pattern into the layers' rank masks (monotone pruning always; the
         final masking of "adalora"). Returns the (M, r) pattern.
         """
         self._follow_parameters()
         scores = self.ranked_scores()
-        flat = scores.flatten()
+        flat = scores.reshape(self.groups, -1)  # one row an adapter: its top-k is its own
         keep = torch.zeros_like(flat)
-        keep[torch.topk(flat, min(max(budget, 0), flat.numel()), sorted=False).indices] = 1.0
+        keep.scatter_(1, torch.topk(flat, min(max(budget, 0), flat.shape[1]), sorted=False).indices, 1.0)
         keep *= torch.isfinite(flat)  # never revive a masked value (monotone) because the budget asked for more
         pattern = keep.view_as(scores)
         self.pattern = pattern

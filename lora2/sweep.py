@@ -9,7 +9,10 @@ whose). What stays per adapter is the training state:
 - ``AdapterOptimizers``: an optimiser per adapter, each over its adapter's slices of the stacked
   parameters, so each has its own learning rate, schedule and state, and its ``state_dict`` is exactly the
   one a single run of that adapter would save. The slices are leaf views of the stacked parameters, made
-  once; before each step their ``.grad`` is pointed at the matching slice of the stacked gradient (no copy).
+  once; before each step their ``.grad`` is pointed at the matching slice of the stacked gradient (no copy);
+- ``AdapterView``: adapter i of an N-adapter layer as the code that reads a layer's factors by name sees a
+  one-adapter layer: ``RankAllocator(..., groups=N)`` over every adapter's views (one importance call for
+  all, a budget each), ``OrthogonalRegularizer`` over one adapter's.
 
 Adam's update is element-wise, so an adapter's update depends on its own slice only: adapter i of a sweep
 steps exactly as a single run with its learning rate steps (tests/test_sweep.py checks it, kernels and
@@ -53,6 +56,30 @@ def stack_adapters(layers: Sequence[LoRA2Linear]) -> LoRA2Linear:
     return stacked
 
 
+class AdapterView:
+    """Adapter ``index`` of an N-adapter layer, read as a one-adapter LoRA2Linear is: its factors by name, its
+    mask (a view of the layer's buffer: writes go to the layer), its sizes.
+
+    With ``slices`` (the leaf views of ``AdapterOptimizers``, whose ``.grad`` it links) the factors are those
+    leaves: what the rank allocator reads, gradients included. Without, each access slices the stacked
+    parameter anew, differentiably: what a loss term (the orthogonality regulariser) must be built from
+    for its gradient to reach the stacked parameters."""
+
+    def __init__(self, layer: LoRA2Linear, index: int, slices: Sequence[torch.Tensor] | None = None) -> None:
+        self.layer, self.index = layer, index
+        self.in_features, self.out_features, self.r, self.k = layer.in_features, layer.out_features, layer.r, layer.k
+        self._slices = dict(zip(ADAPTER_PARAMETER_NAMES, slices)) if slices is not None else None
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in ADAPTER_PARAMETER_NAMES:
+            if self._slices is not None:
+                return self._slices[name]
+            return getattr(self.layer, name)[self.index]
+        if name == "rank_mask":
+            return self.layer.rank_mask[self.index]
+        raise AttributeError(f"AdapterView has no {name!r}")
+
+
 class AdapterOptimizers:
     """One optimiser per adapter of N-adapter layers, over that adapter's slices of their parameters.
 
@@ -67,11 +94,18 @@ class AdapterOptimizers:
         if len(counts) != 1 or counts == {1}:
             raise ValueError(f"AdapterOptimizers takes layers of one adapter count above 1, got {sorted(counts)}")
         self.adapters = counts.pop()
+        self.layers = list(layers)
         self.stacked = [getattr(layer, name) for layer in layers for name in ADAPTER_PARAMETER_NAMES]
         with torch.no_grad():  # leaf views: the optimisers update the stacked storage in place
             self.slices = [[p[i] for p in self.stacked] for i in range(self.adapters)]
         self.params = [own + list(extra[i] if extra else []) for i, own in enumerate(self.slices)]
         self.optimizers = [make(i, params) for i, params in enumerate(self.params)]
+
+    def views(self, index: int) -> list[AdapterView]:
+        """Adapter ``index`` of each layer, over this object's leaf slices (see AdapterView)."""
+        names = len(ADAPTER_PARAMETER_NAMES)
+        return [AdapterView(layer, index, self.slices[index][j * names:(j + 1) * names])
+                for j, layer in enumerate(self.layers)]
 
     def link_gradients(self) -> None:
         """Point each slice's ``.grad`` at its part of the stacked parameter's gradient (views, no copy)."""

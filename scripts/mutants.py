@@ -154,6 +154,9 @@ MUTANTS = [
            "self.slices[i][index].grad = None if p.grad is None else p.grad[i]",
            "self.slices[i][index].grad = None if p.grad is None else p.grad[0]", ("tests/test_sweep.py",),
            "every adapter's optimiser steps on the first adapter's gradient"),
+    Mutant("sweep-adapters-share-a-budget", "lora2/allocator.py",
+           "flat = scores.reshape(self.groups, -1)", "flat = scores.reshape(1, -1)", ("tests/test_sweep.py",),
+           "a sweep's adapters compete for one adapter's budget instead of each keeping its own"),
     # issue 31: six kinds of bug the suite did not see (one mutant per kind)
     Mutant("nested-absmax-group-ignored", KERNEL,
            "scale = scale * tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0)",

@@ -1,8 +1,9 @@
 """lora2.sweep: N adapters trained together over one frozen base, each equal to its single run.
 
-Issue 32, item 4, at the library level: three adapters (their own initialisation seed, learning rate and
-data order) trained as one model of three-adapter layers, with gradient accumulation, against three models
-trained alone: the same adapter tensors (fp32, dropout-free) and the same optimiser state, through the
+Issue 32, items 2 and 4, at the library level: three adapters (their own initialisation seed, learning rate
+and data order) trained as one model of three-adapter layers, with gradient accumulation, the orthogonality
+regulariser and the rank allocator (one importance call, a budget each), against three models trained alone:
+the same adapter tensors (fp32, dropout-free), masks, importance averages and optimiser state, through the
 kernels (interpreter) and through the reference.
 """
 
@@ -16,13 +17,19 @@ import torch.nn.functional as F
 from conftest import KERNEL_DEVICE
 from torch import nn
 
-from lora2.sweep import AdapterOptimizers, stack_adapters
+from lora2.allocator import RankAllocator
+from lora2.config import LoRA2Config
+from lora2.regularizer import OrthogonalRegularizer
+from lora2.sweep import AdapterOptimizers, AdapterView, stack_adapters
 from lora2_kernels import LoRA2Linear
 from lora2_kernels.linear import AdapterRows
 
 SEEDS = (3, 5, 7)
 RATES = (1e-2, 3e-2, 1e-3)
-STEPS, ACCUM, BATCH = 3, 2, 5
+STEPS, ACCUM, BATCH = 4, 2, 5
+# the allocator's whole schedule in four steps: warm-up, a masking at steps 2 and 3 (the last: enforced)
+ALLOCATOR = LoRA2Config(r=4, k=3, target_rank=2, init_warmup=1, final_warmup=1, mask_interval=1)
+ORTH = 0.1
 
 
 def base_model() -> nn.Sequential:
@@ -58,16 +65,20 @@ def batch_indices(seed: int, step: int, micro: int) -> torch.Tensor:
 
 def train_alone(base, seed, rate, backend):
     model = adapted(base, seed, backend)
+    layers = {"0": model[0], "2": model[2]}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rate)
+    allocator = RankAllocator(layers, ALLOCATOR, STEPS)
+    regularizer = OrthogonalRegularizer(list(layers.values()))
     x, y = data()
     for step in range(STEPS):
         for micro in range(ACCUM):
             rows = batch_indices(seed, step, micro)
-            loss = F.mse_loss(model(x[rows].to(KERNEL_DEVICE)), y[rows].to(KERNEL_DEVICE)) / ACCUM
-            loss.backward()
+            loss = F.mse_loss(model(x[rows].to(KERNEL_DEVICE)), y[rows].to(KERNEL_DEVICE)) + ORTH * regularizer()
+            (loss / ACCUM).backward()
         optimizer.step()
+        allocator.step(step + 1)
         optimizer.zero_grad()
-    return model, optimizer
+    return model, optimizer, allocator
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -84,6 +95,10 @@ def test_each_adapter_of_a_sweep_equals_its_single_run(backend):
     layers = [sweep[0], sweep[2]]
     rows = AdapterRows(layers)
     optimizers = AdapterOptimizers(layers, lambda i, params: torch.optim.AdamW(params, lr=RATES[i]))
+    # one allocator for all: every adapter's modules, adapter by adapter, a budget each
+    views = {f"{i}.{j}": view for i in range(len(SEEDS)) for j, view in enumerate(optimizers.views(i))}
+    allocator = RankAllocator(views, ALLOCATOR, STEPS, groups=len(SEEDS))
+    regularizers = [OrthogonalRegularizer([AdapterView(layer, i) for layer in layers]) for i in range(len(SEEDS))]
     x, y = data()
     for step in range(STEPS):
         for micro in range(ACCUM):
@@ -91,17 +106,25 @@ def test_each_adapter_of_a_sweep_equals_its_single_run(backend):
             rows.set([len(p) for p in picks])
             out = sweep(torch.cat([x[p] for p in picks]).to(KERNEL_DEVICE))
             # each adapter's loss over its own rows, as its single run computes it; their sum trains all
-            loss = sum(F.mse_loss(part, y[p].to(KERNEL_DEVICE)) for part, p in zip(out.split(BATCH), picks)) / ACCUM
-            loss.backward()
+            loss = sum(F.mse_loss(part, y[p].to(KERNEL_DEVICE)) + ORTH * regularizer()
+                       for part, p, regularizer in zip(out.split(BATCH), picks, regularizers))
+            (loss / ACCUM).backward()
         optimizers.step()
+        allocator.step(step + 1)
         optimizers.zero_grad()
 
-    for i, (alone, optimizer) in enumerate(singles):
+    count = len(views) // len(SEEDS)
+    for i, (alone, optimizer, allocator_alone) in enumerate(singles):
         for index in (0, 2):
             for name in ("q_down", "q_up", "singular_values", "p_down", "p_up"):
                 got, want = getattr(sweep[index], name)[i], getattr(alone[index], name)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6,
                                            msg=lambda m, i=i, n=name: f"adapter {i} {n}: {m}")
+        torch.testing.assert_close(sweep[0].rank_mask[i], alone[0].rank_mask)
+        torch.testing.assert_close(sweep[2].rank_mask[i], alone[2].rank_mask)
+        assert alone[0].rank_mask.sum() + alone[2].rank_mask.sum() == ALLOCATOR.target_rank * 2  # pruned to budget
+        for key, value in allocator_alone.state.items():
+            torch.testing.assert_close(allocator.state[key][i * count:(i + 1) * count], value, rtol=1e-4, atol=1e-9)
         mine, theirs = optimizers.optimizers[i].state_dict(), optimizer.state_dict()
         assert mine["param_groups"] == theirs["param_groups"]
         for key, state in theirs["state"].items():

@@ -10,6 +10,8 @@ whose). What stays per adapter is the training state:
   parameters, so each has its own learning rate, schedule and state, and its ``state_dict`` is exactly the
   one a single run of that adapter would save. The slices are leaf views of the stacked parameters, made
   once; before each step their ``.grad`` is pointed at the matching slice of the stacked gradient (no copy);
+- ``AdapterHeads``: a trained module of the model's own (a classifier head: PEFT's ``modules_to_save``) as
+  one copy per adapter, each applied to its adapter's rows;
 - ``AdapterView``: adapter i of an N-adapter layer as the code that reads a layer's factors by name sees a
   one-adapter layer: ``RankAllocator(..., groups=N)`` over every adapter's views (one importance call for
   all, a budget each), ``OrthogonalRegularizer`` over one adapter's.
@@ -26,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from lora2_kernels.linear import ADAPTER_PARAMETER_NAMES, LoRA2Linear
+from lora2_kernels.linear import ADAPTER_PARAMETER_NAMES, AdapterRows, LoRA2Linear
 
 
 @torch.no_grad()
@@ -54,6 +56,25 @@ def stack_adapters(layers: Sequence[LoRA2Linear]) -> LoRA2Linear:
         getattr(stacked, name).copy_(torch.stack([getattr(layer, name) for layer in layers]))
     stacked.train(first.training)
     return stacked
+
+
+class AdapterHeads(nn.Module):
+    """A module trained with the adapters (a classifier head) held once per adapter: copy i takes adapter i's
+    rows of the input's first dimension (as ``rows`` splits the batch) and the outputs are concatenated back.
+    The copies are separate modules with their own parameters: ``AdapterOptimizers(..., extra=[list(
+    heads.heads[i].parameters()) for i ...])`` trains each with its adapter."""
+
+    def __init__(self, heads: Sequence[nn.Module], rows: AdapterRows) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+        self.__dict__["rows"] = rows  # shared with the layers, not a submodule
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        counts = self.rows.rows
+        if counts is None or len(counts) != len(self.heads) or sum(counts) != x.shape[0]:
+            raise ValueError(f"AdapterHeads: {len(self.heads)} heads and a batch of {x.shape[0]} rows, but the "
+                             f"adapters' rows are {counts}: set them for this batch (AdapterRows.set).")
+        return torch.cat([head(part, *args, **kwargs) for head, part in zip(self.heads, x.split(counts))])
 
 
 class AdapterView:

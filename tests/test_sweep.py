@@ -20,7 +20,7 @@ from torch import nn
 from lora2.allocator import RankAllocator
 from lora2.config import LoRA2Config
 from lora2.regularizer import OrthogonalRegularizer
-from lora2.sweep import AdapterOptimizers, AdapterView, stack_adapters
+from lora2.sweep import AdapterHeads, AdapterOptimizers, AdapterView, stack_adapters
 from lora2_kernels import LoRA2Linear
 from lora2_kernels.linear import AdapterRows
 
@@ -33,8 +33,9 @@ ORTH = 0.1
 
 
 def base_model() -> nn.Sequential:
+    """Two frozen linear layers to adapt and a head (index 3) that trains with the adapter, as a classifier's."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).requires_grad_(False)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8), nn.Linear(8, 8)).requires_grad_(False)
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +45,8 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def adapted(base: nn.Sequential, seed: int, backend: str) -> nn.Sequential:
-    """The base's linear layers with one LoRA² adapter each, initialised from ``seed`` (λ nonzero, so every
-    factor has a gradient from the first step)."""
+    """The base's linear layers with one LoRA² adapter each and a fresh head, initialised from ``seed`` (λ
+    nonzero, so every factor has a gradient from the first step)."""
     model = copy.copy(base)
     model._modules = dict(base._modules)
     torch.manual_seed(seed)
@@ -54,6 +55,7 @@ def adapted(base: nn.Sequential, seed: int, backend: str) -> nn.Sequential:
         with torch.no_grad():
             layer.singular_values.normal_()
         model[index] = layer
+    model[3] = nn.Linear(8, 8)
     return model.to(KERNEL_DEVICE)
 
 
@@ -91,10 +93,12 @@ def test_each_adapter_of_a_sweep_equals_its_single_run(backend):
     sweep._modules = dict(base._modules)
     for index in (0, 2):
         sweep[index] = stack_adapters([start[index] for start in starts])
-    sweep = sweep.to(KERNEL_DEVICE)
     layers = [sweep[0], sweep[2]]
     rows = AdapterRows(layers)
-    optimizers = AdapterOptimizers(layers, lambda i, params: torch.optim.AdamW(params, lr=RATES[i]))
+    sweep[3] = AdapterHeads([start[3] for start in starts], rows)
+    sweep = sweep.to(KERNEL_DEVICE)
+    optimizers = AdapterOptimizers(layers, lambda i, params: torch.optim.AdamW(params, lr=RATES[i]),
+                                   extra=[list(head.parameters()) for head in sweep[3].heads])
     # one allocator for all: every adapter's modules, adapter by adapter, a budget each
     views = {f"{i}.{j}": view for i in range(len(SEEDS)) for j, view in enumerate(optimizers.views(i))}
     allocator = RankAllocator(views, ALLOCATOR, STEPS, groups=len(SEEDS))
@@ -120,6 +124,7 @@ def test_each_adapter_of_a_sweep_equals_its_single_run(backend):
                 got, want = getattr(sweep[index], name)[i], getattr(alone[index], name)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6,
                                            msg=lambda m, i=i, n=name: f"adapter {i} {n}: {m}")
+        torch.testing.assert_close(sweep[3].heads[i].weight, alone[3].weight, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sweep[0].rank_mask[i], alone[0].rank_mask)
         torch.testing.assert_close(sweep[2].rank_mask[i], alone[2].rank_mask)
         assert alone[0].rank_mask.sum() + alone[2].rank_mask.sum() == ALLOCATOR.target_rank * 2  # pruned to budget
@@ -137,6 +142,7 @@ def test_a_stopped_adapter_stays_as_it_is_while_the_others_train():
     sweep._modules = dict(base._modules)
     sweep[0] = stack_adapters([adapted(base, seed, "reference")[0] for seed in SEEDS])
     sweep[2] = stack_adapters([adapted(base, seed, "reference")[2] for seed in SEEDS])
+    sweep[3] = nn.Identity()
     layers = [sweep[0], sweep[2]]
     AdapterRows(layers).set([4, 4, 4])
     optimizers = AdapterOptimizers(layers, lambda i, params: torch.optim.AdamW(params, lr=1e-2))
@@ -157,3 +163,12 @@ def test_stacking_refuses_layers_of_different_shapes_or_bases():
         stack_adapters([a, LoRA2Linear.from_linear(nn.Linear(16, 32), r=4, k=3)])
     with pytest.raises(ValueError, match="above 1"):
         AdapterOptimizers([a], lambda i, params: torch.optim.SGD(params, lr=1.0))
+
+
+def test_adapter_heads_refuse_a_batch_split_another_way():
+    rows = AdapterRows([])
+    heads = AdapterHeads([nn.Linear(8, 2), nn.Linear(8, 2)], rows)
+    rows.set([3, 1])
+    assert heads(torch.randn(4, 8)).shape == (4, 2)
+    with pytest.raises(ValueError, match=r"adapters' rows are \[3, 1\]"):
+        heads(torch.randn(5, 8))

@@ -48,3 +48,17 @@ def test_ci_runs_the_readmes_set_up_and_test_commands():
     assert ci.index("rm -rf .venv-ci") < ci.index("python3 -m venv .venv-ci") < ci.index(". .venv-ci/bin/activate")
     commands = [line for line in ci if line.startswith(("pip install", "python -m pytest"))]
     assert commands[-len(install) - 1:] == [*install, test_command] and ci[-1] == test_command
+
+
+def test_the_sweep_example_trains_three_adapters_each_to_its_budget():
+    namespace: dict = {}
+    torch.manual_seed(0)
+    exec(compile(_block_after("## A learning-rate sweep over one base (library)", "python"), "README.md", "exec"),
+         namespace)
+    model, allocator, best, rates, optimizers = (namespace[k] for k in ("model", "allocator", "best", "rates",
+                                                                        "optimizers"))
+    assert model[0].rank_mask.shape == (3, 8)
+    kept = [int(model[0].rank_mask[i].sum() + model[2].rank_mask[i].sum()) for i in range(3)]
+    assert kept == [allocator.target_budget] * 3 == [2 * 4] * 3  # each adapter pruned to its own budget
+    assert best.adapters == 1 and torch.equal(best.q_down, model[0].q_down[1])
+    assert [o.param_groups[0]["lr"] for o in optimizers.optimizers] == rates  # each adapter its own rate

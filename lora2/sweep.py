@@ -44,17 +44,9 @@ def stack_adapters(layers: Sequence[LoRA2Linear]) -> LoRA2Linear:
         if differ or layer.weight is not first.weight:
             raise ValueError(f"stack_adapters: the layers differ in {differ or ['weight']}; the adapters of one layer "
                              "share its base and its shape (r, k, α, dropout)")
-    stacked = LoRA2Linear.__new__(LoRA2Linear)
-    nn.Module.__init__(stacked)
-    stacked.in_features, stacked.out_features = first.in_features, first.out_features
-    stacked.weight = first.weight
-    stacked.register_parameter("bias", first.bias)
-    stacked.fan_in_fan_out = first.fan_in_fan_out
-    stacked._init_adapter(first.r, first.k, first.alpha, first.dropout_p, first.init, first.init_std, first.backend,
-                          first.scale_by_kept, adapters=len(layers))
+    stacked = first.sibling(adapters=len(layers))
     for name in (*ADAPTER_PARAMETER_NAMES, "rank_mask"):
         getattr(stacked, name).copy_(torch.stack([getattr(layer, name) for layer in layers]))
-    stacked.train(first.training)
     return stacked
 
 

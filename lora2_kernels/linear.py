@@ -287,6 +287,16 @@ class LoRA2Linear(nn.Linear):
         factors and mask copied): what a run of that adapter alone would hold, to merge, save or evaluate."""
         if not 0 <= index < self.adapters:
             raise IndexError(f"adapter {index} of a layer with {self.adapters}")
+        layer = self.sibling(adapters=1)
+        for name in (*ADAPTER_PARAMETER_NAMES, "rank_mask"):
+            stacked = getattr(self, name)
+            getattr(layer, name).copy_(stacked if self.adapters == 1 else stacked[index])
+        layer.merged = self.merged
+        return layer
+
+    def sibling(self, adapters: int) -> LoRA2Linear:
+        """A new layer of ``adapters`` adapters with this one's settings (r, k, α, dropout, init, backend) over
+        the same weight and bias Parameters, its factors freshly initialised."""
         layer = LoRA2Linear.__new__(LoRA2Linear)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = self.in_features, self.out_features
@@ -294,11 +304,7 @@ class LoRA2Linear(nn.Linear):
         layer.register_parameter("bias", self.bias)
         layer.fan_in_fan_out = self.fan_in_fan_out
         layer._init_adapter(self.r, self.k, self.alpha, self.dropout_p, self.init, self.init_std, self.backend,
-                            self.scale_by_kept)
-        for name in (*ADAPTER_PARAMETER_NAMES, "rank_mask"):
-            stacked = getattr(self, name)
-            getattr(layer, name).copy_(stacked if self.adapters == 1 else stacked[index])
-        layer.merged = self.merged
+                            self.scale_by_kept, adapters)
         layer.train(self.training)
         return layer
 

@@ -271,7 +271,7 @@ def forward_kernel(
     rm = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    m_ok = rm < row_end
+    m_ok = rm < (M if ADAPTERS == 1 else row_end)
     r_ok = rr < RANK
 
     # h = d(x)·A₁ᵀ in a K loop of its own (x is read once more than the GEMM reads it, from L2 mostly)
@@ -288,9 +288,11 @@ def forward_kernel(
 
     # Rows addressed from scalar row-tile bases with int32 offsets: what the compiler hoists out of the loop
     # over tiles (per-row pointers in each layout the loop uses) stays small
-    row0 = tl.cast(row_start, tl.int64)
+    # one adapter: the very code of before adapters came (its int64 forms compile to fewer registers in the FMA
+    # tiles: written as the adapters' int32 forms, five of them spilled 4-16 B)
+    row0 = tl.cast(pid_m, tl.int64) * BLOCK_M if ADAPTERS == 1 else tl.cast(row_start, tl.int64)
     ri = tl.arange(0, BLOCK_M)
-    ri_ok = ri < row_end - row_start
+    ri_ok = ri < (M - row0 if ADAPTERS == 1 else row_end - row_start)
     x_rows = x_ptr + row0 * stride_xm
     y_rows = y_ptr + row0 * stride_ym
     z_rows = z_ptr + row0 * RANK
@@ -402,7 +404,7 @@ def dx_kernel(
     rm = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    m_ok = rm < row_end
+    m_ok = rm < (M if ADAPTERS == 1 else row_end)
     r_ok = rr < RANK
     core, _, _ = _core(q_up_ptr, sv_ptr, mask_ptr, p_down_ptr, R, RANK, alpha, SCALE_BY_KEPT, BLOCK_R, BLOCK_RR)
     grad_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # gB = dY·B₂
@@ -445,9 +447,11 @@ def dx_kernel(
 
     # The tiles' row addressing from scalar row-tile bases and int32 offsets within the tile: what the compiler
     # hoists out of the loop over column tiles (per-row pointers in every layout the loop uses) stays small.
-    row0 = tl.cast(row_start, tl.int64)
+    # one adapter: the very code of before adapters came (its int64 forms compile to fewer registers in the FMA
+    # tiles: written as the adapters' int32 forms, five of them spilled 4-16 B)
+    row0 = tl.cast(pid_m, tl.int64) * BLOCK_M if ADAPTERS == 1 else tl.cast(row_start, tl.int64)
     ri = tl.arange(0, BLOCK_M)
-    ri_ok = ri < row_end - row_start
+    ri_ok = ri < (M - row0 if ADAPTERS == 1 else row_end - row_start)
     dy_rows = dy_ptr + row0 * stride_dym
     x_rows = x_ptr + row0 * stride_xm
     dx_rows = dx_ptr + row0 * stride_dxm

@@ -530,7 +530,8 @@ def count_device_work(device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         from . import device_work
 
-        return {"peers": device_work.peer_counts("cuda"), "regimes": device_work.regime_counts("cuda")}
+        return {"peers": device_work.peer_counts("cuda"), "regimes": device_work.regime_counts("cuda"),
+                "adapters": device_work.adapter_counts("cuda")}
     return _under_interpreter("benchmarks.device_work")
 
 
@@ -595,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
                         + "\n".join(["| regime | frozen layer | PEFT LoRA r=8 | LoRA² | LoRA² − frozen |",
                                       "|---|---:|---:|---:|---:|"]
                                      + [f"| {k} | {v['floor']} | {v['peft']} | {v['lora2']} | {v['lora2'] - v['floor']} |"
-                                        for k, v in report["work"]["regimes"].items()]))
+                                        for k, v in report["work"]["regimes"].items()])
+                        + "\n\nSeveral adapters over one base (a sweep in one run; bf16 base, fp32 adapters, autocast): "
+                        + ", ".join(f"{n} → {v}" for n, v in report["work"].get("adapters", {}).items()))
     if "host" in args.sections:
         from .host_time import table as host_table
 
@@ -637,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = cost_model.layer_models()
         report["model"] = [asdict(r) for r in rows]
         by_shape = {r.shape: measured[(r.tokens, r.in_f, r.out_f)] for r in rows if (r.tokens, r.in_f, r.out_f) in measured}
-        sections.append("## Cost model per projection (forward + backward)\n\n" + cost_model.model_table(rows, by_shape))
+        sections.append("## Cost model per projection (forward + backward)\n\n" + cost_model.model_table(rows, by_shape)
+                        + "\n\n" + cost_model.adapters_table())
     if "allocator" in args.sections:
         logger.info("allocator")
         report["allocator"] = measure_allocator(device, modules=allocator_modules)

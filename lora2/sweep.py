@@ -126,6 +126,15 @@ class AdapterOptimizers:
             for i in range(self.adapters):
                 self.slices[i][index].grad = None if p.grad is None else p.grad[i]
 
+    def finite(self) -> torch.Tensor:
+        """Per adapter, whether every gradient of its parameters is finite (a bool tensor on the device: no host
+        sync until the loop reads it). An adapter whose loss diverged is stopped alone: step the others."""
+        self.link_gradients()
+        flags = [torch.stack([p.grad.isfinite().all() for p in params if p.grad is not None]).all()
+                 if any(p.grad is not None for p in params) else torch.ones((), dtype=torch.bool)
+                 for params in self.params]
+        return torch.stack(flags)
+
     def step(self, adapters: Sequence[int] | None = None) -> None:
         """Step every adapter's optimiser (or those in ``adapters``: a stopped adapter is left as it is)."""
         self.link_gradients()

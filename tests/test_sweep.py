@@ -136,7 +136,7 @@ def test_each_adapter_of_a_sweep_equals_its_single_run(backend):
             torch.testing.assert_close(mine["state"][key]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
 
 
-def test_a_stopped_adapter_stays_as_it_is_while_the_others_train():
+def test_a_diverged_adapter_is_found_and_stays_as_it_is_while_the_others_train():
     base = base_model()
     sweep = copy.copy(base)
     sweep._modules = dict(base._modules)
@@ -148,7 +148,11 @@ def test_a_stopped_adapter_stays_as_it_is_while_the_others_train():
     optimizers = AdapterOptimizers(layers, lambda i, params: torch.optim.AdamW(params, lr=1e-2))
     before = [layer.q_down[1].clone() for layer in layers]
     sweep(torch.randn(12, 16)).square().sum().backward()
-    optimizers.step(adapters=[0, 2])
+    assert optimizers.finite().tolist() == [True, True, True]
+    layers[1].p_up.grad[1, 0, 0] = float("nan")  # adapter 1 diverged: it stops, the others go on
+    finite = optimizers.finite()
+    assert finite.tolist() == [True, False, True]
+    optimizers.step(adapters=[i for i, ok in enumerate(finite.tolist()) if ok])
     for layer, kept in zip(layers, before):
         assert torch.equal(layer.q_down[1], kept)
         assert not torch.equal(layer.q_down[0], layer.q_down[1])

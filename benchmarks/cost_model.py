@@ -250,8 +250,8 @@ def adapters_table(adapters: int = 3, device: Device = H100, k: int = 8,
     """Markdown: a sweep's step of ``adapters`` adapters over one base (one launch set, every adapter's batch
     in it) against that many single-adapter steps, per decoder / encoder layer. The GEMM FLOPs are the same
     (every adapter's rows still go through W); what one step saves is W's reads and the launches."""
-    lines = [f"Model, not measured: {device.name}; {adapters} adapters in one step vs {adapters} single steps, each "
-             "adapter's batch as a single run's.", "",
+    lines = [(f"Model, not measured: {device.name}; {adapters} adapters in one step vs {adapters} single steps, each "
+              "adapter's batch as a single run's."), "",
              "| layer | tokens an adapter | one step, µs | single steps, µs | one / singles |", "|---|---:|---:|---:|---:|"]
     for model, layer in DECODER_LAYERS.items():
         for tokens in tokens_per_adapter:

@@ -28,6 +28,7 @@ each step is data, not a recompile.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import os
 
@@ -268,7 +269,7 @@ def reference_forward(x, weight, bias, q_down, q_up, singular_values, p_down, p_
         parts = [reference_forward(rows[start:end], weight, bias, *(t[i] for t in (q_down, q_up, singular_values,
                                                                                  p_down, p_up, rank_mask)),
                                    alpha, scale_by_kept, fan_in_fan_out, dropout_p, quant)
-                 for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))]
+                 for i, (start, end) in enumerate(itertools.pairwise(bounds))]
         y = torch.cat(parts)
         return y.view(*x.shape[:-1], y.shape[-1])
     base = None

@@ -13,9 +13,16 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE
 from lora2_kernels.triton_kernels import lora_linear as kernels
-from test_triton_kernels import ALPHA, PARAMS, _dtype_id, _max_err, assert_matches_oracle, make_layer, oracle, \
-    tolerances
-
+from test_triton_kernels import (
+    ALPHA,
+    PARAMS,
+    _dtype_id,
+    _max_err,
+    assert_matches_oracle,
+    make_layer,
+    oracle,
+    tolerances,
+)
 from torch import nn
 
 from lora2_kernels import LoRA2Linear, ops

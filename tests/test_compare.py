@@ -176,7 +176,10 @@ def test_a_stopped_parallel_comparison_leaves_no_worker_training(tiny_bert_dir, 
             assert "run the same command again to resume" in stderr
         _, alive = psutil.wait_procs(workers, timeout=60)
         assert not alive, f"workers still running after their comparison was killed: {alive}"
-        assert sorted(p.parent for p in out.glob("runs/*/*/*/*/log.jsonl")) == started  # no queued run began
+        # no queued run began: only the runs the two workers held when the stop came (the second may have
+        # been starting its run, a log of its own, while the first one's log was read)
+        begun = sorted(p.parent for p in out.glob("runs/*/*/*/*/log.jsonl"))
+        assert set(started) <= set(begun) and len(begun) <= 2, begun
     finally:  # whatever happened, nothing of this test trains on
         for process in [proc, *workers]:
             try:

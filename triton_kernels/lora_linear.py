@@ -208,6 +208,19 @@ def _row_band(M, N, seg_ptr, ADAPTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
+def _tile_rows(pid_m, row_start, row_end, M, ADAPTERS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(first row, int64; row offsets in the tile; which are rows) of a row band's tiles. Rows are addressed
+    from this scalar base with int32 offsets: what the compiler hoists out of the loop over column tiles
+    (per-row pointers in every layout the loop uses) stays small. One adapter: the very code of before adapters
+    came (its int64 forms compile to fewer registers in the FMA tiles: written as the adapters' int32 forms,
+    five of them spilled 4-16 B)."""
+    row0 = tl.cast(pid_m, tl.int64) * BLOCK_M if ADAPTERS == 1 else tl.cast(row_start, tl.int64)
+    ri = tl.arange(0, BLOCK_M)
+    ri_ok = ri < (M - row0 if ADAPTERS == 1 else row_end - row_start)
+    return row0, ri, ri_ok
+
+
+@triton.jit
 def _adapter_tiles(seg_ptr, adapter, tiles, ADAPTERS: tl.constexpr, TILE_ROWS):
     """(first row tile, row tiles) of ``adapter`` in a row-band launch of TILE_ROWS-row tiles (see _row_band);
     one adapter: (0, ``tiles``)."""
@@ -286,13 +299,7 @@ def forward_kernel(
              mask=m_ok[:, None] & r_ok[None, :])
     tl.debug_barrier()  # the epilogues below read rows other threads of this program wrote
 
-    # Rows addressed from scalar row-tile bases with int32 offsets: what the compiler hoists out of the loop
-    # over tiles (per-row pointers in each layout the loop uses) stays small
-    # one adapter: the very code of before adapters came (its int64 forms compile to fewer registers in the FMA
-    # tiles: written as the adapters' int32 forms, five of them spilled 4-16 B)
-    row0 = tl.cast(pid_m, tl.int64) * BLOCK_M if ADAPTERS == 1 else tl.cast(row_start, tl.int64)
-    ri = tl.arange(0, BLOCK_M)
-    ri_ok = ri < (M - row0 if ADAPTERS == 1 else row_end - row_start)
+    row0, ri, ri_ok = _tile_rows(pid_m, row_start, row_end, M, ADAPTERS, BLOCK_M)
     x_rows = x_ptr + row0 * stride_xm
     y_rows = y_ptr + row0 * stride_ym
     z_rows = z_ptr + row0 * RANK
@@ -445,13 +452,7 @@ def dx_kernel(
     tl.store(grad_h_ptr + rm[:, None] * RANK + rr[None, :], g, mask=m_ok[:, None] & r_ok[None, :])
     tl.debug_barrier()  # the epilogues below read rows other threads of this program wrote
 
-    # The tiles' row addressing from scalar row-tile bases and int32 offsets within the tile: what the compiler
-    # hoists out of the loop over column tiles (per-row pointers in every layout the loop uses) stays small.
-    # one adapter: the very code of before adapters came (its int64 forms compile to fewer registers in the FMA
-    # tiles: written as the adapters' int32 forms, five of them spilled 4-16 B)
-    row0 = tl.cast(pid_m, tl.int64) * BLOCK_M if ADAPTERS == 1 else tl.cast(row_start, tl.int64)
-    ri = tl.arange(0, BLOCK_M)
-    ri_ok = ri < (M - row0 if ADAPTERS == 1 else row_end - row_start)
+    row0, ri, ri_ok = _tile_rows(pid_m, row_start, row_end, M, ADAPTERS, BLOCK_M)
     dy_rows = dy_ptr + row0 * stride_dym
     x_rows = x_ptr + row0 * stride_xm
     dx_rows = dx_ptr + row0 * stride_dxm

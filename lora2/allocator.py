@@ -178,6 +178,30 @@ class RankAllocator:
         return {**{k: v.clone() for k, v in self.state.items()}, "scores": self.scores.clone(),
                 "pattern": self.pattern.clone(), "skipped_updates": self.skipped_updates.clone()}
 
+    def _rows(self, group: int) -> slice:
+        per = len(self.layers) // self.groups
+        return slice(group * per, (group + 1) * per)
+
+    def group_state_dict(self, group: int) -> dict[str, torch.Tensor]:
+        """Adapter ``group``'s part of the state: exactly what a one-adapter allocator of its single run holds."""
+        rows = self._rows(group)
+        return {**{k: v[rows].clone() for k, v in self.state.items()}, "scores": self.scores[rows].clone(),
+                "pattern": self.pattern[rows].clone(), "skipped_updates": self.skipped_updates.clone()}
+
+    @torch.no_grad()
+    def load_group_state_dict(self, group: int, state: dict[str, torch.Tensor]) -> None:
+        """Load a single run's allocator state (``state_dict`` of a one-adapter allocator) into ``group``."""
+        device, rows = self._follow_parameters(), self._rows(group)
+        for key, value in self.state.items():
+            if key not in state or state[key].shape != value[rows].shape:
+                raise InputError(f"allocator state {key!r} is missing or has the wrong shape; "
+                                 "the checkpoint belongs to another model or config.")
+            value[rows].copy_(state[key].to(device))
+        self.scores = self.scores.clone()  # may be the importance op's output, shared with nothing else: own it
+        self.scores[rows] = state["scores"].to(device)
+        self.pattern = self.pattern.clone()
+        self.pattern[rows] = state["pattern"].to(device)
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         device = self._follow_parameters()
         for key, value in self.state.items():

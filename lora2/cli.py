@@ -45,6 +45,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _values(kind: type, name: str):
+    """A value or a comma-separated list of them (a sweep): ``1e-3,2e-3`` → [0.001, 0.002]."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a {kind.__name__} or a comma-separated list of them "
+                                             f"(a sweep, e.g. 1e-3,2e-3), got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{name} is empty")
+        return values
+    return parse
+
+
 def _subcommand(sub, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=summary, description=description, epilog="examples:\n" + examples,
                           formatter_class=_HelpFormatter)
@@ -105,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  lora2 train --train-file train.csv --validation-file dev.csv --text-column review --epochs 3\n"
         "  lora2 train --method lora --output-dir runs/lora-sst2\n"
         "  lora2 train --resume runs/lora2-sst2            # continue a killed run\n"
+        "  lora2 train --learning-rate 5e-3,1e-2,2e-2 --output-dir runs/sweep   # a sweep: one base, 3 runs\n"
         "  torchrun --nproc_per_node 2 -m lora2 train --batch-size 64   # DDP; the batch is global\n"
         "  torchrun --nproc_per_node 8 -m lora2 train --fsdp --model llama-70b ...   # FSDP2: the base sharded")
     _add_model_arg(t)
@@ -131,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per optimiser step, over all processes (× --grad-accum)")
     g.add_argument("--eval-batch-size", type=_positive_int, default=64, help="examples per evaluation batch")
     g.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimiser step")
-    g.add_argument("--learning-rate", type=float,
+    g.add_argument("--learning-rate", type=_values(float, "--learning-rate"),
                    help="AdamW learning rate (default per method: lora2 2e-2 since λ moves about lr per step, lora "
-                        "5e-4, adalora 8e-4, full 5e-5)")
+                        "5e-4, adalora 8e-4, full 5e-5). Several, comma-separated (with --seed: their grid), train "
+                        "LoRA² as a sweep over one base in one process: OUTPUT_DIR/lr-LR/seed-S/ is each one's run "
+                        "folder, and a table ranks them on validation")
     g.add_argument("--head-learning-rate", type=float, help="own learning rate for the task head (default: the same)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, norms, λ)")
     g.add_argument("--warmup-ratio", type=float, default=0.06, help="share of the steps with a linear lr warm-up")
@@ -142,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=_positive_int, default=50, help="evaluate (and checkpoint) every N steps")
     g.add_argument("--log-every", type=_positive_int, default=10,
                    help="log loss, lr, budget and speed every N steps (log.jsonl, and stderr without a progress bar)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the data order, initialisation and dropout")
+    g.add_argument("--seed", type=_values(int, "--seed"), default=[0],
+                   help="seed of the data order, initialisation and dropout; several, comma-separated: a sweep")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar: a log line every --log-every steps instead (also the default when stderr "
                         "is not a terminal)")
@@ -306,8 +324,13 @@ def _lora2_fields(args: argparse.Namespace) -> dict:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .fsdp import FSDPOptions
     from .train import TrainConfig, TrainingInterrupted, train
+    from .train_sweep import is_sweep, read_sweep, sweep_members
 
-    if args.resume:
+    members = None
+    if args.resume and is_sweep(args.resume):
+        members = read_sweep(args.resume)
+        _refuse_settings_that_differ(args, members[0], members)
+    elif args.resume:
         from .run_folder import CONFIG_FILE, read_run_config
 
         cfg = read_run_config(args.resume, TrainConfig)  # the folder given is the run, wherever it was started
@@ -328,12 +351,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
             grad_accum=args.grad_accum,
-            learning_rate=preset.learning_rate if args.learning_rate is None else args.learning_rate,
+            learning_rate=preset.learning_rate if args.learning_rate is None else args.learning_rate[0],
             head_learning_rate=args.head_learning_rate, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-            precision=args.precision, eval_every=args.eval_every, log_every=args.log_every, seed=args.seed,
+            precision=args.precision, eval_every=args.eval_every, log_every=args.log_every, seed=args.seed[0],
             lora2=_lora2_fields(args), method_settings={} if args.method == "lora2" else dict(preset.settings),
             load_in_4bit=args.load_in_4bit, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
             double_quant=args.double_quant)
+        if len(args.learning_rate or []) > 1 or len(args.seed) > 1:
+            members = sweep_members(cfg, args.learning_rate or [cfg.learning_rate], args.seed)
+    if members is not None:
+        return _train_sweep(args, members)
     try:
         fsdp = FSDPOptions(tuple(args.fsdp_wrap) if args.fsdp_wrap else None, args.fsdp_cpu_offload) \
             if args.fsdp else False
@@ -347,7 +374,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     logger.info("%s before: %.4f  after: %.4f  (best %.4f) in %d steps, %.0f s; %s trainable parameters",
                 result.metric_name, result.metric_before, result.metric_after, result.best_metric, result.steps,
                 result.seconds, f"{result.trainable_parameters:,}")
-    print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "history"}, indent=2))  # noqa: T201
+    print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "history"}, indent=2))
+    return 0
+
+
+def _train_sweep(args: argparse.Namespace, members: list) -> int:
+    """Several learning rates (seeds) as one run over one base (train_sweep.py); the table ranks them."""
+    from .train import TrainingInterrupted
+    from .train_sweep import summary_table, train_sweep
+
+    if args.fsdp or args.fsdp_wrap or args.fsdp_cpu_offload:
+        raise InputError("a sweep (several --learning-rate or --seed values) trains in one process; --fsdp shards "
+                         "one run over several. Drop --fsdp, or run one learning rate at a time.")
+    sweep_dir = args.resume or args.output_dir
+    try:
+        results = train_sweep(members, resume=bool(args.resume), progress=not args.no_progress,
+                              overwrite=args.overwrite, sweep_dir=sweep_dir)
+    except TrainingInterrupted as e:
+        logger.error("%s", e)
+        return EXIT_INTERRUPTED
+    print(summary_table(members, results))
+    if all(result is None for result in results):
+        logger.error("every member of the sweep diverged (see diverged.txt in each folder); try lower learning rates")
+        return 1
     return 0
 
 
@@ -366,11 +415,17 @@ def _train_options_given(argv: list[str]) -> tuple[dict[str, object], dict[str, 
     return vars(parser.parse_args(argv)), flags
 
 
-def _refuse_settings_that_differ(args: argparse.Namespace, saved: TrainConfig) -> None:
+def _refuse_settings_that_differ(args: argparse.Namespace, saved: TrainConfig, sweep: list | None = None) -> None:
     """--resume continues the run with its saved settings; a setting given on the command line that differs
-    from them would be silently ignored (or, honoured, would make one run of two), so it is an error."""
+    from them would be silently ignored (or, honoured, would make one run of two), so it is an error.
+    ``sweep``: the members of the sweep being resumed, whose rates and seeds are lists."""
     given, flags = _train_options_given(args.argv)
     saved_values = {**dataclasses.asdict(saved), **saved.lora2, "output_dir": args.resume}
+    if sweep is not None:
+        saved_values.update(learning_rate=list(dict.fromkeys(m.learning_rate for m in sweep)),
+                            seed=list(dict.fromkeys(m.seed for m in sweep)))
+    else:  # one value given for a single run
+        given = {k: v[0] if k in ("learning_rate", "seed") and len(v) == 1 else v for k, v in given.items()}
 
     def same(name: str, value: object, was: object) -> bool:
         if name == "dataset" and value == "none":
@@ -409,8 +464,8 @@ def _base_model(args: argparse.Namespace) -> str:
 def _load(args: argparse.Namespace, lora2_only: bool = False):
     """(base model path, model in eval mode, what was trained, task) for --adapter, with a warning for
     parameters that neither the base model nor the adapter holds."""
-    from .methods import load_trained, read_trained
     from .loading import resolve_model_path
+    from .methods import load_trained, read_trained
 
     info = read_trained(args.adapter)
     if lora2_only and info.method != "lora2":
@@ -463,7 +518,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(model.to(device), data, Collator(tokenizer.pad_token_id, task), args.eval_batch_size, device)
     logger.info("scored %d rows of %s with the %s in %s", len(data), validation, info.description, args.adapter)
-    print(json.dumps({**metrics, "rows": len(data), "truncated_rows": data.truncated, "file": str(validation),  # noqa: T201
+    print(json.dumps({**metrics, "rows": len(data), "truncated_rows": data.truncated, "file": str(validation),
                       "adapter": str(args.adapter), "method": info.method, "task": task}, indent=2))
     return 0
 
@@ -516,9 +571,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     _, model, _, _ = _load(args, lora2_only=True)
     report = parameter_report(model)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))  # noqa: T201
+        print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(report.format_table())  # noqa: T201
+        print(report.format_table())
     plot = Path(args.plot) if args.plot else Path(args.adapter) / "rank_allocation.png"
     plot_rank_heatmap(model.rank_pattern(), model.lora2_config.r, plot, title=f"LoRA² rank allocation: {args.adapter}")
     logger.info("heatmap written to %s", plot)
@@ -547,7 +602,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         logger.error("%s", e)
         return EXIT_INTERRUPTED
     results = Path(cfg.output_dir) / "results.md"
-    print(results.read_text(encoding="utf-8"))  # noqa: T201
+    print(results.read_text(encoding="utf-8"))
     logger.info("tables, JSON and plots written to %s", cfg.output_dir)
     return 0
 

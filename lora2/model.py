@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora2_kernels import LoRA2Linear, is_supported_linear
-from lora2_kernels.linear import DropoutSeeds
 from lora2_kernels.four_bit import keep_standard_layout, unsupported_linear
+from lora2_kernels.linear import DropoutSeeds
 
 from .config import READABLE_FORMAT_VERSIONS, LoRA2Config
 from .errors import InputError
@@ -175,9 +175,13 @@ class LoRA2Model(nn.Module):
         """Adapted modules by their dotted name in the base model, in model order."""
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, LoRA2Linear)}
 
-    def rank_pattern(self) -> dict[str, list[int]]:
-        """Per adapted module, the indices of the singular values still kept."""
-        return {n: layer.kept_indices() for n, layer in self.lora2_layers().items()}
+    def rank_pattern(self, adapter: int | None = None) -> dict[str, list[int]]:
+        """Per adapted module, the indices of the singular values still kept (of adapter ``adapter`` of a model
+        whose layers hold several, lora2.sweep)."""
+        if adapter is None:
+            return {n: layer.kept_indices() for n, layer in self.lora2_layers().items()}
+        return {n: torch.nonzero(layer.rank_mask[adapter] > 0).flatten().tolist()
+                for n, layer in self.lora2_layers().items()}
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
@@ -190,7 +194,7 @@ class LoRA2Model(nn.Module):
     def print_trainable_parameters(self) -> tuple[int, int]:
         trainable, total = self.get_nb_trainable_parameters()
         msg = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-        print(msg)  # noqa: T201 -- PEFT users expect this on stdout
+        print(msg)
         return trainable, total
 
     def set_adapter_enabled(self, enabled: bool) -> None:
@@ -255,19 +259,35 @@ class LoRA2Model(nn.Module):
 
     # --- save / load ---------------------------------------------------------------------------
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors that make up the adapter: LoRA² factors, masks and saved modules."""
+    def adapter_state_dict(self, adapter: int | None = None) -> dict[str, torch.Tensor]:
+        """The tensors that make up the adapter: LoRA² factors, masks and saved modules.
+
+        ``adapter``: in a model whose layers hold several adapters (a sweep, ``lora2.sweep``), adapter i's
+        tensors, under the keys a one-adapter model has: what a single run of that adapter saves."""
         state: dict[str, torch.Tensor] = {}
         for name, layer in self.lora2_layers().items():
             for t in _SAVED_ADAPTER_TENSORS:
-                state[f"{_ADAPTER_PREFIX}{name}.{t}"] = getattr(layer, t).detach()
+                value = getattr(layer, t)
+                state[f"{_ADAPTER_PREFIX}{name}.{t}"] = (value if adapter is None else value[adapter]).detach()
         for name in self.modules_to_save:
-            for key, value in self.base_model.get_submodule(name).state_dict().items():
+            for key, value in self._saved_module(name, adapter).state_dict().items():
                 state[f"{_SAVED_PREFIX}{name}.{key}"] = value.detach()
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically."""
+    def _saved_module(self, name: str, adapter: int | None) -> nn.Module:
+        """A module of ``modules_to_save``; adapter i's copy where the sweep holds one per adapter."""
+        from .sweep import AdapterHeads
+
+        module = self.base_model.get_submodule(name)
+        if isinstance(module, AdapterHeads):
+            if adapter is None:
+                raise InputError(f"{name} holds one copy per adapter (a sweep): name the adapter.")
+            return module.heads[adapter]
+        return module
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], adapter: int | None = None) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically (``adapter``: one
+        adapter of a sweep's model, saved as its single run would be)."""
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"{directory} exists and is not a directory; choose another output path.")
@@ -275,7 +295,7 @@ class LoRA2Model(nn.Module):
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OSError(f"cannot create adapter directory {directory}: {e.strerror}; choose a writable path.") from e
-        state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(adapter).items()}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "lora2_format_version": str(self.lora2_config.format_version)})
         meta = {
@@ -285,7 +305,7 @@ class LoRA2Model(nn.Module):
             "adapted_modules": {n: [l.out_features, l.in_features] for n, l in self.lora2_layers().items()},
             "modules_to_save": self.modules_to_save,
             "fan_in_fan_out": [n for n, layer in self.lora2_layers().items() if layer.fan_in_fan_out],
-            "rank_pattern": self.rank_pattern(),
+            "rank_pattern": self.rank_pattern(adapter),
         }
         atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2))
 
@@ -312,14 +332,16 @@ class LoRA2Model(nn.Module):
             wrapped.eval()
         return wrapped
 
-    def load_adapter(self, adapter_directory: str | os.PathLike[str]) -> None:
-        """Load saved adapter weights into this (already injected) model; all-or-nothing."""
+    def load_adapter(self, adapter_directory: str | os.PathLike[str], adapter: int | None = None) -> None:
+        """Load saved adapter weights into this (already injected) model; all-or-nothing. ``adapter``: into
+        adapter i of a sweep's model (a one-adapter folder, as its single run saved it)."""
         directory = Path(adapter_directory)
         meta = read_adapter_meta(directory)
-        self._load_adapter_state(_read_weights(directory / WEIGHTS_NAME), meta)
+        self._load_adapter_state(_read_weights(directory / WEIGHTS_NAME), meta, adapter)
 
-    def _load_adapter_state(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        expected = self.adapter_state_dict()
+    def _load_adapter_state(self, state: dict[str, torch.Tensor], meta: dict[str, Any],
+                            adapter: int | None = None) -> None:
+        expected = self.adapter_state_dict(adapter)
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         mismatched = [
@@ -343,9 +365,10 @@ class LoRA2Model(nn.Module):
         with torch.no_grad():
             for name, layer in self.lora2_layers().items():
                 for t in _SAVED_ADAPTER_TENSORS:
-                    getattr(layer, t).copy_(state[f"{_ADAPTER_PREFIX}{name}.{t}"])
+                    target = getattr(layer, t)
+                    (target if adapter is None else target[adapter]).copy_(state[f"{_ADAPTER_PREFIX}{name}.{t}"])
             for name in self.modules_to_save:
-                module = self.base_model.get_submodule(name)
+                module = self._saved_module(name, adapter)
                 prefix = f"{_SAVED_PREFIX}{name}."
                 module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 

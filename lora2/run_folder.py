@@ -53,7 +53,7 @@ RUN_FILES = (CONFIG_FILE, "log.jsonl", RESULT_FILE, "diverged.txt", "adapter", "
 RUN_MEMBERS = {"adapter": "final adapter", "best": "best adapter", CHECKPOINT_DIR: "resumable checkpoint"}
 # Files at the top of every folder a lora2 command writes: a run, an adapter, an export or a merged
 # model (lora2_method.json), a comparison (results.json, sweep.json).
-LORA2_OUTPUT_MARKERS = (CONFIG_FILE, "lora2_method.json", "results.json", "sweep.json")
+LORA2_OUTPUT_MARKERS = (CONFIG_FILE, "lora2_method.json", "results.json", "sweep.json", "train_sweep.json")
 # Everything `merge` and `export` write (a merged model: transformers' save_pretrained and the
 # tokenizer's files). They replace their output folder as a whole, so --overwrite lets them replace
 # only a folder holding lora2_method.json and nothing outside these names.

@@ -25,7 +25,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,12 +202,45 @@ def autocast_context(device: torch.device, precision: str):
     return nullcontext()
 
 
+class MetricSums:
+    """What an evaluation adds up batch by batch (predictions, or the LM's summed loss) and the metrics of it."""
+
+    def __init__(self, dataset: TextDataset) -> None:
+        self.dataset = dataset
+        self.preds: list[np.ndarray] = []
+        self.golds: list[np.ndarray] = []
+        self.lm_loss, self.lm_tokens = 0.0, 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = logits.float()
+        if self.dataset.task == "causal-lm":
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            self.lm_loss += float(torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                ignore_index=-100, reduction="sum"))
+            self.lm_tokens += int((shift_labels != -100).sum())
+        elif self.dataset.task == "regression":
+            self.preds.append(logits.squeeze(-1).cpu().numpy())
+            self.golds.append(labels.cpu().numpy())
+        else:
+            self.preds.append(logits.argmax(-1).cpu().numpy())
+            self.golds.append(labels.cpu().numpy())
+
+    def metrics(self) -> dict[str, float]:
+        if self.dataset.task == "causal-lm":
+            return lm_metrics(self.lm_loss, self.lm_tokens)
+        pred, gold = np.concatenate(self.preds), np.concatenate(self.golds)
+        if self.dataset.task == "regression":
+            return regression_metrics(pred, gold)
+        return classification_metrics(pred, gold, self.dataset.num_labels)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: TextDataset, collate: Collator, batch_size: int,
              device: torch.device, precision: str = "fp32") -> dict[str, float]:
     was_training = model.training
     model.eval()
-    preds, golds, lm_loss, lm_tokens = [], [], 0.0, 0
+    sums = MetricSums(dataset)
     for batch in batches(dataset, batch_size, collate):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_context(device, precision):
@@ -215,26 +248,9 @@ def evaluate(model: torch.nn.Module, dataset: TextDataset, collate: Collator, ba
             # AdaLoRA model loaded for inference would also fail on one: its forward then adds the
             # regulariser of a training adapter it does not have.)
             out = model(**{k: v for k, v in batch.items() if k != "labels"})
-        logits = out.logits.float()
-        if dataset.task == "causal-lm":
-            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-            lm_loss += float(torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                ignore_index=-100, reduction="sum"))
-            lm_tokens += int((shift_labels != -100).sum())
-        elif dataset.task == "regression":
-            preds.append(logits.squeeze(-1).cpu().numpy())
-            golds.append(batch["labels"].cpu().numpy())
-        else:
-            preds.append(logits.argmax(-1).cpu().numpy())
-            golds.append(batch["labels"].cpu().numpy())
+        sums.add(out.logits, batch["labels"])
     model.train(was_training)
-    if dataset.task == "causal-lm":
-        return lm_metrics(lm_loss, lm_tokens)
-    pred, gold = np.concatenate(preds), np.concatenate(golds)
-    if dataset.task == "regression":
-        return regression_metrics(pred, gold)
-    return classification_metrics(pred, gold, dataset.num_labels)
+    return sums.metrics()
 
 
 # --- the loop ----------------------------------------------------------------------------------------
@@ -255,11 +271,17 @@ def _pick_precision(requested: str, device: torch.device) -> str:
 
 
 def _optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return adamw(method.model.named_parameters(), method.is_head, cfg)
+
+
+def adamw(named_parameters: Iterable[tuple[str, torch.Tensor]], is_head: Callable[[str], bool],
+          cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, in their order: decayed, not decayed, the head at its own rate."""
     decay, no_decay, head = [], [], []
-    for name, p in method.model.named_parameters():
+    for name, p in named_parameters:
         if not p.requires_grad:
             continue
-        if cfg.head_learning_rate is not None and method.is_head(name):
+        if cfg.head_learning_rate is not None and is_head(name):
             head.append(p)
         elif p.ndim < 2:  # biases, norms and λ: decaying them only fights the allocator and the norms
             no_decay.append(p)

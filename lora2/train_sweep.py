@@ -72,6 +72,7 @@ from .run_folder import (
     input_fingerprints,
     load_checkpoint,
     normalised,
+    records_config,
     save_checkpoint,
     write_whole,
 )
@@ -306,14 +307,14 @@ def _set_up(members: list[_Member], cfg: TrainConfig, resume: bool, overwrite: b
             raise FileNotFoundError(f"{folder / SWEEP_FILE} not found: --resume of a sweep needs the output folder "
                                     "of an earlier `lora2 train --learning-rate a,b,...` run.")
         _write_record(folder, configs, None)
-    for m in members:  # finished or diverged earlier: read back, left alone
-        if resume and (done := finished_result(m.out)) is not None:
+    for m in members:  # finished or diverged earlier (with these settings): read back, left alone
+        if resume and records_config(m.out, m.cfg) and (done := finished_result(m.out)) is not None:
             known = {f.name for f in dataclasses.fields(TrainResult)}
             m.result, m.done = TrainResult(**{k: v for k, v in done.items() if k in known}), True
-        elif resume and (m.out / DIVERGED_FILE).is_file():
+        elif resume and records_config(m.out, m.cfg) and (m.out / DIVERGED_FILE).is_file():
             m.done = True
         else:
-            m.resumes = resume and (m.out / CHECKPOINT_DIR / STATE_FILE).is_file()
+            m.resumes = resume and records_config(m.out, m.cfg) and (m.out / CHECKPOINT_DIR / STATE_FILE).is_file()
             claim_output_dir(m.out, m.cfg, inputs, m.resumes, overwrite, stack)
     running = [m for m in members if not m.done]
     if not running:

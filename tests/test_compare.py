@@ -22,10 +22,13 @@ from lora2.compare import SWEEP_FILE, CompareConfig, compare
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+LORA2_GRID = (5e-3, 5e-2)
+
+
 @pytest.fixture
 def small_grids(monkeypatch):
     """Two learning rates per method keep the sweep short."""
-    grids = {"peft": (1e-3, 1e-2), "lora2": (5e-3, 5e-2)}
+    grids = {"peft": (1e-3, 1e-2), "lora2": LORA2_GRID}
     specs = tuple(dataclasses.replace(m, lr_grid=grids["lora2" if m.method == "lora2" else "peft"])
                   for m in compare_module.METHODS)
     monkeypatch.setattr(compare_module, "METHODS", specs)
@@ -36,9 +39,11 @@ def test_sweep_then_compare_on_test_with_read_back(tiny_bert_dir, tmp_path, monk
     cfg = CompareConfig(model=tiny_bert_dir, output_dir=str(tmp_path), tasks=["adjective-polarity", "qa-match"],
                         methods=["lora-r2", "adalora", "lora2"], seeds=[0, 1], max_steps=4, batch_size=8,
                         max_train_samples=32, max_eval_samples=16, max_length=24, jobs=1)
-    calls = []
-    real_train = compare_module.train
+    calls, sweeps = [], []
+    real_train, real_sweep = compare_module.train, compare_module.train_sweep
     monkeypatch.setattr(compare_module, "train", lambda tc, **kw: calls.append(tc.output_dir) or real_train(tc, **kw))
+    monkeypatch.setattr(compare_module, "train_sweep",
+                        lambda tcs, **kw: sweeps.append([tc.learning_rate for tc in tcs]) or real_sweep(tcs, **kw))
     report = compare(cfg, command="pytest", progress=False, sweep=True)
 
     # the sweep: every grid value on seed 0, the best final validation score chosen
@@ -47,8 +52,10 @@ def test_sweep_then_compare_on_test_with_read_back(tiny_bert_dir, tmp_path, monk
         for key in cfg.methods:
             entry = sweep["tasks"][task][key]
             assert entry["chosen"] == max(entry["grid"], key=lambda lr: entry["validation"][f"{lr:g}"])
-    # 12 sweep runs; the comparison adds seed 1 only: seed 0 at the chosen lr *is* its sweep run
-    assert len(calls) == 2 * 3 * 2 + 2 * 3 and len(report["runs"]) == 2 * 3 * 2
+    # 12 sweep runs (LoRA²'s grid of a task as one sweep over one base, the baselines' one by one); the
+    # comparison adds seed 1 only: seed 0 at the chosen lr *is* its sweep run
+    assert sweeps == [list(LORA2_GRID)] * 2
+    assert len(calls) == 2 * 2 * 2 + 2 * 3 and len(report["runs"]) == 2 * 3 * 2
     for run in report["runs"]:
         assert run["lr"] == sweep["tasks"][run["task"]][run["method"]]["chosen"]
         assert run["result"]["test_metrics"] and run["config"]["test_file"].endswith(f"{run['task']}/test.tsv")
@@ -72,6 +79,7 @@ def test_sweep_then_compare_on_test_with_read_back(tiny_bert_dir, tmp_path, monk
         raise AssertionError("finished runs must be read back, not trained again")
 
     monkeypatch.setattr(compare_module, "train", no_training)
+    monkeypatch.setattr(compare_module, "train_sweep", no_training)
     again = compare(cfg, command="pytest", progress=False)  # no --sweep: the choices cached in the folder
     assert [r["result"] for r in again["runs"]] == [r["result"] for r in report["runs"]]
 
@@ -80,8 +88,8 @@ def test_sweep_then_compare_on_test_with_read_back(tiny_bert_dir, tmp_path, monk
 def test_runs_in_parallel_processes_give_the_same_comparison(tiny_bert_dir, tmp_path, small_grids):
     """--jobs 2 trains runs in two spawned processes; the same runs, configs and (to float noise from
     the thread count) results as one at a time, and a diverged run loses the sweep instead of crashing it."""
-    common = dict(model=tiny_bert_dir, tasks=["adjective-polarity"], methods=["lora2"], seeds=[0, 1], max_steps=3,
-                  batch_size=8, max_train_samples=24, max_eval_samples=16, max_length=24)
+    common = dict(model=tiny_bert_dir, tasks=["adjective-polarity"], methods=["lora-r2", "lora2"], seeds=[0, 1],
+                  max_steps=3, batch_size=8, max_train_samples=24, max_eval_samples=16, max_length=24)
     serial = compare(CompareConfig(output_dir=str(tmp_path / "one"), jobs=1, **common), progress=False, sweep=True)
     parallel = compare(CompareConfig(output_dir=str(tmp_path / "two"), jobs=2, **common), progress=False, sweep=True)
     assert [(r["task"], r["method"], r["seed"], r["lr"]) for r in parallel["runs"]] == \
@@ -91,22 +99,22 @@ def test_runs_in_parallel_processes_give_the_same_comparison(tiny_bert_dir, tmp_
 
 
 def test_a_diverged_run_loses_the_sweep(tiny_bert_dir, tmp_path, monkeypatch, small_grids):
-    from lora2.train import TrainingError
+    from lora2.regularizer import OrthogonalRegularizer
 
-    real_train = compare_module.train
+    real, members = OrthogonalRegularizer.__call__, []
 
-    def diverge_at_high_lr(tc, **kwargs):
-        if tc.learning_rate > 1e-2:
-            raise TrainingError("loss became nan at step 2")
-        return real_train(tc, **kwargs)
+    def diverge_at_high_lr(self):  # LoRA²'s grid trains as one sweep; its member 1 (lr 0.05) diverges
+        members.append(id(self)) if id(self) not in members else None
+        return real(self) * (float("nan") if members.index(id(self)) == 1 else 1.0)
 
-    monkeypatch.setattr(compare_module, "train", diverge_at_high_lr)
+    monkeypatch.setattr(OrthogonalRegularizer, "__call__", diverge_at_high_lr)
     cfg = CompareConfig(model=tiny_bert_dir, output_dir=str(tmp_path), tasks=["adjective-polarity"],
                         methods=["lora2"], seeds=[0], max_steps=3, batch_size=8, max_train_samples=24,
                         max_eval_samples=16, max_length=24, jobs=1)
     report = compare(cfg, progress=False, sweep=True)
     entry = report["sweep"]["tasks"]["adjective-polarity"]["lora2"]
     assert entry["validation"]["0.05"] == float("-inf") and entry["chosen"] == 0.005
+    assert (tmp_path / "runs" / "adjective-polarity" / "lora2" / "lr0.05" / "seed0" / "diverged.txt").is_file()
 
 
 def test_the_best_mark_needs_more_than_the_seeds_spread():
@@ -150,12 +158,13 @@ def test_compare_rejects_unknown_tasks_and_methods(capsys):
 def test_a_stopped_parallel_comparison_leaves_no_worker_training(tiny_bert_dir, tmp_path, stop):
     """Stopping `lora2 compare --jobs 2` must stop its worker processes: left alone, each would go on
     with the runs already queued to it, racing a resumed comparison for their folders. SIGKILL of
-    the parent alone (a crash, the OOM killer) and Ctrl-C (SIGINT to the whole process group)."""
+    the parent alone (a crash, the OOM killer) and Ctrl-C (SIGINT to the whole process group). (PEFT LoRA:
+    LoRA²'s grid trains as one sweep in the comparison's own process.)"""
     psutil = require("psutil", "pip install psutil")
     out = tmp_path / "cmp"
     proc = subprocess.Popen(
         [sys.executable, "-m", "lora2", "compare", "--model", tiny_bert_dir, "--output-dir", str(out), "--tasks",
-         "adjective-polarity", "--methods", "lora2", "--seeds", "0", "1", "--sweep", "--max-steps", "2000",
+         "adjective-polarity", "--methods", "lora-r2", "--seeds", "0", "1", "--sweep", "--max-steps", "2000",
          "--jobs", "2", "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     workers: list = []

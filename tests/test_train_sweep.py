@@ -240,3 +240,18 @@ def test_resuming_a_sweep_with_other_rates_is_refused(headless_bert_dir, small_f
     monkeypatch.undo()
     assert main(["train", "--resume", str(out), "--learning-rate", "1e-3,2e-2"]) == 2
     assert "--learning-rate [0.001, 0.02] (the run: [0.02, 0.005])" in caplog.text
+
+
+@pytest.mark.slow  # about 100 s of the Triton interpreter
+def test_through_the_kernels_each_member_equals_its_single_run(headless_bert_dir, small_files, tmp_path):
+    """The same, with the fused Triton kernels (the interpreter on a CPU): three rates, one launch set for
+    all three in each adapted projection, against three single runs of the kernels."""
+    def args(out, rates):
+        return [*_args(headless_bert_dir, small_files, out, rates, ["0"], backend="triton"), "--max-steps", "3",
+                "--max-train-samples", "32", "--max-eval-samples", "16", "--target-modules", "query", "value"]
+
+    rates = ["2e-2", "5e-3", "1e-2"]
+    assert main(args(tmp_path / "sweep", rates)) == 0
+    for rate in rates:
+        assert main(args(tmp_path / rate, [rate])) == 0
+        assert_same_run(tmp_path / "sweep" / f"lr-{float(rate):g}" / "seed-0", tmp_path / rate)

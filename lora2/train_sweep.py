@@ -336,7 +336,8 @@ def _set_up(members: list[_Member], cfg: TrainConfig, resume: bool, overwrite: b
                  "base_4bit": {"quant_type": cfg.bnb_4bit_quant_type, "double_quant": cfg.double_quant,
                                "modules": quantised} if cfg.load_in_4bit else None}
     n = len(members)
-    optimizers = AdapterOptimizers(layers, lambda i, params: _member_optimizer(model, layers, params, i, members[i].cfg),
+    optimizers = AdapterOptimizers(layers,
+                                   lambda i, params: _member_optimizer(model, layers, params, i, members[i].cfg),
                                    extra=[[p for h in heads for p in h.heads[i].parameters()] for i in range(n)])
     views = {f"{i}.{name}": view for i in range(n)
              for name, view in zip(model.lora2_layers(), optimizers.views(i))}
@@ -397,7 +398,9 @@ def _build_model(cfg: TrainConfig, members: list[_Member], model_path: str, ctx:
     for seed in dict.fromkeys(m.cfg.seed for m in members):
         _seed_everything(seed)
         base = _load_base(cfg, model_path, ctx, False, train_set, tokenizer)
-        names = _quantise_base(base, cfg, device, False) if cfg.load_in_4bit else None
+        # the kept base is quantised on the device, as a single run's; the others only give their start
+        where = device if frame is None else torch.device("cpu")
+        names = _quantise_base(base, cfg, where, False) if cfg.load_in_4bit else None
         method = build_method("lora2", base, cfg.lora2, total_steps)
         starts[seed] = {k: v.clone() for k, v in method.model.adapter_state_dict().items()}
         if frame is None:
@@ -526,7 +529,8 @@ def _forward_backward(sweep: _Sweep, active: list[_Member], parts: list[dict[str
     for m, part in zip(active, parts):
         counts[m.index] = part["input_ids"].shape[0]
     sweep.rows.set(counts)
-    batch = {k: v.to(sweep.device, non_blocking=True) for k, v in concatenate(parts, sweep.collate.pad_token_id).items()}
+    batch = concatenate(parts, sweep.collate.pad_token_id)
+    batch = {k: v.to(sweep.device, non_blocking=True) for k, v in batch.items()}
     labels = batch.pop("labels")
     total = None
     with autocast_context(sweep.device, sweep.precision):
@@ -721,7 +725,8 @@ def summary_table(configs: list[TrainConfig], results: list[TrainResult | None])
     """The members ranked by their best validation metric (diverged last), as a Markdown table."""
     order = sorted(range(len(configs)), key=lambda i: -math.inf if results[i] is None else -results[i].best_metric)
     metric = next((r.metric_name for r in results if r is not None), "metric")
-    lines = [f"| rank | learning rate | seed | {metric} before | after | best | folder |", "|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [f"| rank | learning rate | seed | {metric} before | after | best | folder |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
     for rank, i in enumerate(order, 1):
         r, c = results[i], configs[i]
         cells = ("diverged", "", "") if r is None else (f"{r.metric_before:.4f}", f"{r.metric_after:.4f}",

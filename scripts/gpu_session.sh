@@ -47,6 +47,10 @@ if stage train; then  # lora2 train end to end on CUDA, bf16 and fp16 (the GradS
       --output-dir "$OUT/train-$precision" > "$OUT/train-$precision.log" 2>&1
     echo "train $precision exit $?" | tee -a "$OUT/train-$precision.log"
   done
+  # a 3-rate sweep in one run on the GPU (bf16, one launch set for the three adapters), then resumed finished
+  timeout 90 python3 -m lora2 train --learning-rate 5e-3,1e-2,2e-2 --max-steps 40 --eval-every 20 --log-every 10 \
+    --output-dir "$OUT/train-sweep" > "$OUT/train-sweep.log" 2>&1
+  echo "train sweep exit $?" | tee -a "$OUT/train-sweep.log"
 fi
 
 if stage bench; then  # the tables for README: launches, host time, layers (CUDA-graph replays, dropout 0 and 0.1,

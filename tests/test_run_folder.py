@@ -235,6 +235,7 @@ def test_a_stopped_comparison_says_to_run_the_comparison_again(tiny_bert_dir, tm
         raise TrainingInterrupted(f"stopped by signal 2 at step 3; resume with `lora2 train --resume {tc.output_dir}`.")
 
     monkeypatch.setattr(compare_module, "train", stopped)
+    monkeypatch.setattr(compare_module, "train_sweep", lambda tcs, **kwargs: stopped(tcs[0]))  # LoRA²'s grid
     cfg = compare_module.CompareConfig(model=tiny_bert_dir, output_dir=str(tmp_path), tasks=["qa-match"],
                                        methods=["lora2"], seeds=[0], max_steps=2, jobs=1)
     with pytest.raises(TrainingInterrupted) as stop:

@@ -157,6 +157,18 @@ MUTANTS = [
     Mutant("sweep-adapters-share-a-budget", "lora2/allocator.py",
            "flat = scores.reshape(self.groups, -1)", "flat = scores.reshape(1, -1)", ("tests/test_sweep.py",),
            "a sweep's adapters compete for one adapter's budget instead of each keeping its own"),
+    # issue 32, the command line: what keeps each member of a sweep its single run
+    Mutant("sweep-waiting-member-scored", "lora2/train_sweep.py",
+           "        _restore_allocator_part(sweep, m.index, part)", "        pass",
+           ("tests/test_train_sweep.py", "-k", "ahead"),
+           "a member waiting for the others (checkpointed ahead) has its importance averages and masks moved"),
+    Mutant("sweep-diverged-gradients-kept", "lora2/train_sweep.py",
+           "    _zero_non_finite(optimizers)\n", "\n", ("tests/test_train_sweep.py", "-k", "diverged"),
+           "a diverged member's non-finite gradients reach the allocator's one importance call: the others skip it"),
+    Mutant("sweep-member-head-shared", "lora2/train_sweep.py",
+           "            if int(copy_index) == index:", "            if int(copy_index) == 0:",
+           ("tests/test_train_sweep.py", "-k", "each_single"),
+           "every member's optimiser trains member 0's head copy"),
     # issue 31: six kinds of bug the suite did not see (one mutant per kind)
     Mutant("nested-absmax-group-ignored", KERNEL,
            "scale = scale * tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0)",

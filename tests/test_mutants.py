@@ -26,7 +26,9 @@ CI_MUTANTS = ["bias-dropped-half", "conv1d-strides-ignored", "4bit-nibble-order-
               # Kernels v3's kinds: the cuBLAS split, a layout read off object identity, a row band's group
               "split-base-dropped", "b2-layout-by-identity", "dx-band-group-skips-gb",
               # several adapters over one base: an adapter's gradients from its own row tiles only
-              "adapter-finish-sums-every-tile"]
+              "adapter-finish-sums-every-tile",
+              # a sweep's member: a diverged one keeps its non-finite gradients from the others
+              "sweep-diverged-gradients-kept"]
 
 
 @pytest.mark.slow

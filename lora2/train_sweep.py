@@ -499,6 +499,7 @@ def _train(sweep: _Sweep, stop: dict[str, Any], callbacks) -> None:
     sweep.start = sweep.window_clock = time.perf_counter()
     with sweep.bar, sweep.peak:
         while step < sweep.total_steps and any(not m.done for m in members):
+            step = max(step, min(m.first_step for m in members if not m.done))  # the lagging ones may have diverged
             active = [m for m in members if not m.done and m.first_step <= step]
             step_batches = [next(m.batches) for m in active]
             for micro in range(cfg.grad_accum):

@@ -255,3 +255,25 @@ def test_through_the_kernels_each_member_equals_its_single_run(headless_bert_dir
     for rate in rates:
         assert main(args(tmp_path / rate, [rate])) == 0
         assert_same_run(tmp_path / "sweep" / f"lr-{float(rate):g}" / "seed-0", tmp_path / rate)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "causal-lm"])
+def test_a_members_loss_is_the_one_the_models_head_computes(task):
+    """The sweep computes each member's loss from its rows of the logits; a single run takes the model's own
+    ``.loss``: the same number for every task lora2 trains (padded rows included)."""
+    from conftest import make_model
+    from lora2.train_sweep import task_loss
+
+    model = make_model("llama", "lm") if task == "causal-lm" else make_model("bert")
+    if task == "regression":
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY, num_labels=1,
+                                                                                    problem_type="regression"))
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (4, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # a padded row
+    labels = {"classification": torch.tensor([0, 1, 1, 0]), "regression": torch.rand(4, generator=g),
+              "causal-lm": ids.masked_fill(mask == 0, -100)}[task]
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(task_loss(out.logits, labels, task), out.loss, rtol=1e-6, atol=1e-7)

@@ -242,6 +242,9 @@ def train_sweep(configs: list[TrainConfig], resume: bool = False, device: str | 
         results = [m.result for m in members]
         if sweep_dir is not None:
             _write_record(Path(sweep_dir), configs, results)
+            atomic_write_text(Path(sweep_dir) / "train_sweep.md", summary_table(configs, results) + "\n")
+            if any(r is not None for r in results):
+                plot_sweep(configs, results, Path(sweep_dir) / "train_sweep.png")
         return results
 
 
@@ -734,3 +737,34 @@ def summary_table(configs: list[TrainConfig], results: list[TrainResult | None])
                                                          f"{r.best_metric:.4f}")
         lines.append(f"| {rank} | {c.learning_rate:g} | {c.seed} | {' | '.join(cells)} | {c.output_dir} |")
     return "\n".join(lines)
+
+
+def plot_sweep(configs: list[TrainConfig], results: list[TrainResult | None], path: Path) -> Path:
+    """Left: each member's validation metric over the steps; right: the best one against the learning rate,
+    a line a seed (a diverged member is missing from both)."""
+    from .compare import _pyplot
+    from .io import atomic_path
+
+    plt = _pyplot()
+    fig, (curves, rates) = plt.subplots(1, 2, figsize=(10, 4))
+    metric = next(r.metric_name for r in results if r is not None)
+    for i, (c, r) in enumerate(zip(configs, results)):
+        if r is None:
+            continue
+        steps = [0] + [h["step"] for h in r.history]
+        values = [r.metric_before] + [h[metric] for h in r.history]
+        curves.plot(steps, values, marker="o", markersize=3, color=f"C{i}", label=f"lr {c.learning_rate:g} seed {c.seed}")
+    for j, seed in enumerate(dict.fromkeys(c.seed for c in configs)):
+        points = sorted((c.learning_rate, r.best_metric) for c, r in zip(configs, results) if c.seed == seed and r)
+        if points:
+            rates.plot(*zip(*points), marker="o", color=f"C{j}", label=f"seed {seed}")
+    curves.set(xlabel="step", ylabel=f"validation {metric}", title="each member")
+    rates.set(xscale="log", xlabel="learning rate (log)", ylabel=f"best validation {metric}", title="the sweep")
+    for ax in (curves, rates):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130)
+    plt.close(fig)
+    return path

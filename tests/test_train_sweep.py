@@ -135,6 +135,8 @@ def test_a_sweep_writes_each_single_runs_folder(headless_bert_dir, small_files, 
     assert [(float(lr), int(seed)) for lr, seed in ranked] == best
     record = json.loads((out / "train_sweep.json").read_text())
     assert all(m["result"]["metric_name"] == "accuracy" for m in record["members"])
+    assert (out / "train_sweep.md").read_text().strip() == table.strip()
+    assert (out / "train_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _killed_sweep_at(step: int, monkeypatch):

@@ -587,18 +587,26 @@ def _evaluate_and_checkpoint(run: _Run, step: int, record: dict[str, Any]) -> No
     if not run.use_bar:
         logger.info("step %d/%d  eval %s %.4f", step, run.total_steps, run.metric_name, metrics[run.metric_name])
     record.update({f"eval_{k}": v for k, v in metrics.items()})
-    _log(run.out, {"step": step, "event": "eval", **metrics})
-    state = run.state
-    state["history"].append({"step": step, run.metric_name: metrics[run.metric_name], "budget": record["budget"]})
-    improved = metrics[run.metric_name] > state["best"]
-    state["best"] = max(state["best"], metrics[run.metric_name])
-    state["step"] = step
-    if run.cfg.save_checkpoints:
-        if improved:
-            write_whole(run.out / "best", run.method.save, f"the step-{step} best adapter",
-                        f"resume with `lora2 train --resume {run.out}`", "best adapter")
-        save_checkpoint(run.out / CHECKPOINT_DIR, run.method, run.optimizer, run.scheduler, run.scaler, state, run.out)
+    record_evaluation(run.out, run.cfg, run.state, metrics, run.metric_name, step, record["budget"], run.method,
+                      run.optimizer, run.scheduler, run.scaler)
     run.eval_seconds += time.perf_counter() - tick
+
+
+def record_evaluation(out: Path, cfg: TrainConfig, state: dict[str, Any], metrics: dict[str, float],
+                      metric_name: str, step: int, budget: int | None, method: Any, optimizer: Any, scheduler: Any,
+                      scaler: Any) -> None:
+    """An evaluation's mark on a run folder (a single run's, or a sweep member's): the log line, the
+    history, ``best/`` when it improved, ``checkpoint/``."""
+    _log(out, {"step": step, "event": "eval", **metrics})
+    state["history"].append({"step": step, metric_name: metrics[metric_name], "budget": budget})
+    improved = metrics[metric_name] > state["best"]
+    state["best"] = max(state["best"], metrics[metric_name])
+    state["step"] = step
+    if cfg.save_checkpoints:
+        if improved:
+            write_whole(out / "best", method.save, f"the step-{step} best adapter",
+                        f"resume with `lora2 train --resume {out}`", "best adapter")
+        save_checkpoint(out / CHECKPOINT_DIR, method, optimizer, scheduler, scaler, state, out)
 
 
 def _checkpoint_and_stop(run: _Run, step: int, stop: dict[str, Any]) -> None:

@@ -94,6 +94,7 @@ from .train import (
     data_files,
     load_datasets,
     load_tokenizer,
+    record_evaluation,
     resolve_model_path,
 )
 
@@ -671,17 +672,8 @@ def _evaluate_and_checkpoint(sweep: _Sweep, active: list[_Member], step: int, bu
     tick = time.perf_counter()
     for m, metrics in zip(active, _evaluate(sweep, active)):
         m.final_metrics = metrics if step == sweep.total_steps else None
-        _log(m.out, {"step": step, "event": "eval", **metrics})
-        state = m.state
-        state["history"].append({"step": step, sweep.metric_name: metrics[sweep.metric_name], "budget": budget})
-        improved = metrics[sweep.metric_name] > state["best"]
-        state["best"] = max(state["best"], metrics[sweep.metric_name])
-        state["step"] = step
-        if m.cfg.save_checkpoints:
-            if improved:
-                write_whole(m.out / "best", m.method.save, f"the step-{step} best adapter",
-                            f"resume with `lora2 train --resume {m.out}`", "best adapter")
-            save_checkpoint(m.out / CHECKPOINT_DIR, m.method, m.optimizer, m.scheduler, m.scaler, state, m.out)
+        record_evaluation(m.out, m.cfg, m.state, metrics, sweep.metric_name, step, budget, m.method, m.optimizer,
+                          m.scheduler, m.scaler)
     if sweep.bar.disable:
         logger.info("step %d/%d  eval %s %s", step, sweep.total_steps, sweep.metric_name,
                     " ".join(f"{m.state['history'][-1][sweep.metric_name]:.4f}" for m in active))

@@ -83,7 +83,8 @@ def train_alone(base, seed, rate, backend):
     return model, optimizer, allocator
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+# the kernels' run is in the slow tier (8 s of the interpreter); tests/test_adapters.py checks them per adapter
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.slow), "reference"])
 def test_each_adapter_of_a_sweep_equals_its_single_run(backend):
     base = base_model()
     singles = [train_alone(base, seed, rate, backend) for seed, rate in zip(SEEDS, RATES)]

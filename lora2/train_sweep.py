@@ -210,6 +210,7 @@ class _Sweep:
     total_steps: int
     metric_name: str
     windows: torch.Tensor  # per member: loss sum since its last check
+    true: torch.Tensor  # a device True: the finite flag of a member not in this step
     bar: Any = None
     peak: PeakMemory | None = None
     start: float = 0.0
@@ -359,7 +360,8 @@ def _set_up(members: list[_Member], cfg: TrainConfig, resume: bool, overwrite: b
     sweep = _Sweep(members=members, cfg=cfg, device=device, precision=precision, model=model, layers=layers,
                    rows=rows, heads=heads, optimizers=optimizers, allocator=allocator, tokenizer=tokenizer,
                    train_set=train_set, eval_set=eval_set, collate=collate, steps_per_epoch=steps_per_epoch,
-                   total_steps=total_steps, metric_name=PRIMARY_METRIC[cfg.task], windows=torch.zeros(n, device=device))
+                   total_steps=total_steps, metric_name=PRIMARY_METRIC[cfg.task], windows=torch.zeros(n, device=device),
+                   true=torch.ones((), dtype=torch.bool, device=device))
     fresh = []
     for m in running:
         m.state = {"step": 0, "best": -math.inf, "metric_before": None, "history": [], "data_sha256": fingerprints}
@@ -559,11 +561,13 @@ def _optimizer_step(sweep: _Sweep, active: list[_Member], step: int) -> int:
     allocator call for all, members not in this step left as they were."""
     optimizers = sweep.optimizers
     optimizers.link_gradients()
+    finite = {}
     for m in active:
         m.scaler.unscale_(m.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in m.optimizer.param_groups for p in g["params"]],
-                                       m.cfg.max_grad_norm)
-    _zero_non_finite(optimizers)
+        norm = torch.nn.utils.clip_grad_norm_([p for g in m.optimizer.param_groups for p in g["params"]],
+                                              m.cfg.max_grad_norm)
+        finite[m.index] = torch.isfinite(norm)  # the member's whole gradient, from the norm clipping computes anyway
+    _keep_from_allocator(sweep, torch.stack([finite.get(i, sweep.true) for i in range(len(sweep.members))]))
     for m in active:
         m.scaler.step(m.optimizer)
         m.scaler.update()
@@ -579,16 +583,18 @@ def _optimizer_step(sweep: _Sweep, active: list[_Member], step: int) -> int:
 
 
 @torch.no_grad()
-def _zero_non_finite(optimizers: AdapterOptimizers) -> None:
-    """A member whose gradients are not finite gets zeros instead, on the device (no host sync): its loss,
-    already in its window, stops it at the next check; meanwhile it must not make the allocator's one
-    importance call skip the others' step."""
-    finite = optimizers.finite()
-    for p in optimizers.stacked:
+def _keep_from_allocator(sweep: _Sweep, finite: torch.Tensor) -> None:
+    """A member whose gradient is not finite (``finite``: a flag a member, on the device) gets zeros instead, in
+    every parameter of its own, with no host sync. Its loss, already in its window, stops it at the next
+    check; until then it must not make the allocator's one importance call (which skips a step with any
+    non-finite gradient) skip the others' step. Every parameter of it, not just the scored λ, B₁, A₂: its
+    values must stay finite too, since once stopped it takes no rows, and a member with NaN in A₁ or B₂ gets
+    NaN gradients for λ, B₁, A₂ even then (an empty sum, 0, times NaN)."""
+    for p in sweep.optimizers.stacked:
         if p.grad is not None:
             p.grad.copy_(torch.where(finite.view(-1, *[1] * (p.dim() - 1)), p.grad, 0.0))
-    for i, params in enumerate(optimizers.params):
-        for p in params[len(optimizers.slices[i]):]:
+    for i, params in enumerate(sweep.optimizers.params):
+        for p in params[len(sweep.optimizers.slices[i]):]:  # its head copies
             if p.grad is not None:
                 p.grad.copy_(torch.where(finite[i], p.grad, 0.0))
 

@@ -590,13 +590,14 @@ def _keep_from_allocator(sweep: _Sweep, finite: torch.Tensor) -> None:
     non-finite gradient) skip the others' step. Every parameter of it, not just the scored λ, B₁, A₂: its
     values must stay finite too, since once stopped it takes no rows, and a member with NaN in A₁ or B₂ gets
     NaN gradients for λ, B₁, A₂ even then (an empty sum, 0, times NaN)."""
-    for p in sweep.optimizers.stacked:
+    diverged = ~finite
+    for p in sweep.optimizers.stacked:  # one in-place launch a stacked factor, for every member
         if p.grad is not None:
-            p.grad.copy_(torch.where(finite.view(-1, *[1] * (p.dim() - 1)), p.grad, 0.0))
+            p.grad.masked_fill_(diverged.view(-1, *[1] * (p.dim() - 1)), 0.0)
     for i, params in enumerate(sweep.optimizers.params):
         for p in params[len(sweep.optimizers.slices[i]):]:  # its head copies
             if p.grad is not None:
-                p.grad.copy_(torch.where(finite[i], p.grad, 0.0))
+                p.grad.masked_fill_(diverged[i], 0.0)
 
 
 def _allocator_part(sweep: _Sweep, index: int) -> tuple:

@@ -279,3 +279,43 @@ def test_a_members_loss_is_the_one_the_models_head_computes(task):
               "causal-lm": ids.masked_fill(mask == 0, -100)}[task]
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(task_loss(out.logits, labels, task), out.loss, rtol=1e-6, atol=1e-7)
+
+
+def test_the_sweep_reads_device_values_only_on_log_steps(headless_bert_dir, small_files, tmp_path, monkeypatch):
+    """As a single run (test_train.py): a float() / .item() / .tolist() / bool() of a CUDA tensor stalls the
+    launch queue, so the sweep's own code reads the device on check steps only: one read of every member's
+    loss window and one of each member's regulariser there, nothing on the other steps (a diverged member's
+    gradients are zeroed on the device, not looked at). Not counted: the data order (a CPU tensor) and the
+    reference path's segment table (the PyTorch fallback; the kernels read it on the device)."""
+    import sys
+
+    import lora2
+    import lora2.train_sweep
+    import lora2_kernels
+
+    ours = tuple(str(Path(m.__file__).parent) for m in (lora2, lora2_kernels))
+    reads: list[str] = []
+    real = {name: getattr(torch.Tensor, name) for name in ("__float__", "item", "tolist", "__bool__")}
+
+    def counted(name):
+        def read(self, *args):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(ours) and caller.f_code.co_name not in (
+                    "_evaluate", "add", "batches", "reference_forward"):
+                reads.append(f"{name} in {caller.f_code.co_name} ({Path(caller.f_code.co_filename).name})")
+            return real[name](self, *args)
+        return read
+
+    steps: list[int] = []
+    real_sweep = lora2.train_sweep.train_sweep
+    monkeypatch.setattr(lora2.train_sweep, "train_sweep",
+                        lambda *a, **kw: real_sweep(*a, callbacks=[lambda r: steps.append(len(reads))], **kw))
+    for name in real:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    args = _args(headless_bert_dir, small_files, tmp_path / "sweep", RATES, SEEDS)
+    args[args.index("--log-every") + 1] = "3"
+    args[args.index("--eval-every") + 1] = "6"
+    assert main(args) == 0
+    monkeypatch.undo()
+    per_step = [b - a for a, b in zip(steps, steps[1:])]  # steps 2 to 6 (step 1 follows the set-up's reads)
+    assert per_step[:4] == [0, 1 + 4, 0, 0], (per_step, reads)  # step 3 checks in: 1 window read, 4 regularisers

@@ -9,6 +9,7 @@ diverging while the others go on.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -264,6 +265,7 @@ def test_a_members_loss_is_the_one_the_models_head_computes(task):
     """The sweep computes each member's loss from its rows of the logits; a single run takes the model's own
     ``.loss``: the same number for every task lora2 trains (padded rows included)."""
     from conftest import make_model
+
     from lora2.train_sweep import task_loss
 
     model = make_model("llama", "lm") if task == "causal-lm" else make_model("bert")
@@ -317,5 +319,5 @@ def test_the_sweep_reads_device_values_only_on_log_steps(headless_bert_dir, smal
     args[args.index("--eval-every") + 1] = "6"
     assert main(args) == 0
     monkeypatch.undo()
-    per_step = [b - a for a, b in zip(steps, steps[1:])]  # steps 2 to 6 (step 1 follows the set-up's reads)
+    per_step = [b - a for a, b in itertools.pairwise(steps)]  # steps 2 to 6 (step 1 follows the set-up's reads)
     assert per_step[:4] == [0, 1 + 4, 0, 0], (per_step, reads)  # step 3 checks in: 1 window read, 4 regularisers

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per optimiser step, over all processes (× --grad-accum)")
     g.add_argument("--eval-batch-size", type=_positive_int, default=64, help="examples per evaluation batch")
     g.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimiser step")
-    g.add_argument("--learning-rate", type=_values(float, "--learning-rate"),
+    g.add_argument("--learning-rate", type=_values(float, "--learning-rate"), metavar="LR[,LR...]",
                    help="AdamW learning rate (default per method: lora2 2e-2 since λ moves about lr per step, lora "
                         "5e-4, adalora 8e-4, full 5e-5). Several, comma-separated (with --seed: their grid), train "
                         "LoRA² as a sweep over one base in one process: OUTPUT_DIR/lr-LR/seed-S/ is each one's run "
@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=_positive_int, default=50, help="evaluate (and checkpoint) every N steps")
     g.add_argument("--log-every", type=_positive_int, default=10,
                    help="log loss, lr, budget and speed every N steps (log.jsonl, and stderr without a progress bar)")
-    g.add_argument("--seed", type=_values(int, "--seed"), default=[0],
-                   help="seed of the data order, initialisation and dropout; several, comma-separated: a sweep")
+    g.add_argument("--seed", type=_values(int, "--seed"), metavar="SEED[,SEED...]",
+                   help="seed of the data order, initialisation and dropout (default 0); several, comma-separated: "
+                        "a sweep")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar: a log line every --log-every steps instead (also the default when stderr "
                         "is not a terminal)")
@@ -353,12 +354,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             grad_accum=args.grad_accum,
             learning_rate=preset.learning_rate if args.learning_rate is None else args.learning_rate[0],
             head_learning_rate=args.head_learning_rate, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-            precision=args.precision, eval_every=args.eval_every, log_every=args.log_every, seed=args.seed[0],
+            precision=args.precision, eval_every=args.eval_every, log_every=args.log_every, seed=(args.seed or [0])[0],
             lora2=_lora2_fields(args), method_settings={} if args.method == "lora2" else dict(preset.settings),
             load_in_4bit=args.load_in_4bit, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
             double_quant=args.double_quant)
-        if len(args.learning_rate or []) > 1 or len(args.seed) > 1:
-            members = sweep_members(cfg, args.learning_rate or [cfg.learning_rate], args.seed)
+        if len(args.learning_rate or []) > 1 or len(args.seed or []) > 1:
+            members = sweep_members(cfg, args.learning_rate or [cfg.learning_rate], args.seed or [cfg.seed])
     if members is not None:
         return _train_sweep(args, members)
     try:

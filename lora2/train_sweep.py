@@ -18,6 +18,7 @@ step, in which every adapted projection runs all members' adapters in one launch
 On a dropout-free base each member equals its single run (tests/test_train_sweep.py: the same metrics and
 adapter tensors within 1e-5, with gradient accumulation and a resume). With dropout in the base (MiniLM
 has 0.1) a member is a single run with other dropout draws: one forward draws one mask for the whole batch.
+A member's result.json times (``seconds``, ``train_seconds``) and ``peak_memory_mb`` are the sweep's.
 
 A member whose loss diverges stops alone, as its single run would (its folder keeps its last checkpoint,
 and ``diverged.txt`` says why); its gradients are zeroed on the device from the step they turn non-finite,

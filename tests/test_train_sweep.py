@@ -174,6 +174,7 @@ def test_a_killed_sweep_resumes_to_the_single_runs(headless_bert_dir, small_file
     assert (member / "result.json").read_text() == before
 
 
+@pytest.mark.slow  # the quick tier keeps the plain resume
 def test_a_member_checkpointed_ahead_of_the_others_waits_for_them(headless_bert_dir, small_files, single_runs,
                                                                   tmp_path, monkeypatch):
     """A kill between the members' checkpoint writes leaves them at different steps: the one ahead sits out
@@ -236,6 +237,7 @@ def test_sweep_settings_that_cannot_run_are_refused(headless_bert_dir, small_fil
     assert not any((tmp_path / name).exists() for name in ("s", "d", "l", "x"))
 
 
+@pytest.mark.slow  # the quick tier keeps the plain resume
 def test_resuming_a_sweep_with_other_rates_is_refused(headless_bert_dir, small_files, tmp_path, monkeypatch, caplog):
     out = tmp_path / "sweep"
     _killed_sweep_at(1, monkeypatch)

@@ -375,7 +375,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     logger.info("%s before: %.4f  after: %.4f  (best %.4f) in %d steps, %.0f s; %s trainable parameters",
                 result.metric_name, result.metric_before, result.metric_after, result.best_metric, result.steps,
                 result.seconds, f"{result.trainable_parameters:,}")
-    print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "history"}, indent=2))
+    print(json.dumps({k: v for k, v in dataclasses.asdict(result).items() if k != "history"}, indent=2))  # noqa: T201
     return 0
 
 
@@ -394,7 +394,7 @@ def _train_sweep(args: argparse.Namespace, members: list) -> int:
     except TrainingInterrupted as e:
         logger.error("%s", e)
         return EXIT_INTERRUPTED
-    print(summary_table(members, results))
+    print(summary_table(members, results))  # noqa: T201
     if all(result is None for result in results):
         logger.error("every member of the sweep diverged (see diverged.txt in each folder); try lower learning rates")
         return 1
@@ -519,7 +519,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(model.to(device), data, Collator(tokenizer.pad_token_id, task), args.eval_batch_size, device)
     logger.info("scored %d rows of %s with the %s in %s", len(data), validation, info.description, args.adapter)
-    print(json.dumps({**metrics, "rows": len(data), "truncated_rows": data.truncated, "file": str(validation),
+    print(json.dumps({**metrics, "rows": len(data), "truncated_rows": data.truncated, "file": str(validation),  # noqa: T201
                       "adapter": str(args.adapter), "method": info.method, "task": task}, indent=2))
     return 0
 
@@ -572,9 +572,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     _, model, _, _ = _load(args, lora2_only=True)
     report = parameter_report(model)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict(), indent=2))  # noqa: T201
     else:
-        print(report.format_table())
+        print(report.format_table())  # noqa: T201
     plot = Path(args.plot) if args.plot else Path(args.adapter) / "rank_allocation.png"
     plot_rank_heatmap(model.rank_pattern(), model.lora2_config.r, plot, title=f"LoRA² rank allocation: {args.adapter}")
     logger.info("heatmap written to %s", plot)
@@ -603,7 +603,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         logger.error("%s", e)
         return EXIT_INTERRUPTED
     results = Path(cfg.output_dir) / "results.md"
-    print(results.read_text(encoding="utf-8"))
+    print(results.read_text(encoding="utf-8"))  # noqa: T201
     logger.info("tables, JSON and plots written to %s", cfg.output_dir)
     return 0
 

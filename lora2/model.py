@@ -194,7 +194,7 @@ class LoRA2Model(nn.Module):
     def print_trainable_parameters(self) -> tuple[int, int]:
         trainable, total = self.get_nb_trainable_parameters()
         msg = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-        print(msg)
+        print(msg)  # noqa: T201 -- PEFT users expect this on stdout
         return trainable, total
 
     def set_adapter_enabled(self, enabled: bool) -> None:

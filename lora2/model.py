@@ -178,10 +178,7 @@ class LoRA2Model(nn.Module):
     def rank_pattern(self, adapter: int | None = None) -> dict[str, list[int]]:
         """Per adapted module, the indices of the singular values still kept (of adapter ``adapter`` of a model
         whose layers hold several, lora2.sweep)."""
-        if adapter is None:
-            return {n: layer.kept_indices() for n, layer in self.lora2_layers().items()}
-        return {n: torch.nonzero(layer.rank_mask[adapter] > 0).flatten().tolist()
-                for n, layer in self.lora2_layers().items()}
+        return {n: layer.kept_indices(adapter) for n, layer in self.lora2_layers().items()}
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)

@@ -331,9 +331,11 @@ class LoRA2Linear(nn.Linear):
         self.rank_mask.copy_(mask)
         self.singular_values.mul_(self.rank_mask.to(self.singular_values.dtype))
 
-    def kept_indices(self) -> list[int]:
-        self._one_adapter("kept_indices()")
-        return torch.nonzero(self.rank_mask > 0).flatten().tolist()
+    def kept_indices(self, adapter: int | None = None) -> list[int]:
+        """The singular values the enforced mask keeps (of adapter ``adapter`` of a several-adapter layer)."""
+        if adapter is None:
+            self._one_adapter("kept_indices()")
+        return torch.nonzero((self.rank_mask if adapter is None else self.rank_mask[adapter]) > 0).flatten().tolist()
 
     # --- enable / merge ----------------------------------------------------------------------------
 

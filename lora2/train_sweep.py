@@ -727,7 +727,7 @@ def _finish(sweep: _Sweep) -> None:
 
 def summary_table(configs: list[TrainConfig], results: list[TrainResult | None]) -> str:
     """The members ranked by their best validation metric (diverged last), as a Markdown table."""
-    order = sorted(range(len(configs)), key=lambda i: -math.inf if results[i] is None else -results[i].best_metric)
+    order = sorted(range(len(configs)), key=lambda i: math.inf if results[i] is None else -results[i].best_metric)
     metric = next((r.metric_name for r in results if r is not None), "metric")
     lines = [f"| rank | learning rate | seed | {metric} before | after | best | folder |",
              "|---:|---:|---:|---:|---:|---:|---|"]

@@ -196,7 +196,7 @@ def test_a_member_checkpointed_ahead_of_the_others_waits_for_them(headless_bert_
         assert_same_run(folder, single_runs[key])
 
 
-def test_a_diverged_member_stops_alone(headless_bert_dir, small_files, single_runs, tmp_path, monkeypatch):
+def test_a_diverged_member_stops_alone(headless_bert_dir, small_files, single_runs, tmp_path, monkeypatch, capsys):
     from lora2.regularizer import OrthogonalRegularizer
 
     real, calls = OrthogonalRegularizer.__call__, {}
@@ -214,6 +214,8 @@ def test_a_diverged_member_stops_alone(headless_bert_dir, small_files, single_ru
     alive, diverged = _members(out)[(2e-2, 0)], _members(out)[(2e-2, 1)]
     assert_same_run(alive, single_runs[(2e-2, 0)])
     assert "loss became nan at step 4" in (diverged / "diverged.txt").read_text()
+    table = capsys.readouterr().out.strip().splitlines()
+    assert "| diverged |" in table[-1] and str(diverged) in table[-1]  # ranked last
     assert not (diverged / "result.json").exists()
     assert torch.load(diverged / "checkpoint" / "trainer_state.pt", weights_only=True)["state"]["step"] == 2
 

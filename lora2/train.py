@@ -547,11 +547,7 @@ def _check_in(run: _Run, step: int, record: dict[str, Any], stop: dict[str, Any]
     steps = step - run.window_start
     loss_value = loss_sum / run.ctx.world_size / steps
     if not math.isfinite(loss_value):
-        last = run.out / CHECKPOINT_DIR
-        when = f"at step {step}" if steps == 1 else f"at step {step} (in steps {run.window_start + 1}–{step})"
-        raise TrainingError(f"loss became {loss_value} {when}; stopped without saving. Last good checkpoint: "
-                            f"{last if last.exists() else 'none yet'} (resume with --resume and a lower "
-                            "learning rate).")
+        raise TrainingError(diverged_message(run.out, loss_value, step, run.window_start))
     seconds_per_step = (time.perf_counter() - run.window_clock) / steps
     run.window_clock = time.perf_counter()
     run.window.zero_()
@@ -570,6 +566,14 @@ def _check_in(run: _Run, step: int, record: dict[str, Any], stop: dict[str, Any]
             logger.info("step %d/%d  loss %.4f  lr %.2e%s  %.2f s/step", step, run.total_steps, loss_value,
                         record["lr"], f"  budget {budget}" if budget is not None else "", seconds_per_step)
     return stop_votes > 0
+
+
+def diverged_message(out: Path, loss: float, step: int, window_start: int) -> str:
+    """What a run (or a sweep's member) whose loss window turned non-finite says: when, and what is left."""
+    last = out / CHECKPOINT_DIR
+    when = f"at step {step}" if step - window_start == 1 else f"at step {step} (in steps {window_start + 1}–{step})"
+    return (f"loss became {loss} {when}; stopped without saving. Last good checkpoint: "
+            f"{last if last.exists() else 'none yet'} (resume with --resume and a lower learning rate).")
 
 
 def _evaluate(run: _Run, dataset: TextDataset | None = None) -> dict[str, float]:

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from lora2_kernels.linear import ADAPTER_PARAMETER_NAMES, AdapterRows, LoRA2Linear
 
 from .allocator import RankAllocator
-from .data import TextDataset, batches, build_dataset
+from .data import Collator, TextDataset, batches, build_dataset
 from .distributed import init_from_env
 from .errors import InputError
 from .io import atomic_write_text
@@ -93,6 +93,7 @@ from .train import (
     adamw,
     autocast_context,
     data_files,
+    diverged_message,
     load_datasets,
     load_tokenizer,
     record_evaluation,
@@ -329,8 +330,6 @@ def _set_up(members: list[_Member], cfg: TrainConfig, resume: bool, overwrite: b
     precision = _pick_precision(cfg.precision, device)
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_datasets(cfg, tokenizer)
-    from .data import Collator
-
     collate = Collator(tokenizer.pad_token_id, cfg.task)
     steps_per_epoch = _steps_per_epoch(cfg, len(train_set), 1)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
@@ -624,14 +623,10 @@ def _check_in(sweep: _Sweep, active: list[_Member], step: int, budget: int) -> N
     sweep.windows.zero_()
     shown = []
     for m in active:
-        steps = step - m.window_start
-        loss = losses[m.index] / steps
-        m.window_start = step
+        loss = losses[m.index] / (step - m.window_start)
+        window_start, m.window_start = m.window_start, step
         if not math.isfinite(loss):
-            last = m.out / CHECKPOINT_DIR
-            when = f"at step {step}" if steps == 1 else f"at step {step} (in steps {step - steps + 1}–{step})"
-            message = (f"loss became {loss} {when}; stopped without saving. Last good checkpoint: "
-                       f"{last if last.exists() else 'none yet'} (resume with --resume and a lower learning rate).")
+            message = diverged_message(m.out, loss, step, window_start)
             logger.warning("sweep member lr %g seed %d: %s The others go on.", m.cfg.learning_rate, m.cfg.seed, message)
             atomic_write_text(m.out / DIVERGED_FILE, message)
             m.done = True
